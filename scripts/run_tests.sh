@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one command that sets up and runs the tests on a fresh machine:
+#   scripts/run_tests.sh [pytest arguments]
+# It builds .venv with CPU torch 2.13.0 and the test dependencies, then runs pytest.
+# With COMFYUI_PATH pointing at a ComfyUI 0.17 checkout it also installs ComfyUI's requirements
+# (without letting them replace the CPU torch) and the ComfyUI tier runs; otherwise that tier is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+constraints=$(mktemp)
+trap 'rm -f "$constraints" "$constraints.comfy"' EXIT
+echo "torch==2.13.0" > "$constraints"
+
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -r requirements-test.txt -c "$constraints"
+
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    # torchaudio has no build for this torch and only ComfyUI's audio nodes need it.
+    grep -vE '^(torch|torchaudio)([<>=~!; ]|$)' "$COMFYUI_PATH/requirements.txt" > "$constraints.comfy"
+    "${PIP[@]}" -r "$constraints.comfy" "torchvision==0.28.0" -c "$constraints"
+fi
+
+exec "$PY" -m pytest -c tests/pytest.ini --rootdir=tests "$@"
