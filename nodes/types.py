@@ -1,0 +1,10 @@
+"""The pack's own socket types, shared by the nodes that produce and consume them."""
+
+from comfy_api.latest import io
+
+# The SDM's image side: its CLIP ViT-L/14 vision tower, projection and fusion MLP (nodes.subject_encoder).
+SubjectEncoder = io.Custom("FACEDIFFUSER_SUBJECT_ENCODER")
+# One embedding per reference face, in the order of the prompt's <|image|> markers.
+FaceEmbeds = io.Custom("FACEDIFFUSER_FACE_EMBEDS")
+# The SNF decisions of one sampling run (facediffuser_core.snf.SaliencyRecord).
+Saliency = io.Custom("FACEDIFFUSER_SALIENCY")
