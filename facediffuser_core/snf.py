@@ -96,6 +96,10 @@ class SaliencyRecord:
         self.steps.append(step)
         self.decisions.append(decision)
 
+    def clear(self) -> None:
+        self.steps.clear()
+        self.decisions.clear()
+
     def __len__(self) -> int:
         return len(self.decisions)
 

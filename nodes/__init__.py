@@ -8,7 +8,9 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-NODE_MODULES: list = []  # each feature module exports NODES
+from . import saliency_preview, sampling
+
+NODE_MODULES = [sampling, saliency_preview]  # each feature module exports NODES
 
 MODEL_FOLDER = "facediffuser"
 MODEL_EXTENSIONS = {".bin", ".safetensors"}

@@ -1,0 +1,150 @@
+"""Sampling nodes: the KSampler-like SNF Sampler and the same collaboration as a GUIDER."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from .snf_guider import SNFGuider
+from .types import Saliency
+
+def _model_and_conditioning_inputs() -> list:
+    return [
+        io.Model.Input("tdm", tooltip="The text-driven model (Face-diffuser TDM Loader): builds the scene from the text."),
+        io.Model.Input("sdm", tooltip="The subject-augmented model (Face-diffuser SDM Loader): paints the people."),
+        io.Conditioning.Input(
+            "augmented", tooltip="The prompt with the faces fused in (Face-diffuser Subject Prompt, 'augmented'): the SDM's positive."
+        ),
+        io.Conditioning.Input(
+            "text",
+            tooltip="The same prompt without faces (Face-diffuser Subject Prompt, 'text'): the TDM's positive and the SDM's negative.",
+        ),
+        io.Conditioning.Input("null", tooltip="The empty prompt (CLIP Text Encode of \"\" with the SDM's CLIP): the TDM's negative."),
+    ]
+
+
+def _cfg_input():
+    return io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                          tooltip="Guidance scale for both models (the official setting is 5.0).")
+
+
+def _stage_inputs() -> list:
+    return [
+        io.Float.Input(
+            "alpha", default=0.3, min=0.0, max=1.0, step=0.01,
+            tooltip="End of scene construction as a fraction of the steps: the first round(alpha*steps) steps use only the TDM. "
+                    "Higher keeps more of the text-driven layout. The official demo's 15/30 split at 50 steps is alpha 0.32.",
+        ),
+        io.Float.Input(
+            "beta", default=0.6, min=0.0, max=1.0, step=0.01,
+            tooltip="End of the fusion stage as a fraction of the steps (beta >= alpha): after round(beta*steps) steps only the SDM "
+                    "paints. Lower hands over to the SDM earlier, for more identity. The official 15/30 split is beta 0.62.",
+        ),
+    ]
+
+
+def _build_guider(tdm, sdm, augmented, text, null, cfg, alpha, beta, step_offset=0, total_steps=None) -> SNFGuider:
+    guider = SNFGuider(sdm, tdm, cfg, alpha, beta, step_offset=step_offset, total_steps=total_steps)
+    guider.set_conds(augmented, text, null)
+    return guider
+
+
+def denoise_step_offset(steps: int, denoise: float) -> int:
+    """Global index of the first step KSampler runs: with denoise < 1 it keeps the last `steps` steps of an
+    int(steps/denoise)-step schedule, and the stage boundaries stay on that longer schedule."""
+    if denoise > 0.9999:
+        return 0
+    return int(steps / denoise) - steps
+
+
+class FaceDiffuserSNFSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FaceDiffuserSNFSampler",
+            display_name="Face-diffuser SNF Sampler",
+            category="facediffuser/sampling",
+            description=(
+                "Samples with both Face-diffuser models in three stages: scene construction (TDM, text vs empty prompt), "
+                "subject-scene fusion (both models, each latent pixel taken from the model whose guidance is more salient), "
+                "and subject enhancement (SDM, augmented vs text prompt). Costs 2 UNet evaluations per step outside the "
+                "fusion stage and 4 inside it."
+            ),
+            inputs=[
+                *_model_and_conditioning_inputs(),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed of the initial noise."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the official setting is 50)."),
+                _cfg_input(),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
+                               tooltip="ComfyUI sampler. 'ddim' with the 'ddim_uniform' scheduler is the paper's DDIM sampling."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform"),
+                *_stage_inputs(),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay on "
+                                       "the longer schedule's steps."),
+            ],
+            outputs=[
+                io.Latent.Output(),
+                Saliency.Output("saliency", tooltip="Both models' saliency maps and the per-pixel choice at every fusion step, "
+                                                    "for the Face-diffuser Saliency Preview."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise) -> io.NodeOutput:
+        latent = latent_image["samples"]
+        latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+
+        # KSampler's own sigma logic (denoise tail, samplers that drop the penultimate sigma).
+        sigmas = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, denoise=denoise).sigmas
+        step_offset = denoise_step_offset(steps, denoise)
+        guider = _build_guider(tdm, sdm, augmented, text, null, cfg, alpha, beta,
+                               step_offset=step_offset, total_steps=step_offset + steps)
+
+        callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
+        samples = guider.sample(
+            noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
+            denoise_mask=latent_image.get("noise_mask"), callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        )
+        out = latent_image.copy()
+        out.pop("downscale_ratio_spacial", None)
+        out["samples"] = samples.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(out, guider.saliency.to("cpu"))
+
+
+class FaceDiffuserGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FaceDiffuserGuider",
+            display_name="Face-diffuser Guider",
+            category="facediffuser/sampling",
+            description=(
+                "The Face-diffuser three-stage collaboration as a GUIDER for SamplerCustomAdvanced, so that any sampler "
+                "and sigma schedule can be used. alpha and beta are fractions of the sigmas the sampler is given. The "
+                "saliency output is filled when the sampling runs: connect the decoded image to the Saliency Preview too, "
+                "so that the preview runs after the sampler."
+            ),
+            inputs=[*_model_and_conditioning_inputs(), _cfg_input(), *_stage_inputs()],
+            outputs=[
+                io.Guider.Output(),
+                Saliency.Output("saliency", tooltip="Filled by the sampler that uses this guider, at its latest run."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta) -> io.NodeOutput:
+        guider = _build_guider(tdm, sdm, augmented, text, null, cfg, alpha, beta)
+        return io.NodeOutput(guider, guider.saliency)
+
+
+NODES = [FaceDiffuserSNFSampler, FaceDiffuserGuider]
