@@ -1,0 +1,184 @@
+"""scripts/facediffuser_run.py: overrides by node type (plain tier) and whole runs against a real ComfyUI
+server started on 127.0.0.1 (needs COMFYUI_PATH; skipped with the harness's reason otherwise)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import comfy_harness
+import comfy_server
+import pack_scripts
+
+runner = pack_scripts.load("facediffuser_run")
+
+SNF_WORKFLOW = {
+    "1": {"class_type": "FaceDiffuserSDMLoader", "inputs": {"sdm_name": "facediffuser_sdm.safetensors"}},
+    "2": {"class_type": "LoadImage", "inputs": {"image": "woman.png"}},
+    "3": {"class_type": "LoadImage", "inputs": {"image": "man.png"}},
+    "4": {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["2", 0]}},
+    "5": {"class_type": "FaceDiffuserEncodeReferenceFaces", "inputs": {"subject_encoder": ["1", 1], "images": ["4", 0]}},
+    "6": {"class_type": "FaceDiffuserSubjectPrompt", "inputs": {"prompt": "a man <|image|>", "face_embeds": ["5", 0]}},
+    "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+    "8": {"class_type": "FaceDiffuserSNFSampler", "inputs": {"seed": 0, "steps": 50, "cfg": 5.0, "alpha": 0.3, "beta": 0.6,
+                                                           "latent_image": ["7", 0], "conditioning": ["6", 0]}},
+    "9": {"class_type": "LoadImage", "inputs": {"image": "unrelated.png"}},  # not a reference photo
+    "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "x"}},
+}
+
+CUSTOM_SAMPLING_WORKFLOW = {
+    "1": {"class_type": "FaceDiffuserGuider", "inputs": {"cfg": 5.0, "alpha": 0.3, "beta": 0.6}},
+    "2": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+    "3": {"class_type": "BasicScheduler", "inputs": {"steps": 50, "scheduler": "ddim_uniform", "denoise": 1.0}},
+}
+
+
+def test_overrides_find_their_nodes_by_type_in_either_sampling_style():
+    workflow = copy.deepcopy(SNF_WORKFLOW)
+    assert runner.set_override(workflow, "seed", 42) == ["8"]
+    assert runner.set_override(workflow, "alpha", 0.25) == ["8"]
+    assert runner.set_override(workflow, "prompt", "a woman <|image|>") == ["6"]
+    assert runner.set_override(workflow, "batch_size", 3) == ["7"]
+    assert workflow["8"]["inputs"]["seed"] == 42 and workflow["8"]["inputs"]["alpha"] == 0.25
+    assert workflow["6"]["inputs"]["prompt"] == "a woman <|image|>" and workflow["7"]["inputs"]["batch_size"] == 3
+
+    custom = copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW)
+    runner.set_override(custom, "seed", 9)
+    runner.set_override(custom, "steps", 20)
+    runner.set_override(custom, "beta", 0.7)
+    assert custom["2"]["inputs"]["noise_seed"] == 9 and custom["3"]["inputs"]["steps"] == 20
+    assert custom["1"]["inputs"]["beta"] == 0.7
+
+
+def test_an_override_without_its_node_is_an_error_not_ignored():
+    with pytest.raises(runner.RunError, match="--batch-size: the workflow has no EmptyLatentImage.batch_size"):
+        runner.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "batch_size", 2)
+    with pytest.raises(runner.RunError, match="no FaceDiffuserSubjectPrompt.prompt"):
+        runner.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "prompt", "x")
+
+
+def test_an_override_refuses_to_cut_a_wired_input():
+    workflow = copy.deepcopy(SNF_WORKFLOW)
+    workflow["8"]["inputs"]["seed"] = ["2", 0]
+    with pytest.raises(runner.RunError, match=r"input 'seed' of node 8 \(FaceDiffuserSNFSampler\) is wired to node 2"):
+        runner.set_override(workflow, "seed", 1)
+
+
+def test_reference_photos_are_the_loaders_feeding_the_encoder_in_input_order():
+    assert runner.reference_image_loaders(SNF_WORKFLOW) == ["3", "2"]
+    with pytest.raises(runner.RunError, match="no FaceDiffuserEncodeReferenceFaces"):
+        runner.reference_image_loaders(CUSTOM_SAMPLING_WORKFLOW)
+
+
+def test_face_count_must_match_the_workflow(tmp_path):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(SNF_WORKFLOW))
+    args = runner.parse_args([str(path), "--face", "a.png"])
+    with pytest.raises(runner.RunError, match=r"--face given 1 time\(s\) but the workflow loads 2 reference photo\(s\) \(LoadImage nodes 3, 2"):
+        runner.prepare_workflow(args, runner.ComfyClient("http://127.0.0.1:9"))
+
+
+def test_ui_format_and_malformed_files_are_refused_with_the_fix(tmp_path):
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}))
+    with pytest.raises(runner.RunError, match="UI-format workflow.*Export \\(API\\)"):
+        runner.load_api_workflow(ui)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(runner.RunError, match="not valid JSON"):
+        runner.load_api_workflow(broken)
+    with pytest.raises(runner.RunError, match="workflow file not found"):
+        runner.load_api_workflow(tmp_path / "missing.json")
+
+
+def test_server_down_is_a_clear_error(tmp_path, capsys):
+    port = comfy_server.free_port()
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(CUSTOM_SAMPLING_WORKFLOW))
+    assert runner.main([str(path), "--server", f"http://127.0.0.1:{port}"]) == 1
+    message = capsys.readouterr().err
+    assert f"no ComfyUI server answers at http://127.0.0.1:{port}" in message
+    assert "python main.py" in message
+
+
+# --- against a real ComfyUI server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if comfy_harness.comfyui_path() is None:
+        pytest.skip(comfy_harness.SKIP_REASON)
+    with comfy_server.running_server(tmp_path_factory.mktemp("comfyui")) as running:
+        yield running
+
+
+def write(tmp_path, workflow: dict):
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    return str(path)
+
+
+def test_runs_a_workflow_and_saves_its_images(server, tmp_path, capsys):
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 24, "height": 16, "batch_size": 2, "color": 0x00FF00}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "runner_test"}},
+    }
+    assert runner.main([write(tmp_path, workflow), "--server", server.url, "--output", str(tmp_path / "out")]) == 0
+    saved = sorted((tmp_path / "out").iterdir())
+    assert len(saved) == 2, capsys.readouterr()
+    for path in saved:
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        assert pixels.shape == (16, 24, 3)
+        assert (pixels == [0, 255, 0]).all()
+    assert "saved" in capsys.readouterr().out
+
+
+def test_uploaded_photo_reaches_load_image(server, tmp_path):
+    photo = tmp_path / "face.png"
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)
+    Image.fromarray(original).save(photo)
+    name = runner.ComfyClient(server.url).upload_image(photo)
+    assert (server.input_dir / name).is_file()
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "upload_test"}},
+    }
+    assert runner.main([write(tmp_path, workflow), "--server", server.url, "--output", str(tmp_path / "out")]) == 0
+    (saved,) = (tmp_path / "out").iterdir()
+    np.testing.assert_array_equal(np.asarray(Image.open(saved).convert("RGB")), original)
+
+
+def test_a_rejected_workflow_prints_comfyuis_validation_errors(server, tmp_path, capsys):
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 0, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "rejected"}},
+    }
+    assert runner.main([write(tmp_path, workflow), "--server", server.url, "--output", str(tmp_path / "out")]) == 1
+    message = capsys.readouterr().err
+    assert "ComfyUI rejected the workflow: Prompt outputs failed validation" in message
+    assert "node 1 (EmptyImage): Value 0 smaller than min of 1: batch_size" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_node_that_fails_while_running_is_reported(server, tmp_path, capsys):
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact", "scale_by": 0.01}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "failing"}},
+    }
+    assert runner.main([write(tmp_path, workflow), "--server", server.url, "--output", str(tmp_path / "out")]) == 1
+    assert "ComfyUI failed in node 2 (ImageScaleBy): RuntimeError" in capsys.readouterr().err
+
+
+def test_waiting_is_bounded(server):
+    # A job the server never finishes (here: one it never heard of) makes the runner give up at the deadline.
+    client = runner.ComfyClient(server.url)
+    states = []
+    with pytest.raises(runner.RunError, match="gave up after 0.2 s: job no-such-job is still finishing"):
+        client.wait("no-such-job", timeout_s=0.2, poll_s=0.05, report=states.append)
+    assert states == ["finishing"]
