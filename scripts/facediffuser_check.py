@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""First-run check: is everything Face-diffuser needs in place, and if not, what to do about it.
+
+    python scripts/facediffuser_check.py                   # from ComfyUI/custom_nodes/<this pack>
+    python scripts/facediffuser_check.py --comfyui ~/ComfyUI --models-dir /data/models
+
+Run it with the Python that runs ComfyUI. It reports ComfyUI and its version, torch and the device it will
+use, insightface and onnxruntime (with the execution providers that actually work, and the
+onnxruntime/onnxruntime-gpu conflict), and every model file: present, of the right kind, or missing with
+the exact path to put it at and where to get it. It only reads: nothing is installed or downloaded.
+It needs nothing but the standard library, so it also runs, and says what is missing, on a bare Python.
+Exit status 0 when everything is in place, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import pickletools
+import re
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+MIN_COMFYUI = (0, 17, 0)
+MIN_PYTHON = (3, 10)
+
+# Canonical file names in <models>/facediffuser, the names the shipped workflows use: the converted
+# safetensors first, then the official download renamed.
+SDM_FILES = ("facediffuser_sdm.safetensors", "facediffuser_sdm.bin")
+TDM_FILES = ("facediffuser_tdm.safetensors", "facediffuser_tdm.bin")
+SDM_SOURCE = ("SDM/pytorch_model.bin of the official release, https://huggingface.co/CodeGoat24/Face-diffuser/tree/main/SDM "
+              "(FastComposer's pytorch_model.bin, https://huggingface.co/mit-han-lab/fastcomposer, has the same layout and works too)")
+TDM_SOURCE = "TDM/pytorch_model.bin of the official release, https://huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM"
+
+# insightface packs: <models>/insightface/models/<pack>/ holding these files (as in the release zips).
+INSIGHTFACE_PACKS = {
+    "antelopev2": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"),
+    "buffalo_l": ("1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx"),
+}
+INSIGHTFACE_SOURCE = "https://github.com/deepinsight/insightface/releases/download/v0.7/{pack}.zip"
+
+# Distributions that all install the same `onnxruntime` package and overwrite each other's files.
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                             "onnxruntime-silicon", "onnxruntime-rocm", "onnxruntime-qnn")
+
+OK, MISSING, PROBLEM, INFO = "ok", "missing", "problem", "info"
+
+
+@dataclass
+class Finding:
+    status: str
+    subject: str
+    detail: str
+    fix: str = ""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+# --- ComfyUI and Python -----------------------------------------------------------------------------------
+
+
+def find_comfyui(explicit: Path | None) -> Path | None:
+    """--comfyui, else $COMFYUI_PATH, else the ComfyUI this pack is installed in (ComfyUI/custom_nodes/<pack>)."""
+    candidates = [explicit] if explicit else [
+        Path(os.environ["COMFYUI_PATH"]) if os.environ.get("COMFYUI_PATH") else None,
+        PACK_ROOT.parent.parent,
+    ]
+    for candidate in candidates:
+        if candidate is not None and (candidate.expanduser() / "comfyui_version.py").is_file():
+            return candidate.expanduser().resolve()
+    return None
+
+
+def check_python() -> Finding:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info[:2] < MIN_PYTHON:
+        return Finding(PROBLEM, "Python", f"{version} at {sys.executable}",
+                       f"Face-diffuser needs Python {'.'.join(map(str, MIN_PYTHON))} or newer")
+    return Finding(OK, "Python", f"{version} at {sys.executable}")
+
+
+def check_comfyui(root: Path | None, explicit: Path | None) -> Finding:
+    if root is None:
+        where = f"{explicit} has no comfyui_version.py" if explicit else (
+            f"this pack is not inside ComfyUI/custom_nodes ({PACK_ROOT}) and COMFYUI_PATH is not set")
+        return Finding(MISSING, "ComfyUI", where,
+                       "install the pack into ComfyUI/custom_nodes (see README 'Install'), or pass --comfyui <ComfyUI folder>")
+    match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", (root / "comfyui_version.py").read_text(errors="replace"))
+    version = match.group(1) if match else "unknown"
+    if not match or parse_version(version) < MIN_COMFYUI:
+        return Finding(PROBLEM, "ComfyUI", f"version {version} at {root}",
+                       f"update ComfyUI to {'.'.join(map(str, MIN_COMFYUI))} or newer (git pull, or ComfyUI-Manager > Update ComfyUI)")
+    return Finding(OK, "ComfyUI", f"{version} at {root}")
+
+
+# --- torch, insightface, onnxruntime ---------------------------------------------------------------------
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_torch() -> tuple[Finding, bool]:
+    """The torch finding, and whether a CUDA GPU is usable (then onnxruntime should use it too)."""
+    try:
+        import torch
+    except Exception as error:  # a broken CUDA install raises OSError, not ImportError
+        return Finding(MISSING, "torch", f"cannot import torch ({type(error).__name__}: {error})",
+                       "install ComfyUI's requirements with the Python that runs ComfyUI (see ComfyUI's README for the "
+                       "torch build that matches your GPU)"), False
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return Finding(OK, "torch", f"{torch.__version__}, device CUDA {torch.version.cuda}: {name}, {memory:.0f} GiB"), True
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return Finding(OK, "torch", f"{torch.__version__}, device MPS (Apple GPU)"), False
+    return Finding(INFO, "torch", f"{torch.__version__}, device CPU only (no CUDA or MPS GPU found)",
+                   "CPU works but takes minutes per image; with an NVIDIA GPU install a CUDA build of torch"), False
+
+
+def check_insightface() -> Finding:
+    version = installed_version("insightface")
+    if version is None:
+        return Finding(MISSING, "insightface", "not installed",
+                       f"{sys.executable} -m pip install -r {PACK_ROOT / 'requirements.txt'}")
+    try:
+        import insightface  # noqa: F401
+    except Exception as error:
+        return Finding(PROBLEM, "insightface", f"{version} installed but cannot be imported ({type(error).__name__}: {error})",
+                       "reinstall it with the Python that runs ComfyUI; on Windows it needs the MSVC build tools or a prebuilt wheel")
+    return Finding(OK, "insightface", version)
+
+
+def onnxruntime_conflict() -> Finding | None:
+    installed = [(name, installed_version(name)) for name in ONNXRUNTIME_DISTRIBUTIONS]
+    installed = [(name, version) for name, version in installed if version]
+    if len(installed) < 2:
+        return None
+    names = [name for name, _ in installed]
+    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names else names[0]
+    return Finding(
+        PROBLEM, "onnxruntime",
+        "several builds installed at once: " + ", ".join(f"{name} {version}" for name, version in installed)
+        + "; they overwrite each other's files, so which one runs is an accident",
+        f"{sys.executable} -m pip uninstall -y {' '.join(names)} && {sys.executable} -m pip install {keep}",
+    )
+
+
+def _protobuf_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _protobuf_field(number: int, value: int | bytes | str) -> bytes:
+    if isinstance(value, int):
+        return _protobuf_varint(number << 3) + _protobuf_varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _protobuf_varint(number << 3 | 2) + _protobuf_varint(len(data)) + data
+
+
+def identity_onnx_model() -> bytes:
+    """A one-node ONNX model (Identity on a float[1]) built by hand, so that providers can be tried without
+    the `onnx` package or any model file. Field numbers from onnx.proto (IR version 7, opset 13)."""
+    float_tensor = _protobuf_field(1, _protobuf_field(1, 1) + _protobuf_field(2, _protobuf_field(1, _protobuf_field(1, 1))))
+    node = _protobuf_field(1, "x") + _protobuf_field(2, "y") + _protobuf_field(4, "Identity")
+    graph = (_protobuf_field(1, node) + _protobuf_field(2, "provider_probe")
+             + _protobuf_field(11, _protobuf_field(1, "x") + _protobuf_field(2, float_tensor))
+             + _protobuf_field(12, _protobuf_field(1, "y") + _protobuf_field(2, float_tensor)))
+    return _protobuf_field(1, 7) + _protobuf_field(7, graph) + _protobuf_field(8, _protobuf_field(1, "") + _protobuf_field(2, 13))
+
+
+def working_providers(onnxruntime) -> dict[str, str]:
+    """Each available provider -> "" when a session on it runs, else why not. onnxruntime quietly falls back
+    to CPU when a provider's libraries (CUDA, cuDNN) do not load, so the session's own list decides."""
+    import numpy  # onnxruntime depends on it
+
+    model = identity_onnx_model()
+    results = {}
+    for provider in onnxruntime.get_available_providers():
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # the fallback warning is reported below, in words
+        try:
+            session = onnxruntime.InferenceSession(model, options, providers=[provider])
+            if provider not in session.get_providers():
+                results[provider] = f"falls back to {session.get_providers()[0]}"
+                continue
+            (output,) = session.run(None, {"x": numpy.array([1.5], dtype=numpy.float32)})
+            results[provider] = "" if float(output[0]) == 1.5 else f"computed {output[0]} instead of 1.5"
+        except Exception as error:
+            results[provider] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return results
+
+
+def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
+    """Conflicting builds, then whether onnxruntime imports and which providers run; with a CUDA GPU, whether
+    insightface can use it."""
+    findings = [conflict] if (conflict := onnxruntime_conflict()) else []
+    if not any(installed_version(name) for name in ONNXRUNTIME_DISTRIBUTIONS):
+        return findings + [Finding(MISSING, "onnxruntime", "not installed (insightface's face detector runs on it)",
+                                   f"{sys.executable} -m pip install -r {PACK_ROOT / 'requirements.txt'}")]
+    try:
+        import onnxruntime
+    except Exception as error:
+        return findings + [Finding(PROBLEM, "onnxruntime", f"installed but cannot be imported ({type(error).__name__}: {error})",
+                                   "uninstall every onnxruntime build and install one (README 'Troubleshooting')")]
+    providers = working_providers(onnxruntime)
+    working = [name for name, problem in providers.items() if not problem]
+    failing = [f"{name} ({problem})" for name, problem in providers.items() if problem]
+    detail = f"{onnxruntime.__version__}, providers that work: {', '.join(working) or 'none'}"
+    if failing:
+        detail += f"; not working: {'; '.join(failing)}"
+    if not working:
+        return findings + [Finding(PROBLEM, "onnxruntime", detail, "reinstall onnxruntime (README 'Troubleshooting')")]
+    if cuda_gpu and "CUDAExecutionProvider" not in working:
+        return findings + [Finding(
+            INFO, "onnxruntime", detail,
+            "face detection will run on the CPU (slower, same result). For the GPU: install onnxruntime-gpu built for "
+            "your CUDA and cuDNN versions (README 'Troubleshooting': CUDA provider not found)")]
+    return findings + [Finding(OK, "onnxruntime", detail)]
+
+
+# --- model files -------------------------------------------------------------------------------------------
+
+
+def checkpoint_keys(path: Path) -> list[str] | None:
+    """The tensor names in a .safetensors header or a zip-format torch .bin, read without loading any tensor
+    (and without torch); None when the format does not allow it (legacy pickles)."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        return [key for key in header if key != "__metadata__"]
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        pickle_name = next((name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"), None)
+        if pickle_name is None:
+            return None
+        data = archive.read(pickle_name)
+    # The state dict's keys are the pickle's string constants; the others (storage type, device, ids) do not
+    # look like tensor names and are ignored by the classification.
+    return [arg for opcode, arg, _ in pickletools.genops(data)
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8") and "." in arg]
+
+
+def classify_file(path: Path):
+    """facediffuser_core's own classification of the file's keys; None when torch (which it imports) is missing."""
+    try:
+        if str(PACK_ROOT) not in sys.path:
+            sys.path.insert(0, str(PACK_ROOT))
+        from facediffuser_core.checkpoint import classify
+    except ImportError:
+        return None
+    keys = checkpoint_keys(path)
+    return None if keys is None else classify(dict.fromkeys(keys))
+
+
+def check_checkpoint(folder: Path, role: str, names: tuple[str, ...], source: str, accepted_kinds: tuple[str, ...]) -> Finding:
+    subject = f"{role} model"
+    present = [folder / name for name in names if (folder / name).is_file()]
+    if not present:
+        strays = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".safetensors")) if folder.is_dir() else []
+        hint = f" The folder holds {', '.join(strays)}: rename the {role} file, or pick it in the loader." if strays else ""
+        return Finding(MISSING, subject, f"none of {', '.join(names)} in {folder}",
+                       f"download {source} and save it as {folder / names[-1]} (or convert it to {folder / names[0]}, "
+                       f"README 'Converting the official weights to safetensors').{hint}")
+    path = present[0]
+    size = path.stat().st_size / 2**30
+    try:
+        classification = classify_file(path)
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile) as error:
+        return Finding(PROBLEM, subject, f"{path} cannot be read ({type(error).__name__}: {error})",
+                       f"the file is damaged or incomplete: download it again: {source}")
+    if classification is None:
+        return Finding(OK, subject, f"{path} ({size:.2f} GiB; kind not checked: needs torch)")
+    if classification.kind.name not in accepted_kinds:
+        return Finding(PROBLEM, subject, f"{path} is {classification.description}, not the {role}",
+                       f"put the {role} there: {source}")
+    return Finding(OK, subject, f"{path} ({size:.2f} GiB, {classification.kind.value})")
+
+
+def check_insightface_pack(models_dir: Path) -> Finding:
+    root = models_dir / "insightface" / "models"
+    complete, partial = [], []
+    for pack, files in INSIGHTFACE_PACKS.items():
+        folder = root / pack
+        if (folder / pack).is_dir() and not any((folder / name).is_file() for name in files):
+            return Finding(PROBLEM, "insightface models", f"{folder / pack} is nested one level too deep",
+                           f"move the files of {folder / pack} up into {folder} and delete the empty inner folder")
+        missing = [name for name in files if not (folder / name).is_file()]
+        if not missing:
+            complete.append(pack)
+        elif len(missing) < len(files):
+            partial.append(f"{folder} lacks {', '.join(missing)}")
+    if complete:
+        return Finding(OK, "insightface models", f"{', '.join(complete)} in {root}")
+    zips = sorted(str(p) for p in root.glob("*.zip")) if root.is_dir() else []
+    detail = "; ".join(partial) if partial else f"no antelopev2 or buffalo_l folder in {root}"
+    fix = (f"download {INSIGHTFACE_SOURCE.format(pack='antelopev2')} and unzip it into {root}, so that "
+           f"{root / 'antelopev2' / INSIGHTFACE_PACKS['antelopev2'][-1]} exists (buffalo_l works too: "
+           f"{INSIGHTFACE_SOURCE.format(pack='buffalo_l')})")
+    if zips:
+        fix = f"unzip {', '.join(zips)} where it lies; " + fix
+    return Finding(MISSING, "insightface models", detail, fix)
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def run_checks(comfyui: Path | None, models_dir: Path | None) -> list[Finding]:
+    root = find_comfyui(comfyui)
+    findings = [check_python(), check_comfyui(root, comfyui)]
+    torch_finding, cuda_gpu = check_torch()
+    findings += [torch_finding, check_insightface(), *check_onnxruntime(cuda_gpu)]
+    models = models_dir or (root / "models" if root else None)
+    if models is None:
+        findings.append(Finding(MISSING, "model files", "no models folder: ComfyUI was not found",
+                                "pass --models-dir <ComfyUI>/models (or --comfyui) to check the model files"))
+        return findings
+    folder = models / "facediffuser"
+    findings.append(check_checkpoint(folder, "SDM", SDM_FILES, SDM_SOURCE, ("SDM",)))
+    findings.append(check_checkpoint(folder, "TDM", TDM_FILES, TDM_SOURCE, ("TDM", "SD15")))
+    findings.append(check_insightface_pack(models))
+    return findings
+
+
+LABELS = {OK: "[  ok   ]", MISSING: "[missing]", PROBLEM: "[problem]", INFO: "[ note  ]"}
+
+
+def render(findings: list[Finding]) -> str:
+    lines = ["Face-diffuser first-run check", ""]
+    lines += [f"{LABELS[f.status]} {f.subject}: {f.detail}" for f in findings]
+    to_do = [f for f in findings if f.status in (MISSING, PROBLEM)]
+    lines.append("")
+    if to_do:
+        lines.append("What to do next:")
+        lines += [f"  {number}. {f.subject}: {f.fix}" for number, f in enumerate(to_do, 1)]
+        lines.append("  Then run this check again.")
+    else:
+        lines.append("All set. Start ComfyUI, open the template browser (Workflow > Browse Templates > Face-diffuser) "
+                     "and load facediffuser_single_subject, or run it headless: scripts/facediffuser_run.py (README "
+                     "'Workflows and headless runs').")
+    notes = [f for f in findings if f.status == INFO and f.fix]
+    if notes:
+        lines += ["", "Notes:"] + [f"  - {f.subject}: {f.fix}" for f in notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check that everything Face-diffuser needs is installed and in place.")
+    parser.add_argument("--comfyui", type=Path, help="ComfyUI's folder (default: the ComfyUI this pack is installed in, or $COMFYUI_PATH)")
+    parser.add_argument("--models-dir", type=Path, help="the models folder to check (default: <ComfyUI>/models)")
+    args = parser.parse_args(argv)
+    findings = run_checks(args.comfyui, args.models_dir)
+    print(render(findings))
+    return 1 if any(f.status in (MISSING, PROBLEM) for f in findings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""scripts/facediffuser_check.py on a bare Python, on a complete install, and on the usual broken ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pack_scripts
+
+check = pack_scripts.load("facediffuser_check")
+SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"
+
+SDM_KEYS = ["unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight",
+            "image_encoder.vision_model.embeddings.class_embedding", "image_encoder.visual_projection.weight",
+            "vae.encoder.conv_in.weight", "postfuse_module.mlp1.fc1.weight"]
+TDM_KEYS = ["unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight", "vae.encoder.conv_in.weight",
+            "text_encoder.embeddings.position_ids"]
+
+
+def tensors(keys):
+    return {key: torch.full((2,), float(index)) for index, key in enumerate(keys)}
+
+
+def fake_comfyui(root: Path, version: str = "0.17.0") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    return root
+
+
+def complete_install(tmp_path: Path) -> tuple[Path, Path]:
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    models = comfyui / "models"
+    (models / "facediffuser").mkdir(parents=True)
+    save_file(tensors(SDM_KEYS), models / "facediffuser" / "facediffuser_sdm.safetensors")
+    torch.save(tensors(TDM_KEYS), models / "facediffuser" / "facediffuser_tdm.bin")
+    pack = models / "insightface" / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    for name in check.INSIGHTFACE_PACKS["antelopev2"]:
+        (pack / name).write_bytes(b"onnx")
+    return comfyui, models
+
+
+def by_subject(findings):
+    return {finding.subject: finding for finding in findings}
+
+
+def run_script(*args, python_flags=("-I", "-S"), env=None):
+    """The check in a fresh interpreter; -S leaves out site-packages, so torch, insightface, onnxruntime and
+    numpy are all absent, as on a machine where nothing is installed yet."""
+    return subprocess.run([sys.executable, *python_flags, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_bare_python_reports_everything_missing_without_crashing(tmp_path):
+    result = run_script("--comfyui", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    out = result.stdout
+    assert f"[missing] ComfyUI: {tmp_path / 'nowhere'} has no comfyui_version.py" in out
+    assert "[missing] torch: cannot import torch" in out
+    assert "[missing] insightface: not installed" in out
+    assert "[missing] onnxruntime: not installed" in out
+    assert "What to do next:" in out and "pip install -r" in out
+
+
+def test_bare_python_still_checks_the_model_files(tmp_path):
+    comfyui, models = complete_install(tmp_path)
+    result = run_script("--comfyui", str(comfyui))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"[  ok   ] ComfyUI: 0.17.0 at {comfyui}" in result.stdout
+    assert f"[  ok   ] SDM model: {models / 'facediffuser' / 'facediffuser_sdm.safetensors'}" in result.stdout
+    assert "kind not checked: needs torch" in result.stdout
+    assert "[  ok   ] insightface models: antelopev2" in result.stdout
+
+
+def test_complete_install_passes(tmp_path, capsys):
+    comfyui, models = complete_install(tmp_path)
+    assert check.main(["--comfyui", str(comfyui)]) == 0
+    out = capsys.readouterr().out
+    assert "All set." in out
+    assert f"[  ok   ] SDM model: {models / 'facediffuser' / 'facediffuser_sdm.safetensors'}" in out
+    assert "SDM (Face-diffuser SDM or FastComposer)" in out
+    assert f"[  ok   ] TDM model: {models / 'facediffuser' / 'facediffuser_tdm.bin'}" in out
+    assert f"{torch.__version__}, device" in out
+    assert "providers that work:" in out and "CPUExecutionProvider" in out
+
+
+def test_missing_models_name_the_exact_path_and_the_source(tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    (comfyui / "models" / "facediffuser").mkdir(parents=True)
+    (comfyui / "models" / "facediffuser" / "pytorch_model.bin").write_bytes(b"")
+    findings = by_subject(check.run_checks(comfyui, None))
+    folder = comfyui / "models" / "facediffuser"
+    sdm = findings["SDM model"]
+    assert sdm.status == check.MISSING
+    assert f"save it as {folder / 'facediffuser_sdm.bin'}" in sdm.fix
+    assert "huggingface.co/CodeGoat24/Face-diffuser/tree/main/SDM" in sdm.fix and "fastcomposer" in sdm.fix
+    assert "The folder holds pytorch_model.bin: rename the SDM file" in sdm.fix
+    assert "huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM" in findings["TDM model"].fix
+    insight = findings["insightface models"]
+    assert insight.status == check.MISSING
+    assert "releases/download/v0.7/antelopev2.zip" in insight.fix
+    assert str(comfyui / "models" / "insightface" / "models" / "antelopev2" / "scrfd_10g_bnkps.onnx") in insight.fix
+
+
+def test_a_file_of_the_wrong_kind_is_a_problem(tmp_path):
+    comfyui, models = complete_install(tmp_path)
+    save_file(tensors(TDM_KEYS[:-1]), models / "facediffuser" / "facediffuser_sdm.safetensors")
+    sdm = by_subject(check.run_checks(comfyui, None))["SDM model"]
+    assert sdm.status == check.PROBLEM
+    assert "is a TDM (no image_encoder/postfuse_module weights)" in sdm.detail and "not the SDM" in sdm.detail
+
+
+def test_a_truncated_file_is_a_problem(tmp_path):
+    comfyui, models = complete_install(tmp_path)
+    path = models / "facediffuser" / "facediffuser_sdm.safetensors"
+    path.write_bytes(path.read_bytes()[:20])
+    sdm = by_subject(check.run_checks(comfyui, None))["SDM model"]
+    assert sdm.status == check.PROBLEM and "cannot be read" in sdm.detail and "download it again" in sdm.fix
+
+
+def test_keys_are_read_from_a_torch_zip_without_loading_it(tmp_path):
+    state = tensors(SDM_KEYS)
+    torch.save(state, tmp_path / "model.bin")
+    assert sorted(check.checkpoint_keys(tmp_path / "model.bin")) == sorted(state)
+    save_file(state, tmp_path / "model.safetensors")
+    assert sorted(check.checkpoint_keys(tmp_path / "model.safetensors")) == sorted(state)
+
+
+def test_insightface_pack_layout_mistakes(tmp_path):
+    models = tmp_path / "models"
+    root = models / "insightface" / "models"
+    nested = root / "antelopev2" / "antelopev2"
+    nested.mkdir(parents=True)
+    for name in check.INSIGHTFACE_PACKS["antelopev2"]:
+        (nested / name).write_bytes(b"onnx")
+    finding = check.check_insightface_pack(models)
+    assert finding.status == check.PROBLEM and "nested one level too deep" in finding.detail
+    assert f"move the files of {nested} up into {root / 'antelopev2'}" in finding.fix
+
+    for name in check.INSIGHTFACE_PACKS["antelopev2"][:2]:
+        (nested / name).rename(root / "antelopev2" / name)
+    (root / "buffalo_l.zip").write_bytes(b"zip")
+    finding = check.check_insightface_pack(models)
+    assert finding.status == check.MISSING
+    assert "lacks genderage.onnx, glintr100.onnx, scrfd_10g_bnkps.onnx" in finding.detail
+    assert f"unzip {root / 'buffalo_l.zip'}" in finding.fix
+
+    buffalo = root / "buffalo_l"
+    buffalo.mkdir()
+    for name in check.INSIGHTFACE_PACKS["buffalo_l"]:
+        (buffalo / name).write_bytes(b"onnx")
+    assert check.check_insightface_pack(models).status == check.OK
+
+
+def test_old_comfyui_is_a_problem(tmp_path):
+    root = fake_comfyui(tmp_path / "ComfyUI", "0.3.40")
+    finding = check.check_comfyui(check.find_comfyui(root), root)
+    assert finding.status == check.PROBLEM and "version 0.3.40" in finding.detail and "update ComfyUI" in finding.fix
+
+
+def test_the_probe_model_runs_on_the_cpu_provider():
+    providers = check.working_providers(onnxruntime)
+    assert providers["CPUExecutionProvider"] == ""
+    assert set(providers) == set(onnxruntime.get_available_providers())
+
+
+def test_onnxruntime_and_onnxruntime_gpu_installed_together_are_detected(tmp_path):
+    for name, version in (("onnxruntime", "1.20.1"), ("onnxruntime_gpu", "1.19.2")):
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = run_script("--comfyui", str(tmp_path), python_flags=("-S",), env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "[problem] onnxruntime: several builds installed at once: onnxruntime 1.20.1, onnxruntime-gpu 1.19.2" in result.stdout
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in result.stdout
+    assert "-m pip install onnxruntime-gpu" in result.stdout
