@@ -38,10 +38,11 @@ SDM_SOURCE = ("SDM/pytorch_model.bin of the official release, https://huggingfac
               "(FastComposer's pytorch_model.bin, https://huggingface.co/mit-han-lab/fastcomposer, has the same layout and works too)")
 TDM_SOURCE = "TDM/pytorch_model.bin of the official release, https://huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM"
 
-# insightface packs: <models>/insightface/models/<pack>/ holding these files (as in the release zips).
+# insightface packs: <models>/insightface/models/<pack>/ holding these files (as in the release zips). The
+# reference-face node only detects faces, so a pack is usable when its detector (the last file) is there.
 INSIGHTFACE_PACKS = {
     "antelopev2": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"),
-    "buffalo_l": ("1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx"),
+    "buffalo_l": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx"),
 }
 INSIGHTFACE_SOURCE = "https://github.com/deepinsight/insightface/releases/download/v0.7/{pack}.zip"
 
@@ -302,11 +303,11 @@ def check_insightface_pack(models_dir: Path) -> Finding:
         if (folder / pack).is_dir() and not any((folder / name).is_file() for name in files):
             return Finding(PROBLEM, "insightface models", f"{folder / pack} is nested one level too deep",
                            f"move the files of {folder / pack} up into {folder} and delete the empty inner folder")
-        missing = [name for name in files if not (folder / name).is_file()]
-        if not missing:
+        detector = files[-1]
+        if (folder / detector).is_file():
             complete.append(pack)
-        elif len(missing) < len(files):
-            partial.append(f"{folder} lacks {', '.join(missing)}")
+        elif folder.is_dir():
+            partial.append(f"{folder} lacks its face detector {detector}")
     if complete:
         return Finding(OK, "insightface models", f"{', '.join(complete)} in {root}")
     zips = sorted(str(p) for p in root.glob("*.zip")) if root.is_dir() else []

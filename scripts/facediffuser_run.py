@@ -31,7 +31,7 @@ IMAGE_LOADER = "LoadImage"
 # Where each override lands, as (node type, input name) pairs. Several pairs per override let one runner
 # drive both the SNF-sampler workflows and the custom-sampling one (guider + RandomNoise + BasicScheduler).
 OVERRIDE_TARGETS: dict[str, list[tuple[str, str]]] = {
-    "prompt": [("FaceDiffuserSubjectPrompt", "prompt")],
+    "prompt": [("FaceDiffuserSubjectPrompt", "text")],
     "seed": [("FaceDiffuserSNFSampler", "seed"), ("RandomNoise", "noise_seed")],
     "steps": [("FaceDiffuserSNFSampler", "steps"), ("BasicScheduler", "steps")],
     "cfg": [("FaceDiffuserSNFSampler", "cfg"), ("FaceDiffuserGuider", "cfg")],

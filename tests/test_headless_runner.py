@@ -22,7 +22,7 @@ SNF_WORKFLOW = {
     "3": {"class_type": "LoadImage", "inputs": {"image": "man.png"}},
     "4": {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["2", 0]}},
     "5": {"class_type": "FaceDiffuserEncodeReferenceFaces", "inputs": {"subject_encoder": ["1", 1], "images": ["4", 0]}},
-    "6": {"class_type": "FaceDiffuserSubjectPrompt", "inputs": {"prompt": "a man <|image|>", "face_embeds": ["5", 0]}},
+    "6": {"class_type": "FaceDiffuserSubjectPrompt", "inputs": {"text": "a man <|image|>", "face_embeds": ["5", 0]}},
     "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
     "8": {"class_type": "FaceDiffuserSNFSampler", "inputs": {"seed": 0, "steps": 50, "cfg": 5.0, "alpha": 0.3, "beta": 0.6,
                                                            "latent_image": ["7", 0], "conditioning": ["6", 0]}},
@@ -44,7 +44,7 @@ def test_overrides_find_their_nodes_by_type_in_either_sampling_style():
     assert runner.set_override(workflow, "prompt", "a woman <|image|>") == ["6"]
     assert runner.set_override(workflow, "batch_size", 3) == ["7"]
     assert workflow["8"]["inputs"]["seed"] == 42 and workflow["8"]["inputs"]["alpha"] == 0.25
-    assert workflow["6"]["inputs"]["prompt"] == "a woman <|image|>" and workflow["7"]["inputs"]["batch_size"] == 3
+    assert workflow["6"]["inputs"]["text"] == "a woman <|image|>" and workflow["7"]["inputs"]["batch_size"] == 3
 
     custom = copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW)
     runner.set_override(custom, "seed", 9)
@@ -57,7 +57,7 @@ def test_overrides_find_their_nodes_by_type_in_either_sampling_style():
 def test_an_override_without_its_node_is_an_error_not_ignored():
     with pytest.raises(runner.RunError, match="--batch-size: the workflow has no EmptyLatentImage.batch_size"):
         runner.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "batch_size", 2)
-    with pytest.raises(runner.RunError, match="no FaceDiffuserSubjectPrompt.prompt"):
+    with pytest.raises(runner.RunError, match="no FaceDiffuserSubjectPrompt.text"):
         runner.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "prompt", "x")
 
 
