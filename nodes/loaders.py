@@ -1,0 +1,258 @@
+"""Loaders for the official Face-diffuser checkpoints (and FastComposer's, which has the SDM layout).
+
+The files are read and classified by facediffuser_core; the networks' sizes come from their tensor
+shapes, so ComfyUI's fixed-architecture detection is not involved and fine-tunes of any SD1.5-family
+size load. Each part of the state dict is released as soon as its ComfyUI object holds the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import torch
+
+import comfy.clip_vision
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..facediffuser_core import checkpoint
+from ..facediffuser_core.checkpoint import CheckpointKind, ModelParts
+from ..facediffuser_core.checkpoint_file import read_state_dict
+from ..facediffuser_core.postfuse import PostfuseModule
+from ..facediffuser_core.sd15_keys import sd15_to_parts
+from . import MODEL_FOLDER
+from .subject_encoder import SubjectEncoder
+from .types import SubjectEncoder as SubjectEncoderType
+
+WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# CLIP weights ComfyUI's SD1.5 text model has and the official text encoder lacks; both are unused for SD1.5.
+OPTIONAL_CLIP_KEYS = ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")
+
+
+def resolve_path(node: str, ckpt_name: str) -> str:
+    path = folder_paths.get_full_path(MODEL_FOLDER, ckpt_name)
+    if path is None:
+        folders = folder_paths.get_folder_paths(MODEL_FOLDER)
+        raise FileNotFoundError(
+            f"{node}: checkpoint '{ckpt_name}' not found; expected it at {os.path.join(folders[0], ckpt_name)} "
+            f"(searched: {', '.join(folders)})"
+        )
+    return path
+
+
+def read_parts(node: str, path: str, accepted: dict[CheckpointKind, str], expected: str) -> tuple[ModelParts, str]:
+    """The checkpoint's parts and what it was classified as, or a ValueError naming node, file, found and expected."""
+    state_dict = read_state_dict(path)
+    found = checkpoint.classify(state_dict)
+    if found.kind not in accepted:
+        raise ValueError(f"{node}: {os.path.basename(path)} is {found.description}; expected {expected}. {accepted_hint(found.kind)}")
+    if found.kind is CheckpointKind.SD15:
+        return sd15_to_parts(state_dict), found.description
+    return checkpoint.split_official(state_dict), found.description
+
+
+def accepted_hint(kind: CheckpointKind) -> str:
+    if kind is CheckpointKind.TDM or kind is CheckpointKind.SD15:
+        return "Load it with Face-diffuser TDM Loader."
+    if kind is CheckpointKind.SDM:
+        return "Load it with Face-diffuser SDM Loader."
+    return "Choose the official Face-diffuser SDM/TDM file (or FastComposer's, as an SDM)."
+
+
+def build_model(unet: dict[str, torch.Tensor], dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
+    """An SD1.5-family MODEL from a diffusers-layout UNet state dict (emptied as its weights are taken)."""
+    unet_config = checkpoint.unet_config(unet)
+    model_config = comfy.supported_models.SD15(unet_config)
+    parameters = comfy.utils.calculate_parameters(unet)
+    load_device = comfy.model_management.get_torch_device()
+    if dtype is None:
+        dtype = comfy.model_management.unet_dtype(
+            model_params=parameters,
+            supported_dtypes=list(model_config.supported_inference_dtypes),
+            weight_dtype=comfy.utils.weight_dtype(unet),
+        )
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(dtype, manual_cast)
+
+    ldm = {}
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model_config.unet_config).items():
+        if diffusers_key in unet:
+            ldm[ldm_key] = unet.pop(diffusers_key)
+    if unet:
+        raise ValueError(f"the UNet has {len(unet)} weights outside the SD1.5 structure read from its shapes, e.g. {sorted(unet)[:3]}")
+
+    model = model_config.get_model(ldm, "", device=comfy.model_management.unet_inital_load_device(parameters, dtype))
+    missing = set(model.diffusion_model.state_dict()) - set(ldm)
+    if missing:
+        raise ValueError(f"the UNet lacks {len(missing)} weights its structure needs, e.g. {sorted(missing)[:3]}: the file is incomplete")
+    patcher = comfy.model_patcher.CoreModelPatcher(model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
+    model.load_model_weights(ldm, "", assign=patcher.is_dynamic())
+    return patcher
+
+
+def build_clip(text_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None) -> comfy.sd.CLIP:
+    """ComfyUI's SD1.5 CLIP (bundled tokenizer) sized from a `text_model.*` state dict."""
+    config = checkpoint.clip_text_config(text_encoder)
+    if config["vocab_size"] != checkpoint.SD15_VOCAB_SIZE:
+        raise ValueError(f"the text encoder has a vocabulary of {config['vocab_size']}, SD1.5's tokenizer needs {checkpoint.SD15_VOCAB_SIZE}")
+    clip_sd = {"clip_l.transformer." + key: text_encoder.pop(key) for key in list(text_encoder)}
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    options = {"clip_l_model_config": config}
+    if dtype is not None:
+        options["dtype"] = dtype
+    clip = comfy.sd.CLIP(
+        target,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        parameters=comfy.utils.calculate_parameters(clip_sd),
+        model_options=options,
+    )
+    missing, unexpected = clip.load_sd(clip_sd, full_model=True)
+    missing = [key for key in missing if key not in OPTIONAL_CLIP_KEYS]
+    if missing or unexpected:
+        raise ValueError(f"the text encoder does not fit CLIP: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+    return clip
+
+
+def build_vae(vae: dict[str, torch.Tensor]) -> comfy.sd.VAE:
+    """ComfyUI's VAE from a diffusers-layout AutoencoderKL state dict, its size read from the shapes."""
+    config = checkpoint.vae_config(vae)
+    levels = len(config["ddconfig"]["ch_mult"])
+    if levels != 4:
+        raise ValueError(f"the VAE has {levels} levels; SD1.5's latent space needs 4 (a downscale of 8)")
+    return comfy.sd.VAE(sd=vae, config={"params": config})
+
+
+def build_clip_vision(image_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None) -> comfy.clip_vision.ClipVisionModel:
+    """ComfyUI's CLIP vision model (with projection) sized from the image_encoder state dict."""
+    config = checkpoint.clip_vision_config(image_encoder)
+    # ClipVisionModel only takes its configuration as a JSON file.
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(config, handle)
+    try:
+        clip_vision = comfy.clip_vision.ClipVisionModel(handle.name)
+    finally:
+        os.unlink(handle.name)
+    if dtype is not None:
+        # ClipVisionModel always builds in ComfyUI's text-encoder dtype; its ops cast weights per call.
+        clip_vision.model.to(dtype)
+        clip_vision.dtype = dtype
+    missing, unexpected = clip_vision.load_sd(image_encoder)
+    if missing or unexpected:
+        raise ValueError(f"the image encoder does not fit CLIP ViT: missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+    image_encoder.clear()
+    return clip_vision
+
+
+def describe(name: str, kind: str, model, clip, vae_present: bool) -> str:
+    return (
+        f"{name}: {kind}; UNet {model.model.get_dtype()} {comfy.utils.calculate_parameters(model.model.diffusion_model.state_dict()) / 1e6:.0f}M params, "
+        f"text encoder {clip.cond_stage_model.clip_l.transformer.num_layers} layers" + ("" if vae_present else "; no VAE in the file")
+    )
+
+
+def load_common(node: str, parts: ModelParts, dtype: torch.dtype | None):
+    model = build_model(parts.unet, dtype)
+    clip = build_clip(parts.text_encoder, dtype)
+    vae = build_vae(parts.vae) if parts.vae else comfy.sd.VAE(sd={})
+    if not parts.vae:
+        logging.warning("%s: the checkpoint has no VAE; its VAE output cannot decode: use the TDM's VAE", node)
+    parts.vae = {}
+    return model, clip, vae
+
+
+CKPT_TOOLTIP = "A file in models/facediffuser: the official pytorch_model.bin (renamed) or its .safetensors conversion."
+DTYPE_TOOLTIP = (
+    "Weight dtype of the UNet, text encoder and (SDM) vision tower. 'default' lets ComfyUI choose for your "
+    "device, as its checkpoint loader does; the VAE always uses ComfyUI's choice (VAEs overflow in fp16)."
+)
+
+
+def ckpt_input() -> io.Combo.Input:
+    return io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list(MODEL_FOLDER), tooltip=CKPT_TOOLTIP)
+
+
+def dtype_input() -> io.Combo.Input:
+    return io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", tooltip=DTYPE_TOOLTIP)
+
+
+class FaceDiffuserSDMLoader(io.ComfyNode):
+    DISPLAY = "Face-diffuser SDM Loader"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceDiffuserSDMLoader",
+            display_name=cls.DISPLAY,
+            category="facediffuser/loaders",
+            description=(
+                "Loads the subject-augmented diffusion model (SDM) of Face-diffuser, or a FastComposer checkpoint, "
+                "which has the same layout: its SD1.5 UNet, text encoder and VAE, and the subject encoder "
+                "(CLIP ViT-L/14 vision tower, projection and postfuse MLP) that writes reference faces into the prompt."
+            ),
+            inputs=[ckpt_input(), dtype_input()],
+            outputs=[
+                io.Model.Output(tooltip="The SDM's UNet."),
+                io.Clip.Output(tooltip="The SDM's text encoder; Face-diffuser encodes all three prompts with it."),
+                io.Vae.Output(tooltip="The SDM's VAE (unusable if the file carries none)."),
+                SubjectEncoderType.Output(tooltip="Vision tower + postfuse, for Face-diffuser Encode Reference Faces / Subject Prompt."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:
+        path = resolve_path(cls.DISPLAY, ckpt_name)
+        parts, found = read_parts(cls.DISPLAY, path, {CheckpointKind.SDM: "SDM"}, "an SDM (Face-diffuser SDM or FastComposer)")
+        dtype = WEIGHT_DTYPES[weight_dtype]
+        model, clip, vae = load_common(cls.DISPLAY, parts, dtype)
+        encoder = SubjectEncoder(clip_vision=build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
+        parts.postfuse = {}
+        logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, vae.first_stage_model is not None))
+        return io.NodeOutput(model, clip, vae, encoder)
+
+
+class FaceDiffuserTDMLoader(io.ComfyNode):
+    DISPLAY = "Face-diffuser TDM Loader"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceDiffuserTDMLoader",
+            display_name=cls.DISPLAY,
+            category="facediffuser/loaders",
+            description=(
+                "Loads the text-driven diffusion model (TDM) of Face-diffuser: the official file, or its conversion, "
+                "which is an ordinary SD1.5 single-file checkpoint (any SD1.5 checkpoint loads here too)."
+            ),
+            inputs=[ckpt_input(), dtype_input()],
+            outputs=[
+                io.Model.Output(tooltip="The TDM's UNet."),
+                io.Clip.Output(tooltip="The TDM's text encoder."),
+                io.Vae.Output(tooltip="The TDM's VAE."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:
+        path = resolve_path(cls.DISPLAY, ckpt_name)
+        parts, found = read_parts(
+            cls.DISPLAY,
+            path,
+            {CheckpointKind.TDM: "TDM", CheckpointKind.SD15: "SD1.5"},
+            "a TDM (unet, text_encoder and vae weights) or an SD1.5 single-file checkpoint such as a converted TDM",
+        )
+        model, clip, vae = load_common(cls.DISPLAY, parts, WEIGHT_DTYPES[weight_dtype])
+        logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, True))
+        return io.NodeOutput(model, clip, vae)
+
+
+NODES = [FaceDiffuserSDMLoader, FaceDiffuserTDMLoader]
