@@ -8,12 +8,13 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from . import saliency_preview, sampling
-
-NODE_MODULES = [sampling, saliency_preview]  # each feature module exports NODES
-
+# Feature modules read MODEL_FOLDER, so they are imported after it.
 MODEL_FOLDER = "facediffuser"
 MODEL_EXTENSIONS = {".bin", ".safetensors"}
+
+from . import insightface_loader, loaders, reference_faces, saliency_preview, sampling, subject_prompt  # noqa: E402
+
+NODE_MODULES = [loaders, insightface_loader, reference_faces, subject_prompt, sampling, saliency_preview]  # each feature module exports NODES
 
 
 def register_model_folder() -> None:
