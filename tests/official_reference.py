@@ -1,0 +1,71 @@
+"""Face-diffuser's official algorithm written again on diffusers modules, as the tests' independent reference.
+
+It follows SPEC.md: the official sampling loop with diffusers' DDIMScheduler (the scheduler the paper
+names), the three stages, SNF computed by tests/snf_reference.py in float64 numpy. Nothing here calls
+into the pack.
+
+Matching ComfyUI's `ddim` sampler with the `ddim_uniform` scheduler:
+- DDIMScheduler with "leading" spacing and steps_offset 1 gives the same timesteps (e.g. 901 ... 1 at 10
+  steps), and with set_alpha_to_one its last step lands on alpha_bar = 1, i.e. sigma 0 as in ComfyUI.
+- ComfyUI starts from noise * sigma_0 in its variance-exploding variable x / sqrt(alpha_bar); DDIM's
+  variable is x itself, so the same noise enters here as noise * sqrt(1 - alpha_bar_0).
+- ComfyUI's LATENT output is the final sample divided by SD1.5's latent scale 0.18215.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import comfy_harness
+
+comfy_harness._register_cpu_nms()  # diffusers imports torchvision
+
+from diffusers import DDIMScheduler  # noqa: E402
+
+from snf_reference import reference_sdm_chosen  # noqa: E402
+
+SD15_LATENT_SCALE = 0.18215
+
+
+def ddim_scheduler(steps: int) -> DDIMScheduler:
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading",
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def initial_latents(noise: torch.Tensor, scheduler: DDIMScheduler) -> torch.Tensor:
+    alpha_bar = scheduler.alphas_cumprod[int(scheduler.timesteps[0])]
+    return noise * torch.sqrt(1 - alpha_bar)
+
+
+@torch.no_grad()
+def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_end, fusion_end):
+    """The official three-stage loop; conditionings are (B, T, D) hidden states. Returns what ComfyUI's
+    LATENT output should hold, and the SNF choices per fusion step."""
+    scheduler = ddim_scheduler(steps)
+    latents = initial_latents(noise, scheduler)
+    choices = []
+
+    def guided(unet, cond, uncond, t):
+        eps_cond = unet(latents, t, encoder_hidden_states=cond).sample
+        eps_uncond = unet(latents, t, encoder_hidden_states=uncond).sample
+        response = cfg * (eps_cond - eps_uncond)
+        return eps_uncond + response, response
+
+    for i, t in enumerate(scheduler.timesteps):
+        if i < scene_end:
+            eps, _ = guided(tdm_unet, text, null, t)
+        elif i < fusion_end:
+            tdm_eps, tdm_response = guided(tdm_unet, text, null, t)
+            sdm_eps, sdm_response = guided(sdm_unet, augmented, text, t)
+            chosen = torch.from_numpy(reference_sdm_chosen(tdm_response.double().numpy(), sdm_response.double().numpy()))
+            choices.append(chosen)
+            eps = torch.where(chosen.unsqueeze(1), sdm_eps, tdm_eps)
+        else:
+            eps, _ = guided(sdm_unet, augmented, text, t)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents / SD15_LATENT_SCALE, choices
