@@ -115,6 +115,8 @@ def verify(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 def convert(source: str | Path, target: str | Path, dtype: torch.dtype, overwrite: bool = False) -> ConversionResult:
     source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise FileNotFoundError(f"input checkpoint not found: {source}")
     if target.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {target}")
     if target.exists() and not overwrite:

@@ -145,31 +145,33 @@ def build_sdm(seed: int = 1) -> OfficialReferences:
     return refs
 
 
+def official_items(refs: OfficialReferences):
+    """(official key, tensor) for every weight of the references, the text encoder without its
+    text_model level; `*.position_ids` buffers left out."""
+    for prefix, module in (
+        ("unet.", refs.unet),
+        ("text_encoder.", refs.text_encoder),
+        ("vae.", refs.vae),
+        ("image_encoder.", refs.image_encoder),
+        ("postfuse_module.", refs.postfuse),
+    ):
+        if module is None:
+            continue
+        for key, tensor in module.state_dict().items():
+            if not key.endswith("position_ids"):
+                yield prefix + (key.removeprefix("text_model.") if prefix == "text_encoder." else key), tensor
+
+
 def official_state_dict(refs: OfficialReferences, dtype: torch.dtype | None = None, with_position_ids: bool = True) -> dict[str, torch.Tensor]:
-    """The references' weights under the official prefixes (text encoder without its text_model level).
+    """The references' weights under the official prefixes, as copies (cast to dtype if given).
 
     with_position_ids adds the `*.position_ids` buffers that the official files may carry."""
-    state: dict[str, torch.Tensor] = {}
-
-    def add(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        for key, tensor in tensors.items():
-            state[prefix + key] = tensor.detach().clone() if dtype is None else tensor.detach().to(dtype)
-
-    add("unet.", refs.unet.state_dict())
-    text = {key.removeprefix("text_model."): value for key, value in refs.text_encoder.state_dict().items()}
-    add("text_encoder.", text)
-    add("vae.", refs.vae.state_dict())
-    if refs.image_encoder is not None:
-        add("image_encoder.", refs.image_encoder.state_dict())
-    if refs.postfuse is not None:
-        add("postfuse_module.", refs.postfuse.state_dict())
+    state = {key: tensor.detach().clone() if dtype is None else tensor.detach().to(dtype) for key, tensor in official_items(refs)}
     if with_position_ids:
         state["text_encoder.embeddings.position_ids"] = torch.arange(MAX_POSITIONS).unsqueeze(0)
         if refs.image_encoder is not None:
             positions = (VISION_IMAGE_SIZE // VISION_PATCH) ** 2 + 1
             state["image_encoder.vision_model.embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
-    else:
-        state = {key: value for key, value in state.items() if not key.endswith("position_ids")}
     return state
 
 
@@ -181,3 +183,30 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     else:
         torch.save(state_dict, path)
     return path
+
+
+def real_size_references() -> OfficialReferences:
+    """SD1.5/CLIP-L/ViT-L/14-sized modules on the meta device (shapes only, no memory): the sizes of the
+    real Face-diffuser files, for checks of shape-derived configs and key maps."""
+    with torch.device("meta"):
+        return OfficialReferences(
+            unet=UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
+            text_encoder=CLIPTextModel(
+                CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+            ),
+            vae=AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+            ),
+            image_encoder=CLIPVisionModelWithProjection(
+                CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, projection_dim=768)
+            ),
+            postfuse=PostfuseModule(768),
+        )
+
+
+def real_size_state_dict() -> dict[str, torch.Tensor]:
+    """An SDM-layout state dict of meta tensors at the real files' sizes."""
+    return dict(official_items(real_size_references()))
