@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..facediffuser_core import saliency_view
 from .types import Saliency
@@ -17,8 +17,9 @@ class FaceDiffuserSaliencyPreview(io.ComfyNode):
             node_id="FaceDiffuserSaliencyPreview",
             display_name="Face-diffuser Saliency Preview",
             category="facediffuser/sampling",
+            is_output_node=True,
             description=(
-                "Pictures of the fusion stage, averaged over its steps, for each image of the batch: the TDM's saliency, the "
+                "Shows pictures of the fusion stage, averaged over its steps, for each image of the batch: the TDM's saliency, the "
                 "SDM's saliency (one colour scale for both: brighter = more salient), the share of fusion steps in which the "
                 "SDM painted each pixel (white = always), and with an image connected, that image tinted blue where the TDM "
                 "painted and orange where the SDM did. Also outputs the SDM's region as a MASK."
@@ -53,7 +54,7 @@ class FaceDiffuserSaliencyPreview(io.ComfyNode):
             images, mask = saliency_view.render(summary, size, image=image.cpu() if image is not None else None)
         except ValueError as error:
             raise ValueError(f"Face-diffuser Saliency Preview, input 'image': {error}") from error
-        return io.NodeOutput(images, mask)
+        return io.NodeOutput(images, mask, ui=ui.PreviewImage(images, cls=cls))
 
 
 NODES = [FaceDiffuserSaliencyPreview]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,13 @@ class ComfyUI:
         comfy.cli_args.args.cpu = True
         comfy.cli_args.args.disable_api_nodes = True
         import utils.extra_config  # noqa: F401  (before `nodes`, which shadows the root `utils`)
+        import folder_paths
         import nodes
+
+        # Previews and outputs of the tests go to a scratch folder, not into the checkout.
+        scratch = Path(tempfile.mkdtemp(prefix="facediffuser-comfyui-"))
+        folder_paths.set_temp_directory(str(scratch / "temp"))
+        folder_paths.set_output_directory(str(scratch / "output"))
 
         self.nodes = nodes
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
