@@ -1,0 +1,172 @@
+"""Face-diffuser InsightFace Loader: an insightface face-analysis pack for cropping faces out of photos.
+
+The official Face-diffuser demo takes ready-made face crops; this optional loader lets the reference-face
+node find and crop the face in an ordinary photo. insightface and onnxruntime are imported only when this
+node runs, so the rest of the pack works without them.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+
+import folder_paths
+from comfy_api.latest import io
+
+NODE_NAME = "Face-diffuser InsightFace Loader"
+INSIGHTFACE_FOLDER = "insightface"
+# The files of the packs people download (the detector is the one this pack needs).
+KNOWN_PACK_FILES = {
+    "antelopev2": ["1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"],
+    "buffalo_l": ["1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx"],
+}
+PROVIDERS = {
+    "CUDA": "CUDAExecutionProvider",
+    "ROCm": "ROCMExecutionProvider",
+    "CoreML": "CoreMLExecutionProvider",
+    "CPU": "CPUExecutionProvider",
+}
+AUTO_PREFERENCE = ("CUDA", "ROCm", "CoreML", "CPU")
+DET_SIZE_STEP = 32  # the detectors' coarsest stride: other sizes break their anchor grids
+
+
+def install_hint() -> str:
+    python = sys.executable
+    return (
+        f"{NODE_NAME} needs the insightface and onnxruntime packages, which ComfyUI's Python ({python}) cannot import. "
+        f"Install them into that Python: `\"{python}\" -m pip install insightface onnxruntime-gpu` on a machine with an "
+        "NVIDIA GPU, or `... insightface onnxruntime` otherwise (the portable Windows build: "
+        "`python_embeded\\python.exe -m pip install ...`). Install only one of onnxruntime and onnxruntime-gpu: both "
+        "provide the same `onnxruntime` module, so whichever is installed last overwrites the other (a later "
+        "`pip install onnxruntime`, often pulled in by another package, silently removes GPU support); if the CUDA "
+        "provider is missing, uninstall both and reinstall onnxruntime-gpu alone. Then restart ComfyUI. "
+        "Without insightface, leave the face_analysis input of Face-diffuser Encode Reference Faces unconnected and "
+        "give it face crops, as the official demo does."
+    )
+
+
+def insightface_roots() -> list[str]:
+    """`<models_dir>/insightface`, after any folders registered under `insightface` (extra_model_paths.yaml)."""
+    roots = []
+    if INSIGHTFACE_FOLDER in folder_paths.folder_names_and_paths:
+        roots.extend(folder_paths.get_folder_paths(INSIGHTFACE_FOLDER))
+    default = os.path.join(folder_paths.models_dir, INSIGHTFACE_FOLDER)
+    if default not in roots:
+        roots.append(default)
+    return roots
+
+
+def available_packs() -> list[str]:
+    names = set()
+    for root in insightface_roots():
+        models = os.path.join(root, "models")
+        if os.path.isdir(models):
+            names.update(entry for entry in os.listdir(models) if os.path.isdir(os.path.join(models, entry)))
+    return sorted(names)
+
+
+def _onnx_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.onnx")))
+
+
+def _expected_files(pack: str) -> str:
+    files = KNOWN_PACK_FILES.get(pack)
+    return ", ".join(files) if files else "the pack's .onnx files, at least its face detector"
+
+
+def resolve_pack_dir(pack: str) -> str:
+    """The folder holding the pack's .onnx files; a clear error for a missing or doubly nested pack."""
+    candidates = [os.path.join(root, "models", pack) for root in insightface_roots()]
+    for folder in candidates:
+        if _onnx_files(folder):
+            return folder
+    expected = candidates[-1] if len(candidates) == 1 else " or ".join(candidates)
+    for folder in candidates:
+        if not os.path.isdir(folder):
+            continue
+        nested = sorted(sub for sub in glob.glob(os.path.join(folder, "*")) if os.path.isdir(sub) and _onnx_files(sub))
+        if nested:
+            raise ValueError(
+                f"{NODE_NAME}: the insightface pack '{pack}' is nested one folder too deep: its .onnx files are in {nested[0]}, "
+                f"but they must be directly in {folder} (unzipping often adds that extra '{os.path.basename(nested[0])}' "
+                f"folder). Move {_expected_files(pack)} up into {folder} and delete the empty folder."
+            )
+        raise ValueError(f"{NODE_NAME}: the folder {folder} has no .onnx files; put {_expected_files(pack)} directly in it.")
+    raise ValueError(
+        f"{NODE_NAME}: the insightface pack '{pack}' was not found. Expected the folder {expected} holding "
+        f"{_expected_files(pack)} directly (models/insightface/models/{pack}/*.onnx)."
+    )
+
+
+def choose_provider(requested: str, available: list[str]) -> str:
+    """The onnxruntime execution provider to use; an unavailable request falls back to the CPU, with a warning."""
+    if requested == "auto":
+        for name in AUTO_PREFERENCE:
+            if PROVIDERS[name] in available:
+                return PROVIDERS[name]
+        return PROVIDERS["CPU"]
+    wanted = PROVIDERS[requested]
+    if wanted in available:
+        return wanted
+    logging.warning(
+        "%s: %s is not available in this onnxruntime (available: %s); using CPUExecutionProvider. For GPU face detection "
+        "install onnxruntime-gpu (CUDA) or the ROCm build, and only that one onnxruntime package.",
+        NODE_NAME, wanted, ", ".join(available) or "none",
+    )
+    return PROVIDERS["CPU"]
+
+
+class FaceDiffuserInsightFaceLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        packs = available_packs() or sorted(KNOWN_PACK_FILES)
+        return io.Schema(
+            node_id="FaceDiffuserInsightFaceLoader",
+            display_name=NODE_NAME,
+            category="facediffuser/loaders",
+            description=(
+                "Loads an insightface face-analysis pack (antelopev2, buffalo_l, ...) from models/insightface/models/<name>/, "
+                "whose .onnx files must sit directly in that folder. Optional: Face-diffuser Encode Reference Faces uses it "
+                "to find and crop the face in ordinary photos. Needs the insightface and onnxruntime packages."
+            ),
+            inputs=[
+                io.Combo.Input("pack", options=packs, default="antelopev2" if "antelopev2" in packs else packs[0],
+                               tooltip="The folder name under models/insightface/models/."),
+                io.Combo.Input("provider", options=["auto", *PROVIDERS], default="auto",
+                               tooltip="Where onnxruntime runs the models. auto takes CUDA, ROCm or CoreML when this onnxruntime "
+                                       "offers it, else the CPU; an unavailable choice falls back to the CPU (the log says which ran)."),
+                io.Int.Input("det_size", default=640, min=128, max=2048, step=DET_SIZE_STEP,
+                             tooltip="Side of the square the photo is scaled into for detection (a multiple of 32). 640 suits "
+                                     "most photos; larger finds smaller faces, more slowly."),
+            ],
+            outputs=[io.FaceAnalysis.Output(display_name="face_analysis")],
+        )
+
+    @classmethod
+    def execute(cls, pack: str, provider: str, det_size: int) -> io.NodeOutput:
+        if det_size % DET_SIZE_STEP:
+            raise ValueError(f"{NODE_NAME}: det_size must be a multiple of {DET_SIZE_STEP}, got {det_size}")
+        try:
+            import onnxruntime
+            from insightface.app import FaceAnalysis
+        except ImportError as error:
+            raise RuntimeError(f"{install_hint()} (import error: {error})") from error
+        pack_dir = resolve_pack_dir(pack)
+        chosen = choose_provider(provider, list(onnxruntime.get_available_providers()))
+        providers = [chosen] if chosen == PROVIDERS["CPU"] else [chosen, PROVIDERS["CPU"]]
+        # A folder path (not a bare name) keeps insightface from trying to download the pack.
+        try:
+            analysis = FaceAnalysis(name=pack_dir, providers=providers)
+        except (AssertionError, KeyError) as error:  # insightface asserts that a detector was found
+            raise ValueError(
+                f"{NODE_NAME}: no face detector among the .onnx files of {pack_dir} "
+                f"({', '.join(os.path.basename(f) for f in _onnx_files(pack_dir))}); expected {_expected_files(pack)}"
+            ) from error
+        analysis.prepare(ctx_id=-1 if chosen == PROVIDERS["CPU"] else 0, det_size=(det_size, det_size))
+        logging.info("%s: loaded '%s' from %s with %s (det_size %d)", NODE_NAME, pack, pack_dir, chosen, det_size)
+        return io.NodeOutput(analysis)
+
+
+NODES = [FaceDiffuserInsightFaceLoader]
