@@ -182,3 +182,39 @@ def test_waiting_is_bounded(server):
     with pytest.raises(runner.RunError, match="gave up after 0.2 s: job no-such-job is still finishing"):
         client.wait("no-such-job", timeout_s=0.2, poll_s=0.05, report=states.append)
     assert states == ["finishing"]
+
+
+def test_runs_a_shipped_workflow_with_uploaded_faces_and_overrides(server, tmp_path, capsys):
+    from PIL import Image
+
+    import tiny_install
+
+    tiny_install.install_models(server.models_dir)
+    photos = tiny_install.write_face_photos(tmp_path / "photos", names=("him.png", "her.png"))
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_two_subjects")))
+    output = tmp_path / "out"
+    code = runner.main([str(path), "--server", server.url, "--face", str(photos[0]), "--face", str(photos[1]),
+                        "--prompt", "a man <|image|> and a woman <|image|> at the beach", "--seed", "5",
+                        "--batch-size", "2", "--output", str(output), "--timeout", "300"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err + server.log_tail()
+    generated = sorted(output.glob("facediffuser_two_*.png"))
+    assert len(generated) == 2 and all(Image.open(p).size == (64, 64) for p in generated)
+    assert (server.input_dir / "him.png").is_file() and (server.input_dir / "her.png").is_file()
+    assert "submitted to" in captured.out and "saved" in captured.out
+
+
+def test_a_face_count_that_the_prompt_does_not_match_is_comfyuis_error(server, tmp_path, capsys):
+    import tiny_install
+
+    tiny_install.install_models(server.models_dir)
+    (photo,) = tiny_install.write_face_photos(tmp_path / "photos", names=("solo.png",))
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_single_subject")))
+    code = runner.main([str(path), "--server", server.url, "--face", str(photo), "--prompt", "a man <|image|> and a woman <|image|>",
+                        "--output", str(tmp_path / "out"), "--timeout", "300"])
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "ComfyUI failed in node" in message and "(FaceDiffuserSubjectPrompt): ValueError" in message
+    assert "2 <|image|> markers but 1 reference face" in message

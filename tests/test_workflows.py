@@ -89,28 +89,14 @@ def test_the_runners_overrides_find_their_nodes(name):
 
 @pytest.fixture(scope="module")
 def installed(comfyui, tmp_path_factory):
-    """A models folder with tiny SDM and TDM checkpoints under the canonical names and a tiny insightface pack,
-    an input folder with two face photos under the workflows' names, and empty output and temp folders."""
+    """ComfyUI's folders moved to a tiny install (tests/tiny_install.py), with empty output and temp folders."""
     import folder_paths
-    import numpy as np
-    from PIL import Image
-    from skimage import data
 
-    import insightface_test_pack
-    import official_checkpoints
+    import tiny_install
 
     root = tmp_path_factory.mktemp("installed")
-    models = root / "models"
-    (models / "facediffuser").mkdir(parents=True)
-    official_checkpoints.write_checkpoint(official_checkpoints.official_state_dict(official_checkpoints.build_sdm(seed=1)),
-                                          models / "facediffuser" / workflow_builder.SDM_FILE)
-    official_checkpoints.write_checkpoint(official_checkpoints.official_state_dict(official_checkpoints.build_tdm(seed=0)),
-                                          models / "facediffuser" / workflow_builder.TDM_FILE)
-    insightface_test_pack.write_detector_pack(models / "insightface" / "models" / "antelopev2")
-    (root / "input").mkdir()
-    astronaut = data.astronaut()  # a public-domain portrait, shipped with scikit-image
-    Image.fromarray(astronaut).save(root / "input" / workflow_builder.SUBJECT_PHOTOS[0])
-    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(root / "input" / workflow_builder.SUBJECT_PHOTOS[1])
+    models = tiny_install.install_models(root / "models")
+    tiny_install.write_face_photos(root / "input")
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(folder_paths.folder_names_and_paths, "facediffuser", ([str(models / "facediffuser")], {".bin", ".safetensors"}))
         patch.setitem(folder_paths.folder_names_and_paths, "insightface", ([str(models / "insightface")], set()))
@@ -216,22 +202,13 @@ def run_in_process(comfyui, workflow: dict):
     return executor.history_result["outputs"]
 
 
-def small(workflow: dict, steps: int = 3) -> dict:
-    """The shipped workflow at a size a CPU runs in seconds: 64 px, three steps, one per stage."""
-    for node in workflow.values():
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
-    runner.set_override(workflow, "steps", steps)
-    runner.set_override(workflow, "alpha", 0.34)
-    runner.set_override(workflow, "beta", 0.67)
-    return workflow
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_each_api_workflow_runs_on_tiny_models(comfyui, installed, name):
     from PIL import Image
 
-    outputs = run_in_process(comfyui, small(api_workflow(name)))
+    import tiny_install
+
+    outputs = run_in_process(comfyui, tiny_install.small_api_workflow(name))
     saved = [image for output in outputs.values() for image in output.get("images", []) if image["type"] == "output"]
     assert len(saved) == 1
     picture = Image.open(Path(installed) / "output" / saved[0]["subfolder"] / saved[0]["filename"])
