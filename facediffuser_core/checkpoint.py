@@ -225,8 +225,8 @@ def _first_transformer_prefix(unet: dict[str, torch.Tensor]) -> str:
 def unet_config(unet: dict[str, torch.Tensor]) -> dict:
     """ComfyUI's `unet_config` for a diffusers-layout SD1.5-family UNet, read from its shapes.
 
-    For SD1.5 sizes this is the dict ComfyUI's own detection gives (comfy/model_detection.py, SD15),
-    without the `dtype` entry, plus SD15's head settings (num_heads 8, num_head_channels -1).
+    For SD1.5 sizes this is the dict ComfyUI's own detection gives (comfy/model_detection.py, SD15)
+    without its `dtype` entry; ComfyUI's SD15 model config adds num_head_channels -1 to it.
     `transformer_depth_output` lists the up resnets from the last one backwards, as ComfyUI consumes it.
     """
     layout = unet_layout_from_diffusers(unet)
@@ -255,7 +255,6 @@ def unet_config(unet: dict[str, torch.Tensor]) -> dict:
         "use_linear_in_transformer": unet[attention + "proj_in.weight"].dim() == 2,
         "context_dim": unet[attention + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
         "num_heads": UNET_ATTENTION_HEADS,
-        "num_head_channels": -1,
         "transformer_depth_output": list(reversed(up_resnet_depths)),
         "use_temporal_attention": False,
         "use_temporal_resblock": False,

@@ -98,7 +98,7 @@ def test_tiny_configs_match_the_reference_configs(sdm):
         "legacy": False, "adm_in_channels": None, "in_channels": unet.in_channels, "model_channels": 32,
         "num_res_blocks": [1, 1], "transformer_depth": [1, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
         "use_linear_in_transformer": False, "context_dim": unet.cross_attention_dim, "num_heads": 8,
-        "num_head_channels": -1, "transformer_depth_output": [1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
     text = sdm.text_encoder.config
@@ -117,12 +117,12 @@ def test_tiny_configs_match_the_reference_configs(sdm):
 
 def test_real_size_configs_are_sd15_clip_l_and_vit_l(real_size):
     parts = checkpoint.split_official(dict(oc.official_items(real_size)))
-    # ComfyUI's SD15 entry in comfy/model_detection.py (without dtype), plus SD15's head settings.
+    # ComfyUI's SD15 entry in comfy/model_detection.py, without dtype.
     assert checkpoint.unet_config(parts.unet) == {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
         "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
         "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+        "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
@@ -252,14 +252,15 @@ def test_converter_refuses_bad_requests(tmp_path, tdm):
         convert.convert(source, tmp_path / "out.ckpt", torch.float16)
 
 
-def test_command_line(tmp_path, tdm):
+def test_command_line(tmp_path, tdm, caplog):
     source = oc.write_checkpoint(oc.official_state_dict(tdm), tmp_path / "tdm.bin")
     target = tmp_path / "tdm.safetensors"
-    command = [sys.executable, "-m", "facediffuser_core.convert", str(source), str(target), "--dtype", "fp16"]
-    done = subprocess.run(command, cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
+    arguments = [str(source), str(target), "--dtype", "fp16"]
+    done = subprocess.run([sys.executable, "-m", "facediffuser_core.convert", *arguments], cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "100%" in done.stderr and "verifying" in done.stderr
-    again = subprocess.run(command, cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 1 and "--overwrite" in again.stderr
-    missing = subprocess.run(command[:3] + [str(tmp_path / "absent.bin")] + command[4:], cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and str(tmp_path / "absent.bin") in missing.stderr
+    assert convert.main(arguments) == 1
+    assert "--overwrite" in caplog.text
+    absent = tmp_path / "absent.bin"
+    assert convert.main([str(absent), str(tmp_path / "other.safetensors"), "--dtype", "fp16"]) == 1
+    assert f"input checkpoint not found: {absent}" in caplog.text
