@@ -80,7 +80,12 @@ def set_override(workflow: dict, option: str, value) -> list[str]:
         for class_type, input_name in targets:
             if node["class_type"] != class_type:
                 continue
-            if is_link(node["inputs"].get(input_name)):
+            if input_name not in node["inputs"]:
+                raise RunError(
+                    f"--{option.replace('_', '-')}: node {node_id} ({class_type}) has no input '{input_name}': the workflow "
+                    f"was made with another version of that node; re-export it from ComfyUI (Workflow > Export (API))"
+                )
+            if is_link(node["inputs"][input_name]):
                 source = node["inputs"][input_name][0]
                 raise RunError(
                     f"--{option.replace('_', '-')}: input '{input_name}' of node {node_id} ({class_type}) is wired "

@@ -68,6 +68,13 @@ def test_an_override_refuses_to_cut_a_wired_input():
         runner.set_override(workflow, "seed", 1)
 
 
+def test_an_override_refuses_a_node_without_that_input():
+    workflow = copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW)
+    del workflow["1"]["inputs"]["alpha"]
+    with pytest.raises(runner.RunError, match=r"node 1 \(FaceDiffuserGuider\) has no input 'alpha'.*Export \(API\)"):
+        runner.set_override(workflow, "alpha", 0.5)
+
+
 def test_reference_photos_are_the_loaders_feeding_the_encoder_in_input_order():
     assert runner.reference_image_loaders(SNF_WORKFLOW) == ["3", "2"]
     with pytest.raises(runner.RunError, match="no FaceDiffuserEncodeReferenceFaces"):
