@@ -260,15 +260,17 @@ def checkpoint_keys(path: Path) -> list[str] | None:
 
 
 def classify_file(path: Path):
-    """facediffuser_core's own classification of the file's keys; None when torch (which it imports) is missing."""
+    """facediffuser_core's own classification of the file's keys, or why the kind cannot be checked here."""
+    keys = checkpoint_keys(path)
+    if keys is None:
+        return None, "kind not checked: an old-style torch pickle, the loader reads it"
     try:
         if str(PACK_ROOT) not in sys.path:
             sys.path.insert(0, str(PACK_ROOT))
         from facediffuser_core.checkpoint import classify
     except ImportError:
-        return None
-    keys = checkpoint_keys(path)
-    return None if keys is None else classify(dict.fromkeys(keys))
+        return None, "kind not checked: needs torch"
+    return classify(dict.fromkeys(keys)), ""
 
 
 def check_checkpoint(folder: Path, role: str, names: tuple[str, ...], source: str, accepted_kinds: tuple[str, ...]) -> Finding:
@@ -283,12 +285,12 @@ def check_checkpoint(folder: Path, role: str, names: tuple[str, ...], source: st
     path = present[0]
     size = path.stat().st_size / 2**30
     try:
-        classification = classify_file(path)
+        classification, unchecked = classify_file(path)
     except (OSError, ValueError, struct.error, zipfile.BadZipFile) as error:
         return Finding(PROBLEM, subject, f"{path} cannot be read ({type(error).__name__}: {error})",
                        f"the file is damaged or incomplete: download it again: {source}")
     if classification is None:
-        return Finding(OK, subject, f"{path} ({size:.2f} GiB; kind not checked: needs torch)")
+        return Finding(OK, subject, f"{path} ({size:.2f} GiB; {unchecked})")
     if classification.kind.name not in accepted_kinds:
         return Finding(PROBLEM, subject, f"{path} is {classification.description}, not the {role}",
                        f"put the {role} there: {source}")

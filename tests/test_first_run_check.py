@@ -134,6 +134,14 @@ def test_keys_are_read_from_a_torch_zip_without_loading_it(tmp_path):
     assert sorted(check.checkpoint_keys(tmp_path / "model.safetensors")) == sorted(state)
 
 
+def test_an_old_style_pickle_is_accepted_unchecked(tmp_path):
+    comfyui, models = complete_install(tmp_path)
+    path = models / "facediffuser" / "facediffuser_tdm.bin"
+    torch.save(tensors(TDM_KEYS), path, _use_new_zipfile_serialization=False)
+    tdm = by_subject(check.run_checks(comfyui, None))["TDM model"]
+    assert tdm.status == check.OK and "kind not checked: an old-style torch pickle" in tdm.detail
+
+
 def test_insightface_pack_layout_mistakes(tmp_path):
     models = tmp_path / "models"
     root = models / "insightface" / "models"
