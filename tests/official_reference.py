@@ -26,6 +26,7 @@ from diffusers import DDIMScheduler  # noqa: E402
 from snf_reference import reference_sdm_chosen  # noqa: E402
 
 SD15_LATENT_SCALE = 0.18215
+CLIP_TOKENS = 77
 
 
 def ddim_scheduler(steps: int) -> DDIMScheduler:
@@ -69,3 +70,45 @@ def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_e
             eps, _ = guided(sdm_unet, augmented, text, t)
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents / SD15_LATENT_SCALE, choices
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def official_face_pixels(pixels: torch.Tensor, object_resolution: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC.md's preprocessing with torchvision's tensor transforms, the official code's library.
+    (3, H, W) uint8 -> CLIP input (3, 224, 224) and the object image (3, R, R) in [0, 1]."""
+    import torchvision.transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    height, width = pixels.shape[1:]
+    pad = abs(height - width) // 2
+    padded = T.functional.pad(pixels, [pad, 0] if height > width else [0, pad])
+    resize = T.Resize((object_resolution, object_resolution), InterpolationMode.BILINEAR, antialias=True)
+    object_image = T.ConvertImageDtype(torch.float)(resize(padded))
+    clip_input = T.Normalize(CLIP_MEAN, CLIP_STD)(T.Resize((224, 224), InterpolationMode.BILINEAR, antialias=True)(object_image))
+    return clip_input, object_image
+
+
+def encode_official_prompt(tokenizer, text_encoder, postfuse_weights, prompt: str, face_embeddings: torch.Tensor):
+    """FastComposer's prompt handling from SPEC.md: `<|image|>` is a token of its own; the marked token is
+    the one before it; the markers are dropped and the ids padded to 77. Returns (augmented, text) hidden states."""
+    from spec_postfuse import spec_postfuse
+
+    marker = "<|image|>"
+    tokenizer.add_tokens([marker], special_tokens=True)
+    marker_id = tokenizer.convert_tokens_to_ids(marker)
+    ids, marked_rows = [], []
+    for token in tokenizer(prompt).input_ids:
+        if token == marker_id:
+            marked_rows.append(len(ids) - 1)
+        else:
+            ids.append(token)
+    ids += [tokenizer.pad_token_id] * (CLIP_TOKENS - len(ids))
+    with torch.no_grad():
+        text = text_encoder(torch.tensor([ids])).last_hidden_state
+        augmented = text.clone()
+        for row, face in zip(marked_rows, face_embeddings):
+            augmented[0, row] = spec_postfuse(postfuse_weights, text[0, row], face)
+    return augmented, text

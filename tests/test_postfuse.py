@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from facediffuser_core.postfuse import PostfuseModule, fuse_marked_rows
+from spec_postfuse import spec_postfuse
 
 DIM = 16
 
@@ -25,21 +25,6 @@ def official_layout_weights(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
                for key, shape in shapes.items()}
     weights["postfuse_module.mlp1.fc1.weight"] = weights["postfuse_module.mlp1.fc1.weight"].bfloat16()
     return weights
-
-
-def spec_postfuse(w: dict[str, torch.Tensor], t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    w = {key.removeprefix("postfuse_module."): value.float() for key, value in w.items()}
-
-    def norm(x, name):
-        return F.layer_norm(x, (x.shape[-1],), w[f"{name}.weight"], w[f"{name}.bias"], eps=1e-5)
-
-    def mlp(x, name):
-        hidden = F.gelu(F.linear(norm(x, f"{name}.layernorm"), w[f"{name}.fc1.weight"], w[f"{name}.fc1.bias"]))
-        return F.linear(hidden, w[f"{name}.fc2.weight"], w[f"{name}.fc2.bias"])
-
-    first = mlp(torch.cat([t, e], dim=-1), "mlp1") + t
-    second = first + mlp(first, "mlp2")
-    return norm(second, "layer_norm")
 
 
 def test_official_keys_load_and_forward_matches_the_formula():

@@ -224,16 +224,10 @@ def test_det_size_must_suit_the_detector_strides(comfyui, insightface_models):
 def test_preprocessing_is_bit_exact_with_torchvision_transforms(comfyui, height, width):
     """The official code's library: torchvision's tensor transforms on a uint8 image (importable once the
     harness has given the registry's torchvision build its CPU ops)."""
-    import torchvision.transforms as T
-    from torchvision.transforms import InterpolationMode
-
-    from facediffuser_core.face_crop import CLIP_MEAN, CLIP_STD
+    from official_reference import official_face_pixels
 
     pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(height))
-    pad = abs(height - width) // 2
-    padded = T.functional.pad(pixels, [pad, 0] if height > width else [0, pad])
-    object_image = T.ConvertImageDtype(torch.float)(T.Resize((512, 512), InterpolationMode.BILINEAR, antialias=True)(padded))
-    clip_input = T.Normalize(CLIP_MEAN, CLIP_STD)(T.Resize((224, 224), InterpolationMode.BILINEAR, antialias=True)(object_image))
+    clip_input, object_image = official_face_pixels(pixels, 512)
     ours_clip, ours_object = preprocess_reference_faces([pixels.permute(1, 2, 0).float() / 255], 512)
     assert torch.equal(ours_object[0].permute(2, 0, 1), object_image)
     assert torch.equal(ours_clip[0], clip_input)

@@ -1,7 +1,7 @@
 """Face-diffuser Subject Prompt in ComfyUI, on a tiny SDM with the real SD1 tokenizer.
 
 References: ComfyUI's own CLIP Text Encode for the text conditioning, transformers' CLIPTextModel for the
-encoder output, the SPEC postfuse formula (test_postfuse.spec_postfuse) for the marked rows, and the
+encoder output, the SPEC postfuse formula (tests/spec_postfuse.py) for the marked rows, and the
 tokenizer's tokens of the marked word for where the rows are.
 """
 
@@ -10,7 +10,7 @@ import torch
 
 from official_checkpoints import HIDDEN
 from subject_fixtures import TinySDM, loaded_tiny_sdm
-from test_postfuse import spec_postfuse
+from spec_postfuse import spec_postfuse
 
 
 @pytest.fixture(scope="module")
