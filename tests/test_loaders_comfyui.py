@@ -251,3 +251,14 @@ def test_missing_and_truncated_files(comfyui, models_dir, tdm):
     (models_dir / "cut.bin").write_bytes(good.read_bytes()[:100_000])
     with pytest.raises(ValueError, match="truncated or corrupt, re-download"):
         comfyui.run("FaceDiffuserTDMLoader", ckpt_name="cut.bin")
+
+
+def test_sdm_without_vae_loads_with_an_unusable_vae(comfyui, models_dir, sdm):
+    """The VAE is optional in the SDM layout; like ComfyUI's checkpoint loader, the VAE output then
+    fails only when used."""
+    state = {k: v for k, v in oc.official_state_dict(sdm).items() if not k.startswith("vae.")}
+    oc.write_checkpoint(state, models_dir / "sdm_no_vae.safetensors")
+    model, _, vae, _ = comfyui.run("FaceDiffuserSDMLoader", ckpt_name="sdm_no_vae.safetensors", weight_dtype="fp32")
+    assert_unet_matches(model, sdm.unet)
+    with pytest.raises(RuntimeError, match="VAE is invalid"):
+        vae.decode(torch.zeros(1, 4, 8, 8))
