@@ -40,7 +40,8 @@ def render(summary: SaliencySummary, size: tuple[int, int], image: torch.Tensor 
     """Pictures of a run, per sample: TDM saliency, SDM saliency, share of fusion steps painted by the SDM,
     and, with `image` (B, H, W, 3), that image tinted blue where the TDM painted and orange where the SDM did.
 
-    Both saliency maps of a sample share one colour scale, so their brightness compares directly.
+    Both saliency maps of a sample share one colour scale, from the lower to the higher of their values, so
+    their brightness compares directly.
     Returns (images (B*k, H, W, 3) in sample-major order, sdm_mask (B, H, W)).
     """
     batch = summary.sdm_fraction.shape[0]
@@ -49,10 +50,14 @@ def render(summary: SaliencySummary, size: tuple[int, int], image: torch.Tensor 
             f"the image batch has {image.shape[0]} images but the saliency record {batch} samples: connect the "
             "decoded output of the same sampling run"
         )
-    peak = torch.maximum(summary.tdm_saliency.amax(dim=(1, 2)), summary.sdm_saliency.amax(dim=(1, 2)))
-    peak = peak.clamp(min=torch.finfo(torch.float32).tiny).reshape(-1, 1, 1)
-    tdm = heatmap(_resize(summary.tdm_saliency / peak, size))
-    sdm = heatmap(_resize(summary.sdm_saliency / peak, size))
+    # Softmax maps over thousands of pixels all sit near 1/(H*W); stretching the range that both maps of a
+    # sample span shows their structure while keeping the two comparable.
+    both = torch.stack([summary.tdm_saliency, summary.sdm_saliency], dim=1)
+    low = both.amin(dim=(1, 2, 3), keepdim=True)
+    span = (both.amax(dim=(1, 2, 3), keepdim=True) - low).clamp(min=torch.finfo(torch.float32).tiny)
+    stretched = (both - low) / span
+    tdm = heatmap(_resize(stretched[:, 0], size))
+    sdm = heatmap(_resize(stretched[:, 1], size))
     mask = _resize(summary.sdm_fraction, size)
     choice = mask.unsqueeze(-1).expand(-1, -1, -1, 3)
     panels = [tdm, sdm, choice]
