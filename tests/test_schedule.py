@@ -101,3 +101,13 @@ def test_saliency_view_overlay_and_batch_mismatch():
     assert torch.allclose(overlay[0, 15], saliency_view.TDM_TINT * saliency_view.OVERLAY_OPACITY)
     with pytest.raises(ValueError, match="image batch has 2 images"):
         saliency_view.render(summary, (16, 16), image=torch.zeros(2, 16, 16, 3))
+
+
+def test_saliency_heatmaps_show_structure_of_near_uniform_softmax_maps():
+    """Real saliency maps are softmaxes over H*W pixels, all close to 1/(H*W): the pictures must still span
+    the whole colour ramp, with the lowest of both maps dark and the highest bright."""
+    tdm = snf.saliency_map(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
+    sdm = snf.saliency_map(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)))
+    images, _ = saliency_view.render(snf.SaliencySummary(tdm, sdm, (sdm > tdm).float()), (16, 16))
+    brightness = images[:2].sum(dim=-1)
+    assert brightness.min() < 0.1 and brightness.max() > 2.5
