@@ -50,7 +50,7 @@ def resolve_path(node: str, ckpt_name: str) -> str:
     return path
 
 
-def read_parts(node: str, path: str, accepted: dict[CheckpointKind, str], expected: str) -> tuple[ModelParts, str]:
+def read_parts(node: str, path: str, accepted: tuple[CheckpointKind, ...], expected: str) -> tuple[ModelParts, str]:
     """The checkpoint's parts and what it was classified as, or a ValueError naming node, file, found and expected."""
     state_dict = read_state_dict(path)
     found = checkpoint.classify(state_dict)
@@ -211,7 +211,7 @@ class FaceDiffuserSDMLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:
         path = resolve_path(cls.DISPLAY, ckpt_name)
-        parts, found = read_parts(cls.DISPLAY, path, {CheckpointKind.SDM: "SDM"}, "an SDM (Face-diffuser SDM or FastComposer)")
+        parts, found = read_parts(cls.DISPLAY, path, (CheckpointKind.SDM,), "an SDM (Face-diffuser SDM or FastComposer)")
         dtype = WEIGHT_DTYPES[weight_dtype]
         model, clip, vae = load_common(cls.DISPLAY, parts, dtype)
         encoder = SubjectEncoder(clip_vision=build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
@@ -247,7 +247,7 @@ class FaceDiffuserTDMLoader(io.ComfyNode):
         parts, found = read_parts(
             cls.DISPLAY,
             path,
-            {CheckpointKind.TDM: "TDM", CheckpointKind.SD15: "SD1.5"},
+            (CheckpointKind.TDM, CheckpointKind.SD15),
             "a TDM (unet, text_encoder and vae weights) or an SD1.5 single-file checkpoint such as a converted TDM",
         )
         model, clip, vae = load_common(cls.DISPLAY, parts, WEIGHT_DTYPES[weight_dtype])
