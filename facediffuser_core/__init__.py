@@ -1,6 +1,14 @@
 """Face-diffuser's algorithms in plain PyTorch, free of ComfyUI so that they can be tested and reused alone.
 
 One concept per module:
-  snf        saliency-adaptive noise fusion (saliency maps, per-pixel choice, the run's record)
-  schedule   the three sampling stages and which step a model evaluation belongs to
+  snf              saliency-adaptive noise fusion: saliency maps, the per-pixel choice, the run's record
+  schedule         the three sampling stages and which step a model evaluation belongs to
+  saliency_view    pictures of a run's SNF decisions
+  markers          the prompt's <|image|> subject markers and the token rows they mark
+  postfuse         the fusion MLP that writes a face embedding into a prompt token
+  face_crop        where to crop a reference photo, and the official preprocessing for the vision tower
+  checkpoint       what kind an official checkpoint is, its parts, and its networks' sizes from their shapes
+  checkpoint_file  reading a checkpoint file safely, with errors a user can act on
+  sd15_keys        key names of an SD1.5 single-file checkpoint against the official layout
+  convert          the command that converts an official .bin to .safetensors
 """
