@@ -7,6 +7,7 @@ size load. Each part of the state dict is released as soon as its ComfyUI object
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -160,6 +161,19 @@ def describe(name: str, kind: str, model, clip, vae_present: bool) -> str:
     )
 
 
+@contextlib.contextmanager
+def building(node: str, ckpt_name: str):
+    """Structure problems found while building the networks, reported with the node, the file and the fix."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(
+            f"{node}: {ckpt_name} cannot be loaded: {error}. The file does not hold the SD1.5-family networks a "
+            "Face-diffuser checkpoint has; check that it is the official SDM/TDM file (or its conversion) and "
+            "re-download it if it is."
+        ) from error
+
+
 def load_common(node: str, parts: ModelParts, dtype: torch.dtype | None):
     model = build_model(parts.unet, dtype)
     clip = build_clip(parts.text_encoder, dtype)
@@ -213,8 +227,9 @@ class FaceDiffuserSDMLoader(io.ComfyNode):
         path = resolve_path(cls.DISPLAY, ckpt_name)
         parts, found = read_parts(cls.DISPLAY, path, (CheckpointKind.SDM,), "an SDM (Face-diffuser SDM or FastComposer)")
         dtype = WEIGHT_DTYPES[weight_dtype]
-        model, clip, vae = load_common(cls.DISPLAY, parts, dtype)
-        encoder = SubjectEncoder(clip_vision=build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
+        with building(cls.DISPLAY, ckpt_name):
+            model, clip, vae = load_common(cls.DISPLAY, parts, dtype)
+            encoder = SubjectEncoder(clip_vision=build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
         parts.postfuse = {}
         logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, vae.first_stage_model is not None))
         return io.NodeOutput(model, clip, vae, encoder)
@@ -250,7 +265,8 @@ class FaceDiffuserTDMLoader(io.ComfyNode):
             (CheckpointKind.TDM, CheckpointKind.SD15),
             "a TDM (unet, text_encoder and vae weights) or an SD1.5 single-file checkpoint such as a converted TDM",
         )
-        model, clip, vae = load_common(cls.DISPLAY, parts, WEIGHT_DTYPES[weight_dtype])
+        with building(cls.DISPLAY, ckpt_name):
+            model, clip, vae = load_common(cls.DISPLAY, parts, WEIGHT_DTYPES[weight_dtype])
         logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, True))
         return io.NodeOutput(model, clip, vae)
 

@@ -241,6 +241,15 @@ def test_wrong_kinds_are_refused_with_the_fix(comfyui, models_dir, tdm, sdm):
         comfyui.run("FaceDiffuserTDMLoader", ckpt_name="bare_unet.safetensors")
 
 
+def test_structure_problems_name_the_node_the_file_and_the_fix(comfyui, models_dir, tdm):
+    state = oc.official_state_dict(tdm)
+    state["text_encoder.embeddings.token_embedding.weight"] = state["text_encoder.embeddings.token_embedding.weight"][:1000]
+    oc.write_checkpoint(state, models_dir / "small_vocab.safetensors")
+    with pytest.raises(ValueError, match=r"Face-diffuser TDM Loader: small_vocab\.safetensors cannot be loaded: the text encoder has a "
+                                         r"vocabulary of 1000.*official SDM/TDM file"):
+        comfyui.run("FaceDiffuserTDMLoader", ckpt_name="small_vocab.safetensors")
+
+
 def test_missing_and_truncated_files(comfyui, models_dir, tdm):
     import folder_paths
 
