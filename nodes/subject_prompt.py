@@ -92,7 +92,10 @@ class FaceDiffuserSubjectPrompt(io.ComfyNode):
                 f"{NODE_NAME}: the text encoder returned {hidden_states.shape[1]} token rows for {expected_rows} tokens; "
                 "the marked rows cannot be placed (is this CLIP an SD1.5 CLIP-L?)"
             )
-        augmented = subject_encoder.fuse(hidden_states, [row.row for row in rows], face_embeds)
+        try:
+            augmented = subject_encoder.fuse(hidden_states, [row.row for row in rows], face_embeds)
+        except ValueError as error:
+            raise ValueError(f"{NODE_NAME}: {error}") from error
         logging.info("%s: faces fused at %s", NODE_NAME,
                      ", ".join(f"'{marker.word}' (chunk {row.chunk}, token {row.position})" for marker, row in zip(marked.markers, rows)))
         return io.NodeOutput([[augmented, dict(encoded)]], [[hidden_states, dict(encoded)]])

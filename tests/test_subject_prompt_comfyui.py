@@ -124,3 +124,10 @@ def test_a_clip_that_is_not_sd1_is_refused(comfyui, sdm):
     sdxl_like = TinySDM(refs=sdm.refs, model=sdm.model, clip=TwoEncoderClip(), subject_encoder=sdm.subject_encoder)
     with pytest.raises(ValueError, match="SD1.5 .*Face-diffuser SDM Loader"):
         subject_prompt(comfyui, sdxl_like, "a man <|image|>", face_embeds(comfyui, 1))
+
+
+def test_face_embeddings_from_another_encoder_are_refused(comfyui, sdm):
+    FaceEmbeds = comfyui.pack("nodes.subject_encoder").FaceEmbeds
+    foreign = FaceEmbeds(torch.randn(1, HIDDEN // 2))
+    with pytest.raises(ValueError, match=r"Face-diffuser Subject Prompt: the face embeddings are 16 wide but the postfuse is 32 wide"):
+        subject_prompt(comfyui, sdm, "a man <|image|> on a boat", foreign)
