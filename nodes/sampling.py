@@ -47,9 +47,12 @@ def _stage_inputs() -> list:
     ]
 
 
-def _build_guider(tdm, sdm, augmented, text, null, cfg, alpha, beta, step_offset=0, total_steps=None) -> SNFGuider:
-    guider = SNFGuider(sdm, tdm, cfg, alpha, beta, step_offset=step_offset, total_steps=total_steps)
-    guider.set_conds(augmented, text, null)
+def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, step_offset=0, total_steps=None) -> SNFGuider:
+    try:
+        guider = SNFGuider(sdm, tdm, cfg, alpha, beta, step_offset=step_offset, total_steps=total_steps)
+        guider.set_conds(augmented, text, null)
+    except ValueError as error:
+        raise ValueError(f"{node}: {error}") from error
     return guider
 
 
@@ -62,11 +65,13 @@ def denoise_step_offset(steps: int, denoise: float) -> int:
 
 
 class FaceDiffuserSNFSampler(io.ComfyNode):
+    DISPLAY = "Face-diffuser SNF Sampler"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="FaceDiffuserSNFSampler",
-            display_name="Face-diffuser SNF Sampler",
+            display_name=cls.DISPLAY,
             category="facediffuser/sampling",
             description=(
                 "Samples with both Face-diffuser models in three stages: scene construction (TDM, text vs empty prompt), "
@@ -106,7 +111,7 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
         sigmas = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
                                          scheduler=scheduler, denoise=denoise).sigmas
         step_offset = denoise_step_offset(steps, denoise)
-        guider = _build_guider(tdm, sdm, augmented, text, null, cfg, alpha, beta,
+        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta,
                                step_offset=step_offset, total_steps=step_offset + steps)
 
         callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
@@ -122,11 +127,13 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
 
 
 class FaceDiffuserGuider(io.ComfyNode):
+    DISPLAY = "Face-diffuser Guider"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="FaceDiffuserGuider",
-            display_name="Face-diffuser Guider",
+            display_name=cls.DISPLAY,
             category="facediffuser/sampling",
             description=(
                 "The Face-diffuser three-stage collaboration as a GUIDER for SamplerCustomAdvanced, so that any sampler "
@@ -143,7 +150,7 @@ class FaceDiffuserGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta) -> io.NodeOutput:
-        guider = _build_guider(tdm, sdm, augmented, text, null, cfg, alpha, beta)
+        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta)
         return io.NodeOutput(guider, guider.saliency)
 
 

@@ -13,6 +13,7 @@ live in facediffuser_core; this module wires them to ComfyUI's model management:
 
 from __future__ import annotations
 
+import comfy.latent_formats
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sampler_helpers
@@ -25,6 +26,17 @@ from ..facediffuser_core.schedule import Stage, StageSchedule, StepLocator
 TDM_ATTACHMENT_KEY = "facediffuser_tdm"
 
 
+def _check_width(input_name: str, conditioning, model_name: str, patcher) -> None:
+    """A conditioning from another model family (an SDXL CLIP, say) fails deep in the UNet otherwise."""
+    expected = patcher.model.model_config.unet_config.get("context_dim")
+    for tensor, _ in conditioning:
+        if expected is not None and tensor.shape[-1] != expected:
+            raise ValueError(
+                f"the '{input_name}' conditioning is {tensor.shape[-1]} wide but the {model_name.upper()} takes {expected}: "
+                "encode all three prompts with the CLIP of the Face-diffuser SDM Loader"
+            )
+
+
 class SNFGuider(comfy.samplers.CFGGuider):
     """Scene construction with the TDM, SNF fusion of both models, subject enhancement with the SDM.
 
@@ -35,10 +47,17 @@ class SNFGuider(comfy.samplers.CFGGuider):
     def __init__(self, sdm, tdm, cfg: float, alpha: float, beta: float, step_offset: int = 0, total_steps: int | None = None):
         if tdm.model is sdm.model:
             raise ValueError(
-                "Face-diffuser: the TDM and SDM inputs are the same model (or clones of it). Connect the TDM "
-                "from the Face-diffuser TDM Loader and the SDM from the Face-diffuser SDM Loader; one UNet "
-                "cannot hold both models' weights at once."
+                "the 'tdm' and 'sdm' inputs are the same model (or clones of it). Connect the TDM from the Face-diffuser "
+                "TDM Loader and the SDM from the Face-diffuser SDM Loader; one UNet cannot hold both models' weights at once."
             )
+        for name, patcher in (("tdm", tdm), ("sdm", sdm)):
+            latent_format = type(patcher.model.latent_format)
+            if not issubclass(latent_format, comfy.latent_formats.SD15):
+                raise ValueError(
+                    f"the '{name}' input is a {type(patcher.model).__name__} model with {latent_format.__name__} latents; "
+                    "Face-diffuser's TDM and SDM are Stable Diffusion 1.5 models: connect the MODEL outputs of the "
+                    "Face-diffuser TDM and SDM Loaders"
+                )
         StageSchedule.from_fractions(alpha, beta, 1)  # reject bad fractions when the graph is built
         sdm = sdm.clone()
         sdm.set_additional_models(TDM_ATTACHMENT_KEY, [tdm])
@@ -53,6 +72,9 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.tdm_original_conds: dict[str, list] = {}
 
     def set_conds(self, augmented, text, null):
+        for name, conditioning, models in (("augmented", augmented, ("sdm",)), ("text", text, ("tdm", "sdm")), ("null", null, ("tdm",))):
+            for model_name in models:
+                _check_width(name, conditioning, model_name, self.tdm if model_name == "tdm" else self.model_patcher)
         self.inner_set_conds({"positive": augmented, "negative": text})
         self.tdm_original_conds = {
             "positive": comfy.sampler_helpers.convert_cond(text),

@@ -220,11 +220,22 @@ def test_empty_fusion_stage_preview_explains(comfyui, models, conds):
         comfyui.run("FaceDiffuserSaliencyPreview", saliency=saliency)
 
 
-def test_bad_inputs_name_the_fix(comfyui, models, conds):
+def test_bad_inputs_name_the_node_the_input_and_the_fix(comfyui, models, conds):
+    import comfy.latent_formats
+
     tdm, sdm = models
-    with pytest.raises(ValueError, match="TDM and SDM inputs are the same model"):
-        snf_sample(comfyui, sdm, sdm, conds, tiny_comfy.empty_latent())
-    with pytest.raises(ValueError, match="TDM and SDM inputs are the same model"):
-        snf_sample(comfyui, sdm.clone(), sdm, conds, tiny_comfy.empty_latent())
-    with pytest.raises(ValueError, match=r"alpha \(0.7\) must not exceed beta \(0.2\)"):
-        snf_sample(comfyui, tdm, sdm, conds, tiny_comfy.empty_latent(), alpha=0.7, beta=0.2)
+    latent = tiny_comfy.empty_latent()
+    for same in (sdm, sdm.clone()):
+        with pytest.raises(ValueError, match="Face-diffuser SNF Sampler: the 'tdm' and 'sdm' inputs are the same model"):
+            snf_sample(comfyui, same, sdm, conds, latent)
+    with pytest.raises(ValueError, match=r"Face-diffuser SNF Sampler: alpha \(0.7\) must not exceed beta \(0.2\)"):
+        snf_sample(comfyui, tdm, sdm, conds, latent, alpha=0.7, beta=0.2)
+
+    sdxl_like = tiny_comfy.sd15_patcher(3)
+    sdxl_like.model.latent_format = comfy.latent_formats.SDXL()
+    with pytest.raises(ValueError, match="Face-diffuser Guider: the 'tdm' input is a BaseModel model with SDXL latents.*TDM and SDM Loaders"):
+        comfyui.run("FaceDiffuserGuider", tdm=sdxl_like, sdm=sdm, cfg=5.0, alpha=0.3, beta=0.6, **conds)
+
+    wide = dict(conds, null=[[torch.zeros(1, 77, 48), {}]])
+    with pytest.raises(ValueError, match="Face-diffuser SNF Sampler: the 'null' conditioning is 48 wide but the TDM takes 32.*CLIP of the Face-diffuser SDM Loader"):
+        snf_sample(comfyui, tdm, sdm, wide, latent)
