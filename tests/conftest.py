@@ -9,3 +9,20 @@ def comfyui():
     if comfy_harness.comfyui_path() is None:
         pytest.skip(comfy_harness.SKIP_REASON)
     return comfy_harness.start()
+
+
+@pytest.fixture(scope="session")
+def tdm():
+    """Reference modules of a tiny TDM in the official layout (tests/official_checkpoints.py)."""
+    import official_checkpoints
+
+    return official_checkpoints.build_tdm(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdm():
+    """Reference modules of a tiny SDM in the official layout. Test modules that need a loaded SDM
+    instead define their own `sdm` fixture, which takes precedence there."""
+    import official_checkpoints
+
+    return official_checkpoints.build_sdm(seed=1)

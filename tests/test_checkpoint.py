@@ -20,16 +20,6 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tdm():
-    return oc.build_tdm(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdm():
-    return oc.build_sdm(seed=1)
-
-
-@pytest.fixture(scope="module")
 def real_size():
     return oc.real_size_references()
 

@@ -16,16 +16,6 @@ from facediffuser_core import checkpoint, convert, sd15_keys
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tdm():
-    return oc.build_tdm(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdm():
-    return oc.build_sdm(seed=1)
-
-
 @pytest.fixture
 def models_dir(comfyui, tmp_path):
     """A models/facediffuser folder for this test only."""
