@@ -291,8 +291,8 @@ def custom_sampling() -> Graph:
                        sampler=(sampler, 0), sigmas=(sigmas, 0), latent_image=(latent, 0))
     decode = graph.add("VAEDecode", (1780, 0), size=(210, 50), samples=(sample, 0), vae=(sdm, 2))
     graph.add("SaveImage", (2020, 0), size=(420, 460), images=(decode, 0), filename_prefix="facediffuser_custom")
-    preview = graph.add("FaceDiffuserSaliencyPreview", (1780, 520), size=(300, 80), saliency=(guider, 1), image=(decode, 0))
-    graph.add("PreviewImage", (2020, 520), size=(420, 300), title="Saliency: TDM, SDM, SDM share", images=(preview, 0))
+    # The preview node shows its own pictures; the decoded image also makes it run after the sampler.
+    graph.add("FaceDiffuserSaliencyPreview", (1780, 520), size=(420, 360), saliency=(guider, 1), image=(decode, 0))
     return graph
 
 
