@@ -1,0 +1,81 @@
+"""The benchmark's counting (scripts/benchmark.py) on tiny models: UNet rows per step and stage, loads per
+run, and the ratios it derives. Timings are never asserted: they belong to the benchmark, not the tests."""
+
+from __future__ import annotations
+
+import pytest
+
+import pack_scripts
+import tiny_comfy
+
+STEPS = 10  # at the official 0.32/0.62: scene steps 0-2, fusion 3-5, subject 6-9
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return pack_scripts.load("benchmark")
+
+
+@pytest.fixture(scope="module")
+def bench(comfyui, benchmark):
+    import torch
+
+    # Fresh models, so that the first run below is the cold one that loads them.
+    return benchmark.Bench(comfyui, {**tiny_comfy.TINY_UNET_CONFIG, "context_dim": benchmark.CONTEXT_DIM}, torch.float32, "cpu")
+
+
+def test_rows_per_step_and_loads_per_run(benchmark, bench):
+    import comfy.model_management
+
+    from facediffuser_core.schedule import StageSchedule
+
+    official = StageSchedule.from_fractions(benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA, STEPS)
+    plain = StageSchedule.from_fractions(0.0, 0.0, STEPS)
+    latent = benchmark.empty_latent(8)
+    sdm, tdm = (bench.patchers[name].model for name in (benchmark.SDM, benchmark.TDM))
+    real_load_models_gpu = comfy.model_management.load_models_gpu
+
+    with bench.instruments():
+        cold = bench.measure("cold", lambda: bench.snf(latent, STEPS, benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA), STEPS, official)
+        warm = bench.measure("warm", lambda: bench.snf(latent, STEPS, benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA), STEPS, official)
+        ksampler = bench.measure("ksampler", lambda: bench.ksampler(latent, STEPS), STEPS, plain)
+        sdm_only = bench.measure("snf 0/0", lambda: bench.snf(latent, STEPS, 0.0, 0.0), STEPS, plain)
+
+    for run in (cold, warm):
+        assert run.stage_rows_per_step == {"scene": [2] * 3, "fusion": [4] * 3, "subject": [2] * 4}
+        assert run.rows == {"TDM": 12, "SDM": 14} and run.total_rows == official.evaluations() == 26
+        assert run.calls == {"TDM": 6, "SDM": 7}  # cond and uncond batched in one call
+        assert len(run.predict_noise_preludes_s) == 10 and all(t >= 0 for t in run.predict_noise_preludes_s)
+        assert 0 < run.unet_s < run.wall_s
+    for run in (ksampler, sdm_only):
+        assert run.stage_rows_per_step == {"subject": [2] * STEPS}
+        assert run.rows == {"SDM": 2 * STEPS}
+    # Both models in one request of the first run, each loaded once, nothing moved while sampling.
+    assert [sorted(models) for models in cold.load_requests] == [["SDM", "TDM"]]
+    assert cold.weight_loads == {"SDM": 1, "TDM": 1} and cold.weight_unloads == {}
+    assert cold.moves_during_sampling == 0
+    # Later runs request them again, find them loaded and move nothing.
+    assert len(warm.load_requests) == 1 and warm.weight_loads == {} and warm.weight_unloads == {}
+    # The instruments are gone afterwards.
+    assert comfy.model_management.load_models_gpu is real_load_models_gpu
+    assert "forward" not in vars(sdm.diffusion_model) and "forward" not in vars(tdm.diffusion_model)
+
+
+def test_summary_ratios(benchmark):
+    from facediffuser_core.schedule import StageSchedule
+
+    def run(wall, unet, rows):
+        return benchmark.RunFigures(label="", wall_s=wall, unet_s=unet, rows={"SDM": rows}, predict_noise_preludes_s=[0.001],
+                                    calls={"SDM": rows // 2}, stage_rows_per_step={}, load_requests=[], weight_loads={},
+                                    weight_unloads={}, moves_during_sampling=0)
+
+    # KSampler: 10 s of which 9.5 in the UNet over 20 rows. SNF at 0/0: 10.4 s, 9.8 in the UNet (noise), so
+    # 0.6 s outside. Three-stage: 26 rows, 12.6 s, 12.3 in the UNet.
+    runs = {"ksampler": [run(10.0, 9.5, 20)], "snf_plain": [run(10.4, 9.8, 20)], "snf_official": [run(12.6, 12.3, 26)]}
+    summary = benchmark.summarise(runs, StageSchedule.from_fractions(0.32, 0.62, 10))
+    assert summary["evaluation_ratio"] == pytest.approx(1.3) == summary["expected_evaluation_ratio"]
+    assert summary["plain_wall_ratio"] == pytest.approx(1.04)
+    assert summary["plain_equal_unet_ratio"] == pytest.approx((9.5 + 0.6) / 10.0)
+    assert summary["official_wall_over_floor"] == pytest.approx(12.6 / 13.0)
+    assert summary["official_equal_unet_over_floor"] == pytest.approx((1.3 * 9.5 + 0.3) / 13.0)
+    assert summary["outside_s_per_row"]["snf_official"] == pytest.approx(0.3 / 26)
