@@ -640,7 +640,7 @@ def report(args, preset: Preset, timing: dict, memory: dict) -> str:
         f"| 4 | sampling working memory (peak RSS - RSS with the models) | {_working(memory['snf']) / gib:.3f} GiB | "
         f"{_working(memory['ksampler']) / gib:.3f} GiB | {_working(memory['snf']) / _working(memory['ksampler']):.2f} | |",
         f"| 4 | peak RSS of the process | {memory['snf']['rss_peak'] / gib:.2f} GiB | {memory['ksampler']['rss_peak'] / gib:.2f} GiB | | |",
-        f"| 5 | host time from predict_noise to the UNet call (the SNF guider's sigma read, a sync on a GPU, comes first) "
+        f"| 5 | host time from predict_noise to the UNet call (the SNF guider's sigma read comes first) "
         f"| {ms(s['prelude_s']['snf_official'])} | {ms(s['prelude_s']['ksampler'])} | | |",
         f"| 5 | SNF maths per fusion step (isolated, {side}x{side}) | {timing['snf_maths_s'] * 1e6:.0f} us | UNet: {ms(ks_unet_per_row)} per row "
         f"| {timing['snf_maths_s'] / ks_unet_per_row:.2%} of a UNet evaluation | < 1% |",
@@ -657,7 +657,8 @@ def report(args, preset: Preset, timing: dict, memory: dict) -> str:
             f"| {_overhead_per_fusion_step(s, fusion_steps) / ks_unet_per_row:.2%} of a UNet evaluation | < 1% |",
         ]
     else:
-        lines.append("| 5 | GPU: 512x512, 50 steps, fp16 | not measured yet: no GPU on this machine (`--device cuda`) | | | |")
+        lines.append("| 5 | GPU: 512x512, 50 steps, fp16: seconds per image, peak VRAM, host syncs, SNF work per step "
+                     "| not measured yet: no GPU was available (`--device cuda` measures them) | | | |")
     return "\n".join(lines)
 
 
@@ -667,16 +668,24 @@ def _stage_rows(run: RunFigures) -> str:
 
 def _loads(run: RunFigures) -> str:
     requests = "; ".join("+".join(sorted(models)) for models in run.load_requests) or "none"
-    return (f"{len(run.load_requests)} load request ({requests}), weight loads {run.weight_loads or 0}, "
-            f"unloads {run.weight_unloads or 0}, {run.moves_during_sampling} during sampling")
+    return (f"{len(run.load_requests)} load request ({requests}), weight loads {_per_model(run.weight_loads)}, "
+            f"unloads {_per_model(run.weight_unloads)}, {run.moves_during_sampling} during sampling")
+
+
+def _per_model(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) or "0"
 
 
 def _loads_summary(runs: list[RunFigures]) -> str:
-    requests = {len(r.load_requests) for r in runs}
-    loads = {sum(r.weight_loads.values()) for r in runs}
-    unloads = {sum(r.weight_unloads.values()) for r in runs}
+    """What the later runs did, each figure the same in every run or its range."""
+    def figure(values):
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    requests = figure([len(r.load_requests) for r in runs])
+    loads = figure([sum(r.weight_loads.values()) for r in runs])
+    unloads = figure([sum(r.weight_unloads.values()) for r in runs])
     during = sum(r.moves_during_sampling for r in runs)
-    return f"load requests {sorted(requests)} per run, weight loads {sorted(loads)}, unloads {sorted(unloads)}, {during} during sampling"
+    return f"{requests} load request per run, weight loads {loads}, unloads {unloads}, {during} during sampling"
 
 
 def _resident(probe: dict, gib: int) -> str:
