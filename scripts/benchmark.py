@@ -144,7 +144,7 @@ def build_model(unet_config: dict, seed: int, dtype: torch.dtype, device: str):
     model_config = comfy.supported_models.SD15(dict(unet_config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
-    tiny_comfy._randomise(model.diffusion_model, seed)
+    tiny_comfy.randomise(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.CoreModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
 

@@ -29,7 +29,7 @@ SKIP_REASON = (
 )
 
 
-def _register_cpu_nms() -> None:
+def register_cpu_torchvision_ops() -> None:
     """The registry's only torchvision build is a CUDA one, whose `import` fails next to CPU torch because
     its C++ ops `torchvision::nms` and `qnms` are missing; ComfyUI imports torchvision at start-up.
     Defining them in pure torch before torchvision is imported lets it load (these tests never call them)."""
@@ -69,7 +69,7 @@ class ComfyUI:
 
     def __init__(self, root: Path):
         self.root = root
-        _register_cpu_nms()
+        register_cpu_torchvision_ops()
         sys.path.insert(0, str(root))
         sys.argv = [sys.argv[0]]  # ComfyUI parses the command line on import
         import comfy.cli_args

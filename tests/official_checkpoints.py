@@ -22,7 +22,7 @@ import torch
 import comfy_harness
 
 # diffusers and transformers import torchvision, whose registry build needs CPU stand-ins for its ops.
-comfy_harness._register_cpu_nms()
+comfy_harness.register_cpu_torchvision_ops()
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import (  # noqa: E402

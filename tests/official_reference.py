@@ -19,7 +19,7 @@ import torch
 
 import comfy_harness
 
-comfy_harness._register_cpu_nms()  # diffusers imports torchvision
+comfy_harness.register_cpu_torchvision_ops()  # diffusers imports torchvision
 
 from diffusers import DDIMScheduler  # noqa: E402
 

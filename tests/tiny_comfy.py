@@ -31,7 +31,7 @@ TINY_UNET_CONFIG = {
 }
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
+def randomise(module: torch.nn.Module, seed: int) -> None:
     """ComfyUI's ops skip weight init; give every parameter a scale that keeps activations O(1)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -54,7 +54,7 @@ def sd15_patcher(seed: int):
     model_config = comfy.supported_models.SD15(dict(TINY_UNET_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    _randomise(model.diffusion_model, seed)
+    randomise(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
