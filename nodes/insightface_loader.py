@@ -15,13 +15,10 @@ import sys
 import folder_paths
 from comfy_api.latest import io
 
+from ..facediffuser_core.insightface_packs import KNOWN_PACK_FILES
+
 NODE_NAME = "Face-diffuser InsightFace Loader"
 INSIGHTFACE_FOLDER = "insightface"
-# The files of the packs people download (the detector is the one this pack needs).
-KNOWN_PACK_FILES = {
-    "antelopev2": ["1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"],
-    "buffalo_l": ["1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx"],
-}
 PROVIDERS = {
     "CUDA": "CUDAExecutionProvider",
     "ROCm": "ROCMExecutionProvider",

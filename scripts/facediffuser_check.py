@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
+# facediffuser_core's modules used here import nothing beyond the standard library until torch is needed.
+sys.path.insert(0, str(PACK_ROOT))
+
+from facediffuser_core.insightface_packs import KNOWN_PACK_FILES, detector_file  # noqa: E402
 MIN_COMFYUI = (0, 17, 0)
 MIN_PYTHON = (3, 10)
 
@@ -38,12 +42,6 @@ SDM_SOURCE = ("SDM/pytorch_model.bin of the official release, https://huggingfac
               "(FastComposer's pytorch_model.bin, https://huggingface.co/mit-han-lab/fastcomposer, has the same layout and works too)")
 TDM_SOURCE = "TDM/pytorch_model.bin of the official release, https://huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM"
 
-# insightface packs: <models>/insightface/models/<pack>/ holding these files (as in the release zips). The
-# reference-face node only detects faces, so a pack is usable when its detector (the last file) is there.
-INSIGHTFACE_PACKS = {
-    "antelopev2": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"),
-    "buffalo_l": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx"),
-}
 INSIGHTFACE_SOURCE = "https://github.com/deepinsight/insightface/releases/download/v0.7/{pack}.zip"
 
 # Distributions that all install the same `onnxruntime` package and overwrite each other's files.
@@ -265,8 +263,6 @@ def classify_file(path: Path):
     if keys is None:
         return None, "kind not checked: an old-style torch pickle, the loader reads it"
     try:
-        if str(PACK_ROOT) not in sys.path:
-            sys.path.insert(0, str(PACK_ROOT))
         from facediffuser_core.checkpoint import classify
     except ImportError:
         return None, "kind not checked: needs torch"
@@ -300,12 +296,12 @@ def check_checkpoint(folder: Path, role: str, names: tuple[str, ...], source: st
 def check_insightface_pack(models_dir: Path) -> Finding:
     root = models_dir / "insightface" / "models"
     complete, partial = [], []
-    for pack, files in INSIGHTFACE_PACKS.items():
+    for pack, files in KNOWN_PACK_FILES.items():
         folder = root / pack
         if (folder / pack).is_dir() and not any((folder / name).is_file() for name in files):
             return Finding(PROBLEM, "insightface models", f"{folder / pack} is nested one level too deep",
                            f"move the files of {folder / pack} up into {folder} and delete the empty inner folder")
-        detector = files[-1]
+        detector = detector_file(pack)
         if (folder / detector).is_file():
             complete.append(pack)
         elif folder.is_dir():
@@ -315,7 +311,7 @@ def check_insightface_pack(models_dir: Path) -> Finding:
     zips = sorted(str(p) for p in root.glob("*.zip")) if root.is_dir() else []
     detail = "; ".join(partial) if partial else f"no antelopev2 or buffalo_l folder in {root}"
     fix = (f"download {INSIGHTFACE_SOURCE.format(pack='antelopev2')} and unzip it into {root}, so that "
-           f"{root / 'antelopev2' / INSIGHTFACE_PACKS['antelopev2'][-1]} exists (buffalo_l works too: "
+           f"{root / 'antelopev2' / detector_file('antelopev2')} exists (buffalo_l works too: "
            f"{INSIGHTFACE_SOURCE.format(pack='buffalo_l')})")
     if zips:
         fix = f"unzip {', '.join(zips)} where it lies; " + fix

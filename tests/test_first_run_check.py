@@ -42,7 +42,7 @@ def complete_install(tmp_path: Path) -> tuple[Path, Path]:
     torch.save(tensors(TDM_KEYS), models / "facediffuser" / "facediffuser_tdm.bin")
     pack = models / "insightface" / "models" / "antelopev2"
     pack.mkdir(parents=True)
-    for name in check.INSIGHTFACE_PACKS["antelopev2"]:
+    for name in check.KNOWN_PACK_FILES["antelopev2"]:
         (pack / name).write_bytes(b"onnx")
     return comfyui, models
 
@@ -147,13 +147,13 @@ def test_insightface_pack_layout_mistakes(tmp_path):
     root = models / "insightface" / "models"
     nested = root / "antelopev2" / "antelopev2"
     nested.mkdir(parents=True)
-    for name in check.INSIGHTFACE_PACKS["antelopev2"]:
+    for name in check.KNOWN_PACK_FILES["antelopev2"]:
         (nested / name).write_bytes(b"onnx")
     finding = check.check_insightface_pack(models)
     assert finding.status == check.PROBLEM and "nested one level too deep" in finding.detail
     assert f"move the files of {nested} up into {root / 'antelopev2'}" in finding.fix
 
-    for name in check.INSIGHTFACE_PACKS["antelopev2"][:2]:
+    for name in check.KNOWN_PACK_FILES["antelopev2"][:2]:
         (nested / name).rename(root / "antelopev2" / name)
     (root / "buffalo_l.zip").write_bytes(b"zip")
     finding = check.check_insightface_pack(models)

@@ -1,0 +1,15 @@
+"""The insightface model packs people download, as their release zips unpack them.
+
+Plain data without imports, so that the first-run check can read it on a machine without torch.
+A pack lives in <models>/insightface/models/<pack>/ with these files directly in it. The reference-face
+node only detects faces, so the detector, listed last, is the file a pack cannot do without.
+"""
+
+KNOWN_PACK_FILES = {
+    "antelopev2": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"),
+    "buffalo_l": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx"),
+}
+
+
+def detector_file(pack: str) -> str:
+    return KNOWN_PACK_FILES[pack][-1]
