@@ -191,25 +191,35 @@ def test_waiting_is_bounded(server):
     assert states == ["finishing"]
 
 
-def test_runs_a_shipped_workflow_with_uploaded_faces_and_overrides(server, tmp_path, capsys):
+@pytest.mark.parametrize("name, prompt", [
+    ("facediffuser_single_subject", "a woman <|image|> reading in a cafe"),
+    ("facediffuser_two_subjects", "a man <|image|> and a woman <|image|> at the beach"),
+    ("facediffuser_custom_sampling", "a man <|image|> on a mountain"),
+])
+def test_runs_each_shipped_workflow_with_uploaded_faces_and_overrides(server, tmp_path, capsys, name, prompt):
     from PIL import Image
 
     import tiny_install
 
     tiny_install.install_models(server.models_dir)
-    photos = tiny_install.write_face_photos(tmp_path / "photos", names=("him.png", "her.png"))
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_two_subjects")))
+    workflow = tiny_install.small_api_workflow(name)
+    faces = prompt.count("<|image|>")
+    photos = tiny_install.write_face_photos(tmp_path / "photos", names=tuple(f"{name}_{i}.png" for i in range(faces)))
+    (prefix,) = [node["inputs"]["filename_prefix"] for node in workflow.values() if node["class_type"] == "SaveImage"]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(workflow))
     output = tmp_path / "out"
-    code = runner.main([str(path), "--server", server.url, "--face", str(photos[0]), "--face", str(photos[1]),
-                        "--prompt", "a man <|image|> and a woman <|image|> at the beach", "--seed", "5",
-                        "--batch-size", "2", "--output", str(output), "--timeout", "300"])
+    code = runner.main([str(path), "--server", server.url, *(arg for photo in photos for arg in ("--face", str(photo))),
+                        "--prompt", prompt, "--seed", "5", "--batch-size", "2", "--output", str(output), "--timeout", "300"])
     captured = capsys.readouterr()
     assert code == 0, captured.err + server.log_tail()
-    generated = sorted(output.glob("facediffuser_two_*.png"))
+    generated = sorted(output.glob(f"{prefix}_0*.png"))
     assert len(generated) == 2 and all(Image.open(p).size == (64, 64) for p in generated)
-    assert (server.input_dir / "him.png").is_file() and (server.input_dir / "her.png").is_file()
+    assert all((server.input_dir / photo.name).is_file() for photo in photos)
     assert "submitted to" in captured.out and "saved" in captured.out
+    if name == "facediffuser_custom_sampling":
+        # The saliency preview's pictures come back too: 4 panels per image of the batch.
+        assert len([p for p in output.glob("*.png") if p not in generated and "temp" in p.name.lower()]) >= 8
 
 
 def test_a_face_count_that_the_prompt_does_not_match_is_comfyuis_error(server, tmp_path, capsys):
