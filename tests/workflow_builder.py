@@ -227,6 +227,16 @@ def _note(graph: Graph, text: str):
     graph.add("MarkdownNote", (-420, 0), size=(380, 520), title="How to use", text=text)
 
 
+def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str) -> Graph:
+    """SNF Sampler -> VAE Decode (SDM's VAE) -> Save Image, the tail the KSampler-style workflows share."""
+    sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 360), tdm=(tdm, 0), sdm=(sdm, 0),
+                        augmented=(prompt, 0), text=(prompt, 1), null=(null, 0), latent_image=(latent, 0),
+                        **SAMPLER_SETTINGS, denoise=1.0)
+    decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sampler, 0), vae=(sdm, 2))
+    graph.add("SaveImage", (1720, 0), size=(420, 460), images=(decode, 0), filename_prefix=prefix)
+    return graph
+
+
 def single_subject() -> Graph:
     graph = Graph("facediffuser_single_subject", "One person from one reference photo, with the official weights.")
     _note(graph, (
@@ -242,12 +252,7 @@ def single_subject() -> Graph:
     sdm, tdm, encode = _models_and_faces(graph, 1)
     prompt, null = _prompts(graph, sdm, encode, SINGLE_PROMPT)
     latent = graph.add("EmptyLatentImage", (660, 400 + 260), size=(300, 110), width=512, height=512, batch_size=1)
-    sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 360), tdm=(tdm, 0), sdm=(sdm, 0),
-                        augmented=(prompt, 0), text=(prompt, 1), null=(null, 0), latent_image=(latent, 0),
-                        **SAMPLER_SETTINGS, denoise=1.0)
-    decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sampler, 0), vae=(sdm, 2))
-    graph.add("SaveImage", (1720, 0), size=(420, 460), images=(decode, 0), filename_prefix="facediffuser")
-    return graph
+    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, "facediffuser")
 
 
 def two_subjects() -> Graph:
@@ -261,12 +266,7 @@ def two_subjects() -> Graph:
     sdm, tdm, encode = _models_and_faces(graph, 2)
     prompt, null = _prompts(graph, sdm, encode, TWO_PROMPT)
     latent = graph.add("EmptyLatentImage", (1100, 420), size=(300, 110), width=512, height=512, batch_size=1)
-    sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 360), tdm=(tdm, 0), sdm=(sdm, 0),
-                        augmented=(prompt, 0), text=(prompt, 1), null=(null, 0), latent_image=(latent, 0),
-                        **SAMPLER_SETTINGS, denoise=1.0)
-    decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sampler, 0), vae=(sdm, 2))
-    graph.add("SaveImage", (1720, 0), size=(420, 460), images=(decode, 0), filename_prefix="facediffuser_two")
-    return graph
+    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, "facediffuser_two")
 
 
 def custom_sampling() -> Graph:
