@@ -24,7 +24,7 @@ def comfyui_path() -> Path | None:
 
 
 SKIP_REASON = (
-    "ComfyUI tier skipped: set COMFYUI_PATH to a ComfyUI checkout (0.17) whose requirements are installed "
+    "ComfyUI tier skipped: set COMFYUI_PATH to a ComfyUI checkout (0.17 or newer) whose requirements are installed "
     "(scripts/run_tests.sh does this when COMFYUI_PATH is set)"
 )
 
@@ -64,12 +64,51 @@ def register_cpu_torchvision_ops() -> None:
         torch.library.impl(f"torchvision::{op}", "default", _nms)
 
 
+def stand_in_for_missing_torchaudio() -> None:
+    """ComfyUI from 0.33 imports torchaudio at start-up (comfy/sd.py -> the LTX audio VAE), and no torchaudio
+    build exists for the CPU torch the tests use. A stand-in module lets ComfyUI import; only its audio nodes,
+    which these tests never run, would call it, and then they fail saying why."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if "torchaudio" in sys.modules or importlib.util.find_spec("torchaudio") is not None:
+        return
+
+    class _Unavailable:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError(f"{self.name}: torchaudio is not installed in the test environment (a stand-in is loaded)")
+
+        def __getattr__(self, attribute: str):
+            return _attribute(self.name, attribute)
+
+    def _attribute(owner: str, attribute: str):
+        if attribute.startswith("__"):  # module machinery (__file__, __path__, ...) must see a plain module
+            raise AttributeError(attribute)
+        return _Unavailable(f"{owner}.{attribute}")
+
+    def stand_in(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+        module.__getattr__ = lambda attribute: _attribute(name, attribute)
+        sys.modules[name] = module
+        return module
+
+    root = stand_in("torchaudio")
+    for submodule in ("functional", "transforms"):
+        setattr(root, submodule, stand_in(f"torchaudio.{submodule}"))
+
+
 class ComfyUI:
     """ComfyUI's modules after start-up, and this pack's node classes by node id."""
 
     def __init__(self, root: Path):
         self.root = root
         register_cpu_torchvision_ops()
+        stand_in_for_missing_torchaudio()
         sys.path.insert(0, str(root))
         sys.argv = [sys.argv[0]]  # ComfyUI parses the command line on import
         import comfy.cli_args

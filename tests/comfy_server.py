@@ -99,7 +99,8 @@ def _serve() -> None:
     root = comfy_harness.comfyui_path()
     if root is None:
         sys.exit(comfy_harness.SKIP_REASON)
-    comfy_harness.register_cpu_torchvision_ops()  # the same shim as the in-process tier
+    comfy_harness.register_cpu_torchvision_ops()  # the same shims as the in-process tier
+    comfy_harness.stand_in_for_missing_torchaudio()
     sys.path.insert(0, str(root))
     sys.argv = [str(root / "main.py"), *sys.argv[1:]]
     runpy.run_path(str(root / "main.py"), run_name="__main__")

@@ -6,6 +6,9 @@ Regenerate after a node's inputs change:
 
     COMFYUI_PATH=~/ComfyUI .venv/bin/python tests/workflow_builder.py
 
+with the oldest ComfyUI the pack supports (0.17): newer versions add outputs to some core nodes, which the
+frontend rebuilds from the node definitions on loading, so files made on the oldest load on all of them.
+
 tests/test_workflows.py checks that the files are what this builds, and checks the files themselves.
 """
 
@@ -35,9 +38,11 @@ class Slot:
     widget: bool
 
 
-def node_inputs(node_class) -> list[Slot]:
+def node_inputs(node_class, linked: set[str] = frozenset()) -> list[Slot]:
     """A node's inputs in the order the frontend lays them out (required, then optional), with dynamic
-    Autogrow inputs expanded to their minimum count, named as ComfyUI names them (`images.image0`)."""
+    Autogrow inputs expanded to their minimum count or to the last one the graph links, whichever is more,
+    named as ComfyUI names them (`images.image0`). The minimum differs between ComfyUI versions (2 in
+    0.17's Batch Images, 1 in 0.33's), so a graph that links two images gives the same file for both."""
     slots = []
     spec = node_class.INPUT_TYPES()
     for section in ("required", "optional"):
@@ -47,7 +52,9 @@ def node_inputs(node_class) -> list[Slot]:
             if kind == "COMFY_AUTOGROW_V3":
                 template = options["template"]
                 ((inner_name, inner),) = template["input"]["required"].items()
-                for index in range(template["min"]):
+                linked_count = max((int(key[len(f"{name}.{template['prefix']}"):]) + 1 for key in linked
+                                    if key.startswith(f"{name}.{template['prefix']}")), default=0)
+                for index in range(max(template["min"], linked_count)):
                     slots.append(Slot(f"{name}.{template['prefix']}{index}", inner[0], inner[1] if len(inner) > 1 else {}, False))
                 continue
             is_combo = isinstance(kind, list)
@@ -134,7 +141,7 @@ class Graph:
             if node.type in FRONTEND_ONLY:
                 continue
             inputs = {}
-            for slot in node_inputs(mappings[node.type]):
+            for slot in node_inputs(mappings[node.type], set(node.links)):
                 if slot.name in node.links:
                     source, index = node.links[slot.name]
                     inputs[slot.name] = [str(source.id), index]
@@ -152,7 +159,7 @@ class Graph:
         for node in self.nodes:
             if node.type in FRONTEND_ONLY:
                 continue
-            slots = node_inputs(mappings[node.type])
+            slots = node_inputs(mappings[node.type], set(node.links))
             link_slots = [slot for slot in slots if not slot.widget]
             for target_slot, slot in enumerate(link_slots):
                 if slot.name not in node.links:
@@ -169,7 +176,7 @@ class Graph:
             if node.type in FRONTEND_ONLY:
                 entry.update(inputs=[], outputs=[], properties={}, widgets_values=[node.values["text"]])
             else:
-                slots = node_inputs(mappings[node.type])
+                slots = node_inputs(mappings[node.type], set(node.links))
                 entry["inputs"] = [{"name": slot.name, "type": slot.type, "link": incoming.get((node.id, slot.name))}
                                    for slot in slots if not slot.widget]
                 entry["outputs"] = [{"name": name, "type": type_, "links": outgoing.get((node.id, index)), "slot_index": index}
