@@ -103,27 +103,35 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise) -> io.NodeOutput:
-        latent = latent_image["samples"]
-        latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
+                                         sampler_name, scheduler, alpha, beta, denoise))
 
-        # KSampler's own sigma logic (denoise tail, samplers that drop the penultimate sigma).
-        sigmas = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
-                                         scheduler=scheduler, denoise=denoise).sigmas
-        step_offset = denoise_step_offset(steps, denoise)
-        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta,
-                               step_offset=step_offset, total_steps=step_offset + steps)
 
-        callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
-        samples = guider.sample(
-            noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
-            denoise_mask=latent_image.get("noise_mask"), callback=callback,
-            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
-        )
-        out = latent_image.copy()
-        out.pop("downscale_ratio_spacial", None)
-        out["samples"] = samples.to(comfy.model_management.intermediate_device())
-        return io.NodeOutput(out, guider.saliency.to("cpu"))
+def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, seed: int, steps: int, cfg: float,
+               sampler_name: str, scheduler: str, alpha: float, beta: float, denoise: float):
+    """KSampler's procedure with the SNF guider: the sampled LATENT and the run's saliency record (on the CPU).
+    Errors name `node`, the node that asked for the sampling."""
+    latent = latent_image["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+
+    # KSampler's own sigma logic (denoise tail, samplers that drop the penultimate sigma).
+    sigmas = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=denoise).sigmas
+    step_offset = denoise_step_offset(steps, denoise)
+    guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta,
+                           step_offset=step_offset, total_steps=step_offset + steps)
+
+    callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
+    samples = guider.sample(
+        noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
+        denoise_mask=latent_image.get("noise_mask"), callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )
+    out = latent_image.copy()
+    out.pop("downscale_ratio_spacial", None)
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out, guider.saliency.to("cpu")
 
 
 class FaceDiffuserGuider(io.ComfyNode):
