@@ -71,7 +71,7 @@ class StageSchedule:
 
 
 class StepLocator:
-    """Maps the noise level of a model evaluation to the global step index it belongs to.
+    """Maps the noise level of a model evaluation to the step of a sigma schedule it belongs to.
 
     An evaluation at sigma belongs to the step i with sigmas[i] >= sigma > sigmas[i+1]: exactly step i
     for samplers that evaluate once per step at sigmas[i], and the step whose interval holds the
@@ -80,21 +80,27 @@ class StepLocator:
     they share. Stage boundaries are therefore exact noise levels: every evaluation noisier than
     sigmas[scene_end] is scene construction, whatever the sampler.
 
-    `step_offset` turns the index within the given sigmas into the global index when the run is the
-    tail of a longer schedule (denoise < 1).
+    The schedule is the whole one: when a run covers only part of it (a SplitSigmas half, the tail that
+    denoise < 1 keeps), its evaluations are placed on the whole schedule's steps.
     """
 
     # Relative tolerance for noise levels recomputed by a sampler from the schedule in a lower precision.
     RELATIVE_TOLERANCE = 1e-4
 
-    def __init__(self, sigmas: Sequence[float], step_offset: int = 0):
+    def __init__(self, sigmas: Sequence[float]):
         if len(sigmas) < 2:
             raise ValueError(f"a sigma schedule needs at least two entries, got {len(sigmas)}")
         # bisect wants ascending keys; the schedule descends.
         self._ascending = [-float(s) for s in sigmas[:-1]]
-        self.step_offset = step_offset
+        self._levels = sorted(float(s) for s in sigmas)
 
     def step_for(self, sigma: float) -> int:
         # Count the schedule entries at or above sigma (within tolerance); the last of them is the step.
-        local = bisect.bisect_right(self._ascending, -sigma * (1.0 - self.RELATIVE_TOLERANCE)) - 1
-        return self.step_offset + max(local, 0)
+        local = bisect.bisect_right(self._ascending, -sigma * (1.0 - self.RELATIVE_TOLERANCE))
+        return max(local - 1, 0)
+
+    def on_schedule(self, sigma: float) -> bool:
+        """Whether sigma is one of the schedule's noise levels (within tolerance)."""
+        index = bisect.bisect_left(self._levels, sigma)
+        neighbours = self._levels[max(index - 1, 0):index + 1]
+        return any(abs(sigma - s) <= self.RELATIVE_TOLERANCE * abs(s) or sigma == s for s in neighbours)

@@ -28,7 +28,7 @@ from comfy_api.latest import io
 
 from ..facediffuser_core import checkpoint
 from ..facediffuser_core.checkpoint import CheckpointKind, ModelParts
-from ..facediffuser_core.checkpoint_file import read_state_dict
+from ..facediffuser_core.checkpoint_file import CheckpointFileError, read_state_dict
 from ..facediffuser_core.postfuse import PostfuseModule
 from ..facediffuser_core.sd15_keys import sd15_to_parts
 from . import MODEL_FOLDER
@@ -38,6 +38,7 @@ from .types import SubjectEncoder as SubjectEncoderType
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # CLIP weights ComfyUI's SD1.5 text model has and the official text encoder lacks; both are unused for SD1.5.
 OPTIONAL_CLIP_KEYS = ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")
+ALL_KINDS = (CheckpointKind.SDM, CheckpointKind.TDM, CheckpointKind.SD15)
 
 
 def resolve_path(node: str, ckpt_name: str) -> str:
@@ -53,7 +54,10 @@ def resolve_path(node: str, ckpt_name: str) -> str:
 
 def read_parts(node: str, path: str, accepted: tuple[CheckpointKind, ...], expected: str) -> tuple[ModelParts, str]:
     """The checkpoint's parts and what it was classified as, or a ValueError naming node, file, found and expected."""
-    state_dict = read_state_dict(path)
+    try:
+        state_dict = read_state_dict(path)
+    except CheckpointFileError as error:
+        raise CheckpointFileError(f"{node}: {error}") from error
     found = checkpoint.classify(state_dict)
     if found.kind not in accepted:
         raise ValueError(f"{node}: {os.path.basename(path)} is {found.description}; expected {expected}. {accepted_hint(found.kind)}")
@@ -70,7 +74,13 @@ def accepted_hint(kind: CheckpointKind) -> str:
     return "Choose the official Face-diffuser SDM/TDM file (or FastComposer's, as an SDM)."
 
 
-def build_model(unet: dict[str, torch.Tensor], dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
+def patcher_class(disable_dynamic: bool) -> type:
+    """ComfyUI's default patcher (the dynamic-VRAM one on NVIDIA, which main.py installs as CoreModelPatcher,
+    so it is read at call time), or the classic one when a non-dynamic copy is asked for."""
+    return comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
+
+
+def build_model(unet: dict[str, torch.Tensor], dtype: torch.dtype | None, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
     """An SD1.5-family MODEL from a diffusers-layout UNet state dict (emptied as its weights are taken)."""
     unet_config = checkpoint.unet_config(unet)
     model_config = comfy.supported_models.SD15(unet_config)
@@ -96,12 +106,12 @@ def build_model(unet: dict[str, torch.Tensor], dtype: torch.dtype | None) -> com
     missing = set(model.diffusion_model.state_dict()) - set(ldm)
     if missing:
         raise ValueError(f"the UNet lacks {len(missing)} weights its structure needs, e.g. {sorted(missing)[:3]}: the file is incomplete")
-    patcher = comfy.model_patcher.CoreModelPatcher(model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
+    patcher = patcher_class(disable_dynamic)(model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
     model.load_model_weights(ldm, "", assign=patcher.is_dynamic())
     return patcher
 
 
-def build_clip(text_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None) -> comfy.sd.CLIP:
+def build_clip(text_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None, disable_dynamic: bool = False) -> comfy.sd.CLIP:
     """ComfyUI's SD1.5 CLIP (bundled tokenizer) sized from a `text_model.*` state dict."""
     config = checkpoint.clip_text_config(text_encoder)
     if config["vocab_size"] != checkpoint.SD15_VOCAB_SIZE:
@@ -116,6 +126,7 @@ def build_clip(text_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None)
         embedding_directory=folder_paths.get_folder_paths("embeddings"),
         parameters=comfy.utils.calculate_parameters(clip_sd),
         model_options=options,
+        disable_dynamic=disable_dynamic,
     )
     missing, unexpected = clip.load_sd(clip_sd, full_model=True)
     missing = [key for key in missing if key not in OPTIONAL_CLIP_KEYS]
@@ -174,14 +185,36 @@ def building(node: str, ckpt_name: str):
         ) from error
 
 
-def load_common(node: str, parts: ModelParts, dtype: torch.dtype | None):
+def load_common(node: str, path: str, parts: ModelParts, weight_dtype: str):
+    dtype = WEIGHT_DTYPES[weight_dtype]
     model = build_model(parts.unet, dtype)
     clip = build_clip(parts.text_encoder, dtype)
-    vae = build_vae(parts.vae) if parts.vae else comfy.sd.VAE(sd={})
-    if not parts.vae:
+    # As core's loaders do: a dynamic-VRAM patcher (ComfyUI's default on NVIDIA) is rebuilt from the file as a
+    # classic one when something needs a non-dynamic copy (TorchCompileModel, Set CLIP Hooks, hooked
+    # conditionings, MultiGPU clones).
+    model.cached_patcher_init = (rebuild_patcher, (node, path, "unet", weight_dtype))
+    clip.patcher.cached_patcher_init = (rebuild_patcher, (node, path, "text_encoder", weight_dtype))
+    if parts.vae:
+        vae = build_vae(parts.vae)
+        vae.patcher.cached_patcher_init = (rebuild_patcher, (node, path, "vae", weight_dtype))
+    else:
+        vae = comfy.sd.VAE(sd={})
         logging.warning("%s: the checkpoint has no VAE; its VAE output cannot decode: use the TDM's VAE", node)
     parts.vae = {}
     return model, clip, vae
+
+
+def rebuild_patcher(node: str, path: str, part: str, weight_dtype: str, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """One network of a checkpoint file freshly built from the file: the cached_patcher_init factory."""
+    parts, _ = read_parts(node, path, ALL_KINDS, "the checkpoint this loader read before")
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    with building(node, os.path.basename(path)):
+        if part == "unet":
+            return build_model(parts.unet, dtype, disable_dynamic)
+        if part == "text_encoder":
+            return build_clip(parts.text_encoder, dtype, disable_dynamic).patcher
+        # Core rebuilds a VAE with its default patcher whatever is asked (comfy.sd.load_vae_patcher); so do we.
+        return build_vae(parts.vae).patcher
 
 
 CKPT_TOOLTIP = "A file in models/facediffuser: the official pytorch_model.bin (renamed) or its .safetensors conversion."
@@ -228,7 +261,7 @@ class FaceDiffuserSDMLoader(io.ComfyNode):
         parts, found = read_parts(cls.DISPLAY, path, (CheckpointKind.SDM,), "an SDM (Face-diffuser SDM or FastComposer)")
         dtype = WEIGHT_DTYPES[weight_dtype]
         with building(cls.DISPLAY, ckpt_name):
-            model, clip, vae = load_common(cls.DISPLAY, parts, dtype)
+            model, clip, vae = load_common(cls.DISPLAY, path, parts, weight_dtype)
             encoder = SubjectEncoder(clip_vision=build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
         parts.postfuse = {}
         logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, vae.first_stage_model is not None))
@@ -266,7 +299,7 @@ class FaceDiffuserTDMLoader(io.ComfyNode):
             "a TDM (unet, text_encoder and vae weights) or an SD1.5 single-file checkpoint such as a converted TDM",
         )
         with building(cls.DISPLAY, ckpt_name):
-            model, clip, vae = load_common(cls.DISPLAY, parts, WEIGHT_DTYPES[weight_dtype])
+            model, clip, vae = load_common(cls.DISPLAY, path, parts, weight_dtype)
         logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, True))
         return io.NodeOutput(model, clip, vae)
 

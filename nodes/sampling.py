@@ -9,6 +9,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
+from ..facediffuser_core import snf
 from .snf_guider import SNFGuider
 from .types import Saliency
 
@@ -47,21 +48,13 @@ def _stage_inputs() -> list:
     ]
 
 
-def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, step_offset=0, total_steps=None) -> SNFGuider:
+def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None) -> SNFGuider:
     try:
-        guider = SNFGuider(sdm, tdm, cfg, alpha, beta, step_offset=step_offset, total_steps=total_steps)
+        guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node)
         guider.set_conds(augmented, text, null)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
     return guider
-
-
-def denoise_step_offset(steps: int, denoise: float) -> int:
-    """Global index of the first step KSampler runs: with denoise < 1 it keeps the last `steps` steps of an
-    int(steps/denoise)-step schedule, and the stage boundaries stay on that longer schedule."""
-    if denoise > 0.9999:
-        return 0
-    return int(steps / denoise) - steps
 
 
 class FaceDiffuserSNFSampler(io.ComfyNode):
@@ -92,7 +85,7 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                 *_stage_inputs(),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay on "
-                                       "the longer schedule's steps."),
+                                       "the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
             ],
             outputs=[
                 io.Latent.Output(),
@@ -115,12 +108,19 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
     latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
 
-    # KSampler's own sigma logic (denoise tail, samplers that drop the penultimate sigma).
-    sigmas = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
-                                     scheduler=scheduler, denoise=denoise).sigmas
-    step_offset = denoise_step_offset(steps, denoise)
-    guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta,
-                           step_offset=step_offset, total_steps=step_offset + steps)
+    # KSampler's own sigma logic (the denoise tail, samplers that drop the penultimate sigma); the stages are
+    # fractions of the whole schedule it cuts the tail from, which some schedulers make longer than asked
+    # (ddim_uniform gives 31 steps for 30).
+    ksampler = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
+                                       scheduler=scheduler, denoise=denoise)
+    sigmas = ksampler.sigmas
+    out = latent_image.copy()
+    out.pop("downscale_ratio_spacial", None)
+    if len(sigmas) == 0:  # denoise 0: KSampler returns the latent unchanged
+        out["samples"] = latent
+        return out, snf.SaliencyRecord()
+    schedule = ksampler.calculate_sigmas(steps if denoise > 0.9999 else int(steps / denoise))
+    guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule)
 
     callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
     samples = guider.sample(
@@ -128,8 +128,6 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
         denoise_mask=latent_image.get("noise_mask"), callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )
-    out = latent_image.copy()
-    out.pop("downscale_ratio_spacial", None)
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out, guider.saliency.to("cpu")
 
@@ -145,11 +143,21 @@ class FaceDiffuserGuider(io.ComfyNode):
             category="facediffuser/sampling",
             description=(
                 "The Face-diffuser three-stage collaboration as a GUIDER for SamplerCustomAdvanced, so that any sampler "
-                "and sigma schedule can be used. alpha and beta are fractions of the sigmas the sampler is given. The "
-                "saliency output is filled when the sampling runs: connect the decoded image to the Saliency Preview too, "
-                "so that the preview runs after the sampler."
+                "and sigma schedule can be used. alpha and beta are fractions of the sigmas the sampler is given, or of the "
+                "'schedule' input when the sampler gets only part of a schedule (SplitSigmas halves run by two samplers). "
+                "The saliency output is filled when the sampling runs: connect the decoded image to the Saliency Preview "
+                "too, so that the preview runs after the sampler."
             ),
-            inputs=[*_model_and_conditioning_inputs(), _cfg_input(), *_stage_inputs()],
+            inputs=[
+                *_model_and_conditioning_inputs(), _cfg_input(), *_stage_inputs(),
+                io.Sigmas.Input(
+                    "schedule", optional=True,
+                    tooltip="The whole sigma schedule when the sampler gets only part of it (e.g. BasicScheduler's output, "
+                            "before SplitSigmas): alpha and beta are then fractions of its steps and every part is placed on "
+                            "them, so two SamplerCustomAdvanced runs of the halves equal one run of the whole. Leave "
+                            "unconnected when the sampler gets the whole schedule.",
+                ),
+            ],
             outputs=[
                 io.Guider.Output(),
                 Saliency.Output("saliency", tooltip="Filled by the sampler that uses this guider, at its latest run."),
@@ -157,8 +165,8 @@ class FaceDiffuserGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta) -> io.NodeOutput:
-        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta)
+    def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None) -> io.NodeOutput:
+        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule)
         return io.NodeOutput(guider, guider.saliency)
 
 

@@ -356,29 +356,24 @@ class Bench:
 
     @contextmanager
     def _watching_predict_noise(self):
-        """Marks the start of each evaluation in KSampler's CFGGuider and in the SNFGuider (which overrides
-        predict_noise and begins with the host read of the sigma: a sync on a GPU, after which the host time
-        to the UNet call is time the GPU may idle)."""
+        """Marks the start of each evaluation: the sampler's call of the guider (CFGGuider.__call__, which the
+        SNFGuider inherits; it begins with the host read of the sigma: a sync on a GPU, after which the host
+        time to the UNet call is time the GPU may idle). The SNFGuider's sides are CFGGuiders too, but the
+        guider calls their predictions directly, so each evaluation is marked once."""
         import comfy.samplers
 
-        guider_classes = (comfy.samplers.CFGGuider, self.comfyui.pack("nodes.snf_guider").SNFGuider)
-        originals = [guider.__dict__["predict_noise"] for guider in guider_classes]
+        call = comfy.samplers.CFGGuider.__call__
         meter = self.meter
 
-        def marking(predict_noise):
-            def marked(self, *args, **kwargs):
-                meter.mark_predict_noise()
-                return predict_noise(self, *args, **kwargs)
+        def marked(guider, *args, **kwargs):
+            meter.mark_predict_noise()
+            return call(guider, *args, **kwargs)
 
-            return marked
-
-        for guider, predict_noise in zip(guider_classes, originals):
-            guider.predict_noise = marking(predict_noise)
+        comfy.samplers.CFGGuider.__call__ = marked
         try:
             yield
         finally:
-            for guider, predict_noise in zip(guider_classes, originals):
-                guider.predict_noise = predict_noise
+            comfy.samplers.CFGGuider.__call__ = call
 
     def ksampler(self, latent: dict, steps: int):
         sdm = self.patchers[SDM]

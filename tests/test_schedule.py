@@ -73,9 +73,14 @@ def test_step_locator_places_schedule_points_and_intermediate_levels():
     assert locator.step_for(4.0 * (1 - 1e-6)) == 2  # recomputed in lower precision
 
 
-def test_step_locator_adds_the_offset_of_a_partial_denoise():
-    locator = StepLocator([5.0, 2.0, 1.0, 0.0], step_offset=7)
-    assert [locator.step_for(s) for s in (5.0, 2.0, 1.0)] == [7, 8, 9]
+def test_step_locator_places_a_part_of_the_schedule_on_its_whole_steps():
+    whole = [9.0, 7.0, 5.0, 2.0, 1.0, 0.0]
+    locator = StepLocator(whole)
+    tail = whole[2:]  # what denoise < 1 or the low half of SplitSigmas runs
+    assert [locator.step_for(s) for s in tail[:-1]] == [2, 3, 4]
+    assert all(locator.on_schedule(s) for s in tail)
+    assert locator.on_schedule(5.0 * (1 + 1e-6))
+    assert not locator.on_schedule(6.0) and not locator.on_schedule(0.5)
 
 
 def test_saliency_view_shapes_and_mask():
