@@ -3,6 +3,7 @@
 One concept per module:
   snf              saliency-adaptive noise fusion: saliency maps, the per-pixel choice, the run's record
   schedule         the three sampling stages and which step a model evaluation belongs to
+  pndm             the official run's PNDM (PLMS) sampler and timestep grid, in sigma space
   saliency_view    pictures of a run's SNF decisions
   markers          the prompt's <|image|> subject markers and the token rows they mark
   postfuse         the fusion MLP that writes a face embedding into a prompt token

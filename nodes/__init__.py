@@ -12,9 +12,9 @@ from comfy_api.latest import ComfyExtension, io
 MODEL_FOLDER = "facediffuser"
 MODEL_EXTENSIONS = {".bin", ".safetensors"}
 
-from . import insightface_loader, loaders, reference_faces, saliency_preview, sampling, subject_prompt  # noqa: E402
+from . import insightface_loader, loaders, official_run, reference_faces, saliency_preview, sampling, subject_prompt  # noqa: E402
 
-NODE_MODULES = [loaders, insightface_loader, reference_faces, subject_prompt, sampling, saliency_preview]  # each feature module exports NODES
+NODE_MODULES = [loaders, insightface_loader, reference_faces, subject_prompt, sampling, official_run, saliency_preview]  # each feature module exports NODES
 
 
 def register_model_folder() -> None:

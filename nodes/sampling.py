@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import comfy.model_management
+import torch
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -10,6 +11,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..facediffuser_core import snf
+from . import official_run
 from .snf_guider import SNFGuider
 from .types import Saliency
 
@@ -79,10 +81,13 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                              tooltip="The random seed of the initial noise."),
                 io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the official setting is 50)."),
                 _cfg_input(),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
-                               tooltip="ComfyUI sampler. 'ddim' with the 'ddim_uniform' scheduler is the paper's DDIM sampling."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform"),
+                io.Combo.Input("sampler_name", options=[*comfy.samplers.SAMPLER_NAMES, official_run.PNDM], default="ddim",
+                               tooltip="ComfyUI sampler. 'ddim' with the 'ddim_uniform' scheduler is the paper's DDIM sampling; "
+                                       "'pndm_official' is the PNDM (PLMS) sampler the official code ran."),
+                io.Combo.Input("scheduler", options=[*comfy.samplers.SCHEDULER_NAMES, official_run.PNDM], default="ddim_uniform",
+                               tooltip="'pndm_official' is the official run's timestep grid (981, 961, ..., 1 at 50 steps)."),
                 *_stage_inputs(),
+                io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay on "
                                        "the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
@@ -95,36 +100,46 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise) -> io.NodeOutput:
+    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise,
+                noise="comfyui") -> io.NodeOutput:
         return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
-                                         sampler_name, scheduler, alpha, beta, denoise))
+                                         sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise))
+
+
+def sampling_schedule(model, steps: int, sampler_name: str, scheduler: str, denoise: float):
+    """The sigmas a run samples and the whole schedule they are the tail of, by KSampler's rules (below 1,
+    denoise keeps the last `steps` steps of an int(steps/denoise)-step schedule; samplers that drop the
+    penultimate sigma). The stages are fractions of the whole schedule, which some schedulers make longer
+    than asked (ddim_uniform gives 31 steps for 30)."""
+    whole_steps = steps if denoise > 0.9999 else int(steps / denoise) if denoise > 0 else 0
+    if whole_steps == 0:
+        return torch.FloatTensor([]), None
+    if scheduler == official_run.PNDM:
+        whole = official_run.pndm_schedule(model, whole_steps, sampler_name)
+    else:
+        whole = comfy.samplers.KSampler(model, steps=whole_steps, device=model.load_device, sampler=sampler_name,
+                                        scheduler=scheduler).sigmas
+    return (whole if denoise > 0.9999 else whole[-(steps + 1):]), whole
 
 
 def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, seed: int, steps: int, cfg: float,
-               sampler_name: str, scheduler: str, alpha: float, beta: float, denoise: float):
+               sampler_name: str, scheduler: str, alpha: float, beta: float, denoise: float, noise_kind: str = "comfyui"):
     """KSampler's procedure with the SNF guider: the sampled LATENT and the run's saliency record (on the CPU).
     Errors name `node`, the node that asked for the sampling."""
     latent = latent_image["samples"]
     latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
-    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-
-    # KSampler's own sigma logic (the denoise tail, samplers that drop the penultimate sigma); the stages are
-    # fractions of the whole schedule it cuts the tail from, which some schedulers make longer than asked
-    # (ddim_uniform gives 31 steps for 30).
-    ksampler = comfy.samplers.KSampler(sdm, steps=steps, device=sdm.load_device, sampler=sampler_name,
-                                       scheduler=scheduler, denoise=denoise)
-    sigmas = ksampler.sigmas
+    noise = official_run.initial_noise(noise_kind, latent, seed, latent_image.get("batch_index"))
+    sigmas, schedule = sampling_schedule(sdm, steps, sampler_name, scheduler, denoise)
     out = latent_image.copy()
     out.pop("downscale_ratio_spacial", None)
     if len(sigmas) == 0:  # denoise 0: KSampler returns the latent unchanged
         out["samples"] = latent
         return out, snf.SaliencyRecord()
-    schedule = ksampler.calculate_sigmas(steps if denoise > 0.9999 else int(steps / denoise))
     guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule)
 
     callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
     samples = guider.sample(
-        noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
+        noise, latent, official_run.sampler_object(sampler_name), sigmas,
         denoise_mask=latent_image.get("noise_mask"), callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )

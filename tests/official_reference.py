@@ -1,8 +1,12 @@
 """Face-diffuser's official algorithm written again on diffusers modules, as the tests' independent reference.
 
-It follows SPEC.md: the official sampling loop with diffusers' DDIMScheduler (the scheduler the paper
-names), the three stages, SNF computed by tests/snf_reference.py in float64 numpy. Nothing here calls
-into the pack.
+It follows SPEC.md: the official sampling loop, the three stages, SNF computed by tests/snf_reference.py in
+float64 numpy. Nothing here calls into the pack. Two schedulers:
+- `sample_official`: the official run exactly, on diffusers' PNDMScheduler (PLMS) as SD1.5 configures it,
+  from latents = the noise itself (its initial noise sigma is 1), the stage split counting loop entries
+  (`i <= start_merge_step` scene, `i <= final_step` fusion).
+- `sample`: the same loop on DDIMScheduler, the scheduler the paper names, arranged to match ComfyUI's
+  `ddim` sampler with the `ddim_uniform` scheduler (below), with the stage split by step index.
 
 Matching ComfyUI's `ddim` sampler with the `ddim_uniform` scheduler:
 - DDIMScheduler with "leading" spacing and steps_offset 1 gives the same timesteps (e.g. 901 ... 1 at 10
@@ -21,7 +25,7 @@ import comfy_harness
 
 comfy_harness.register_cpu_torchvision_ops()  # diffusers imports torchvision
 
-from diffusers import DDIMScheduler  # noqa: E402
+from diffusers import DDIMScheduler, PNDMScheduler  # noqa: E402
 
 from snf_reference import reference_sdm_chosen  # noqa: E402
 
@@ -43,12 +47,20 @@ def initial_latents(noise: torch.Tensor, scheduler: DDIMScheduler) -> torch.Tens
     return noise * torch.sqrt(1 - alpha_bar)
 
 
+def pndm_scheduler(steps: int) -> PNDMScheduler:
+    """SD1.5's default scheduler, as the official pipeline ran it."""
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
 @torch.no_grad()
-def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_end, fusion_end):
-    """The official three-stage loop; conditionings are (B, T, D) hidden states. Returns what ComfyUI's
-    LATENT output should hold, and the SNF choices per fusion step."""
-    scheduler = ddim_scheduler(steps)
-    latents = initial_latents(noise, scheduler)
+def _three_stage_loop(scheduler, latents, tdm_unet, sdm_unet, augmented, text, null, cfg, stage_of):
+    """The official loop over the scheduler's timesteps; `stage_of(i)` is "scene", "fusion" or "subject"
+    for loop entry i. Returns the final latents and the SNF choices of the fusion entries."""
     choices = []
 
     def guided(unet, cond, uncond, t):
@@ -58,9 +70,10 @@ def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_e
         return eps_uncond + response, response
 
     for i, t in enumerate(scheduler.timesteps):
-        if i < scene_end:
+        stage = stage_of(i)
+        if stage == "scene":
             eps, _ = guided(tdm_unet, text, null, t)
-        elif i < fusion_end:
+        elif stage == "fusion":
             tdm_eps, tdm_response = guided(tdm_unet, text, null, t)
             sdm_eps, sdm_response = guided(sdm_unet, augmented, text, t)
             chosen = torch.from_numpy(reference_sdm_chosen(tdm_response.double().numpy(), sdm_response.double().numpy()))
@@ -69,6 +82,41 @@ def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_e
         else:
             eps, _ = guided(sdm_unet, augmented, text, t)
         latents = scheduler.step(eps, t, latents).prev_sample
+    return latents, choices
+
+
+def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_end, fusion_end):
+    """The three-stage loop on DDIM; conditionings are (B, T, D) hidden states. Returns what ComfyUI's
+    LATENT output should hold, and the SNF choices per fusion step."""
+    scheduler = ddim_scheduler(steps)
+
+    def stage_of(i):
+        return "scene" if i < scene_end else "fusion" if i < fusion_end else "subject"
+
+    latents, choices = _three_stage_loop(scheduler, initial_latents(noise, scheduler), tdm_unet, sdm_unet,
+                                         augmented, text, null, cfg, stage_of)
+    return latents / SD15_LATENT_SCALE, choices
+
+
+def official_initial_noise(shape, seed: int) -> torch.Tensor:
+    """The official script's initial latent on a CPU: accelerate's set_seed(seed), then diffusers'
+    randn_tensor with no generator (the global generator's first draw)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    torch.manual_seed(seed)
+    return randn_tensor(shape, generator=None, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def sample_official(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, start_merge_step, final_step):
+    """The official run (SPEC.md, "The official run, exactly"): PNDM from latents = noise, loop entries up to
+    start_merge_step scene construction, up to final_step fusion, the rest subject enhancement."""
+    scheduler = pndm_scheduler(steps)
+
+    def stage_of(i):
+        return "scene" if i <= start_merge_step else "fusion" if i <= final_step else "subject"
+
+    latents, choices = _three_stage_loop(scheduler, noise * scheduler.init_noise_sigma, tdm_unet, sdm_unet,
+                                         augmented, text, null, cfg, stage_of)
     return latents / SD15_LATENT_SCALE, choices
 
 

@@ -134,7 +134,7 @@ def test_every_comfyui_sampler_runs_each_model_only_at_its_stages_noise_levels(c
     import comfy.samplers
 
     steps, alpha, beta = 6, 0.34, 0.67  # scene 0-1, fusion 2-3, subject 4-5
-    for sampler in comfy.samplers.SAMPLER_NAMES:
+    for sampler in [*comfy.samplers.SAMPLER_NAMES, "pndm_official"]:
         tdm_log, sdm_log = EvaluationLog(models[0]), EvaluationLog(models[1])
         out, saliency = snf_sample(comfyui, tdm_log.patcher, sdm_log.patcher, conds, tiny_comfy.empty_latent(),
                                    steps=steps, alpha=alpha, beta=beta, sampler=sampler, scheduler="normal")

@@ -21,8 +21,9 @@ OUR_NODES = {
     "FaceDiffuserSDMLoader", "FaceDiffuserTDMLoader", "FaceDiffuserInsightFaceLoader", "FaceDiffuserEncodeReferenceFaces",
     "FaceDiffuserSubjectPrompt", "FaceDiffuserSNFSampler", "FaceDiffuserGuider", "FaceDiffuserSaliencyPreview",
 }
-NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling")
-REFERENCE_PHOTOS = {"facediffuser_single_subject": 1, "facediffuser_two_subjects": 2, "facediffuser_custom_sampling": 1}
+NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling", "facediffuser_official_pndm")
+REFERENCE_PHOTOS = {"facediffuser_single_subject": 1, "facediffuser_two_subjects": 2, "facediffuser_custom_sampling": 1,
+                    "facediffuser_official_pndm": 1}
 
 
 def ui_workflow(name: str) -> dict:

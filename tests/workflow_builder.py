@@ -204,6 +204,9 @@ def display_name(node_class, node_type: str) -> str:
 SINGLE_PROMPT = "a photo of a woman <|image|> reading a book in a sunlit cafe, detailed, natural light"
 TWO_PROMPT = "a photo of a man <|image|> and a woman <|image|> walking on a beach at sunset"
 SAMPLER_SETTINGS = dict(seed=42, steps=50, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", alpha=0.3, beta=0.6)
+# The official run: PNDM (PLMS) on its own grid from the official noise; loop entries 0-15 / 16-30 are alpha 0.3, beta 0.6.
+OFFICIAL_SETTINGS = dict(seed=42, steps=50, cfg=5.0, sampler_name="pndm_official", scheduler="pndm_official", alpha=0.3, beta=0.6,
+                         noise="official")
 
 
 def _models_and_faces(graph: Graph, photos: int):
@@ -234,11 +237,11 @@ def _note(graph: Graph, text: str):
     graph.add("MarkdownNote", (-420, 0), size=(380, 520), title="How to use", text=text)
 
 
-def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str) -> Graph:
+def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str, settings: dict = SAMPLER_SETTINGS) -> Graph:
     """SNF Sampler -> VAE Decode (SDM's VAE) -> Save Image, the tail the KSampler-style workflows share."""
-    sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 360), tdm=(tdm, 0), sdm=(sdm, 0),
+    sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 380), tdm=(tdm, 0), sdm=(sdm, 0),
                         augmented=(prompt, 0), text=(prompt, 1), null=(null, 0), latent_image=(latent, 0),
-                        **SAMPLER_SETTINGS, denoise=1.0)
+                        **settings, denoise=1.0)
     decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sampler, 0), vae=(sdm, 2))
     graph.add("SaveImage", (1720, 0), size=(420, 460), images=(decode, 0), filename_prefix=prefix)
     return graph
@@ -303,7 +306,22 @@ def custom_sampling() -> Graph:
     return graph
 
 
-GRAPHS = (single_subject, two_subjects, custom_sampling)
+def official_pndm() -> Graph:
+    graph = Graph("facediffuser_official_pndm", "The official Face-diffuser run: PNDM sampling from the official noise, the 15/30 split.")
+    _note(graph, (
+        "## Face-diffuser: the official run\n\n"
+        "The SNF Sampler is set as the official code ran: 50 steps, cfg 5, the **pndm_official** sampler and "
+        "scheduler (diffusers' PNDMScheduler, PLMS), **official** noise, and the demo's 15/30 stage split, which is "
+        "alpha 0.3, beta 0.6 with PNDM. With the official weights, the same seed gives the official picture on the "
+        "same kind of device (the official noise is drawn on the device ComfyUI samples on).\n\n"
+        "Load a photo of the person in **Reference photo 1** and write `<|image|>` after the word naming them."))
+    sdm, tdm, encode = _models_and_faces(graph, 1)
+    prompt, null = _prompts(graph, sdm, encode, SINGLE_PROMPT)
+    latent = graph.add("EmptyLatentImage", (660, 400 + 260), size=(300, 110), width=512, height=512, batch_size=1)
+    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, "facediffuser_official", OFFICIAL_SETTINGS)
+
+
+GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm)
 
 
 def render_all(mappings: dict) -> dict[Path, str]:
