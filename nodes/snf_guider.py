@@ -399,7 +399,9 @@ class SNFGuider(comfy.samplers.CFGGuider):
         post_cfg = additions.pop(POST_CFG, [])
         guided = {side.name: side.predict(x, timestep, with_additions(side.sampling_options, additions), seed, capture=True)
                   for side in self.sides}
-        raw = {side.name: side.last_predictions for side in self.sides}
+        # A side whose every evaluation so far a cache skipped has no raw predictions: its guided one stands
+        # in for both branches, a zero guidance response (a flat saliency map).
+        raw = {side.name: side.last_predictions or Predictions(x, timestep, guided[side.name], guided[side.name]) for side in self.sides}
         decision = snf.decide(raw["tdm"].guidance(self.cfg), raw["sdm"].guidance(self.cfg))
         self.saliency.add(step, decision)
         fused = snf.fuse(guided["tdm"], guided["sdm"], decision)

@@ -210,3 +210,19 @@ def real_size_references() -> OfficialReferences:
 def real_size_state_dict() -> dict[str, torch.Tensor]:
     """An SDM-layout state dict of meta tensors at the real files' sizes."""
     return dict(official_items(real_size_references()))
+
+
+def loaded_unets(comfyui, prepare=lambda unet: unet):
+    """The tiny TDM's and SDM's reference UNets (after `prepare`) and the same weights loaded by the pack's
+    loader code into ComfyUI patchers: ([tdm_unet, sdm_unet], [tdm_patcher, sdm_patcher])."""
+    from facediffuser_core import checkpoint
+
+    loaders = comfyui.pack("nodes.loaders")
+    references, patchers = [], []
+    for build in (build_tdm, build_sdm):
+        refs = build()
+        prepare(refs.unet)
+        parts = checkpoint.split_official(official_state_dict(refs))
+        references.append(refs.unet)
+        patchers.append(loaders.build_model(parts.unet, torch.float32))
+    return references, patchers

@@ -23,12 +23,12 @@ TIGHT = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def models(comfyui):
-    return tiny_comfy.sd15_patcher(1), tiny_comfy.sd15_patcher(2)
+    return tiny_comfy.model_pair()
 
 
 @pytest.fixture(scope="module")
 def conds(comfyui):
-    return {"augmented": tiny_comfy.conditioning(10), "text": tiny_comfy.conditioning(11), "null": tiny_comfy.conditioning(12)}
+    return tiny_comfy.three_conditionings()
 
 
 def snf(comfyui, tdm, sdm, conds, latent=None, **settings):

@@ -25,17 +25,7 @@ def strengthen_cross_attention(unet: torch.nn.Module) -> torch.nn.Module:
 def official_models(comfyui):
     import official_checkpoints
 
-    from facediffuser_core import checkpoint
-
-    loaders = comfyui.pack("nodes.loaders")
-    references, patchers = [], []
-    for build in (official_checkpoints.build_tdm, official_checkpoints.build_sdm):
-        refs = build()
-        strengthen_cross_attention(refs.unet)
-        parts = checkpoint.split_official(official_checkpoints.official_state_dict(refs))
-        references.append(refs.unet)
-        patchers.append(loaders.build_model(parts.unet, torch.float32))
-    return references, patchers
+    return official_checkpoints.loaded_unets(comfyui, strengthen_cross_attention)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,7 @@ SEED = 7
 def official_models(comfyui):
     import official_checkpoints
 
-    from facediffuser_core import checkpoint
-
-    loaders = comfyui.pack("nodes.loaders")
-    references, patchers = [], []
-    for build in (official_checkpoints.build_tdm, official_checkpoints.build_sdm):
-        refs = build()
-        parts = checkpoint.split_official(official_checkpoints.official_state_dict(refs))
-        references.append(refs.unet)
-        patchers.append(loaders.build_model(parts.unet, torch.float32))
-    return references, patchers
+    return official_checkpoints.loaded_unets(comfyui)
 
 
 @pytest.mark.parametrize("batch, height, width", [(1, 8, 8), (2, 8, 12)])

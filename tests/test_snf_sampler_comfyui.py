@@ -12,12 +12,12 @@ SEED = 3
 
 @pytest.fixture(scope="module")
 def models(comfyui):
-    return tiny_comfy.sd15_patcher(1), tiny_comfy.sd15_patcher(2)
+    return tiny_comfy.model_pair()
 
 
 @pytest.fixture(scope="module")
 def conds(comfyui):
-    return {"augmented": tiny_comfy.conditioning(10), "text": tiny_comfy.conditioning(11), "null": tiny_comfy.conditioning(12)}
+    return tiny_comfy.three_conditionings()
 
 
 def snf_sample(comfyui, tdm, sdm, conds, latent, steps=10, alpha=0.3, beta=0.6, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, cfg=5.0):

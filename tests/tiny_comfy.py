@@ -59,6 +59,16 @@ def sd15_patcher(seed: int):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+def model_pair():
+    """A tiny TDM and SDM: (tdm, sdm)."""
+    return sd15_patcher(1), sd15_patcher(2)
+
+
+def three_conditionings():
+    """Face-diffuser's three conditionings for the tiny models, by input name."""
+    return {"augmented": conditioning(10), "text": conditioning(11), "null": conditioning(12)}
+
+
 def conditioning(seed: int, tokens: int = 77):
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, CONTEXT_DIM, generator=generator), {}]]

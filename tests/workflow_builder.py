@@ -259,10 +259,15 @@ def single_subject() -> Graph:
         "4. Queue. **Face crops** shows the face that was used.\n\n"
         "alpha ends scene construction (TDM only), beta ends fusion (SNF); lower beta = more identity, "
         "higher alpha = more of the text's scene. Official: cfg 5, 50 steps, alpha 0.32, beta 0.62."))
+    return _one_subject_sampling(graph, "facediffuser", SAMPLER_SETTINGS)
+
+
+def _one_subject_sampling(graph: Graph, prefix: str, settings: dict) -> Graph:
+    """One photo, the subject prompt, a 512x512 latent and the SNF Sampler's tail, with these settings."""
     sdm, tdm, encode = _models_and_faces(graph, 1)
     prompt, null = _prompts(graph, sdm, encode, SINGLE_PROMPT)
     latent = graph.add("EmptyLatentImage", (660, 400 + 260), size=(300, 110), width=512, height=512, batch_size=1)
-    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, "facediffuser")
+    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, prefix, settings)
 
 
 def two_subjects() -> Graph:
@@ -315,10 +320,7 @@ def official_pndm() -> Graph:
         "alpha 0.3, beta 0.6 with PNDM. With the official weights, the same seed gives the official picture on the "
         "same kind of device (the official noise is drawn on the device ComfyUI samples on).\n\n"
         "Load a photo of the person in **Reference photo 1** and write `<|image|>` after the word naming them."))
-    sdm, tdm, encode = _models_and_faces(graph, 1)
-    prompt, null = _prompts(graph, sdm, encode, SINGLE_PROMPT)
-    latent = graph.add("EmptyLatentImage", (660, 400 + 260), size=(300, 110), width=512, height=512, batch_size=1)
-    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, "facediffuser_official", OFFICIAL_SETTINGS)
+    return _one_subject_sampling(graph, "facediffuser_official", OFFICIAL_SETTINGS)
 
 
 GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm)
