@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import mimetypes
 import os
@@ -60,6 +61,19 @@ REQUEST_TIMEOUT_S = 30.0
 
 class RunError(Exception):
     """A failure the user can act on; its message is printed as is and the runner exits with status 1."""
+
+
+class ServerUnreachable(RunError):
+    """No answer from the server (refused, reset, timed out): it may come back, or another server can do the job."""
+
+    def __init__(self, server: str, reason):
+        super().__init__(f"no ComfyUI server answers at {server} ({reason}): start it with `python main.py --listen "
+                         f"127.0.0.1 --port 8188` in your ComfyUI folder, or point --server at the one you run")
+        self.reason = str(reason)
+
+
+class WorkflowRejected(RunError):
+    """ComfyUI refused the workflow (/prompt answered 400, its validation errors): every server would."""
 
 
 def is_link(value) -> bool:
@@ -153,15 +167,15 @@ class ComfyClient:
                 return response.read()
         except urllib.error.HTTPError:
             raise  # the server answered; callers read its error body
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-            reason = getattr(error, "reason", error)
-            raise RunError(
-                f"no ComfyUI server answers at {self.server} ({reason}): start it with `python main.py --listen "
-                f"127.0.0.1 --port 8188` in your ComfyUI folder, or point --server at the one you run"
-            ) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
+            # HTTPException: the server went away in the middle of its answer
+            raise ServerUnreachable(self.server, getattr(error, "reason", error)) from None
 
     def get_json(self, path: str):
         return json.loads(self._request(path))
+
+    def post_json(self, path: str, payload) -> bytes:
+        return self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
     def upload_image(self, path: Path) -> str:
         """Put a photo into the server's input folder; return the name LoadImage must use there."""
@@ -190,8 +204,19 @@ class ComfyClient:
         try:
             answer = json.loads(self._request("/prompt", body, {"Content-Type": "application/json"}))
         except urllib.error.HTTPError as error:
-            raise RunError(describe_rejection(error.read(), workflow)) from None
+            rejected = WorkflowRejected if error.code == 400 else RunError
+            raise rejected(describe_rejection(error.read(), workflow)) from None
+        if answer.get("node_errors"):
+            # ComfyUI queued the outputs that passed validation and dropped the others: not the job that was asked for.
+            self.cancel(answer["prompt_id"])
+            raise WorkflowRejected(describe_validation(
+                {"error": "some of its outputs failed validation, so it was not run", "node_errors": answer["node_errors"]}, workflow))
         return answer["prompt_id"]
+
+    def cancel(self, prompt_id: str) -> None:
+        """Take the job out of the queue, or stop it if it is running."""
+        self.post_json("/queue", {"delete": [prompt_id]})
+        self.post_json("/interrupt", {"prompt_id": prompt_id})
 
     def wait(self, prompt_id: str, timeout_s: float, poll_s: float = 0.5, report=print) -> dict:
         """Poll until the job leaves the queue; report its place in the queue when it changes."""
@@ -234,6 +259,10 @@ def describe_rejection(body: bytes, workflow: dict) -> str:
         answer = json.loads(body)
     except json.JSONDecodeError:
         return f"ComfyUI rejected the workflow: {body.decode(errors='replace')}"
+    return describe_validation(answer, workflow)
+
+
+def describe_validation(answer: dict, workflow: dict) -> str:
     error = answer.get("error", {})
     if isinstance(error, str):
         error = {"message": error}

@@ -297,14 +297,22 @@ def test_uploaded_photo_reaches_load_image(server, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(saved).convert("RGB")), original)
 
 
-def test_a_rejected_workflow_prints_comfyuis_validation_errors(server, tmp_path, capsys):
+@pytest.mark.parametrize("with_a_valid_output, headline", [
+    (False, "Prompt outputs failed validation"),
+    # ComfyUI queues the outputs that pass validation and drops the others; the runner does not accept half a job.
+    (True, "some of its outputs failed validation, so it was not run"),
+])
+def test_a_rejected_workflow_prints_comfyuis_validation_errors(server, tmp_path, capsys, with_a_valid_output, headline):
     workflow = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 0, "color": 0}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "rejected"}},
     }
+    if with_a_valid_output:
+        workflow["3"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}
+        workflow["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "valid_half"}}
     assert runner.main([write(tmp_path, workflow), "--server", server.url, "--output", str(tmp_path / "out")]) == 1
     message = capsys.readouterr().err
-    assert "ComfyUI rejected the workflow: Prompt outputs failed validation" in message
+    assert f"ComfyUI rejected the workflow: {headline}" in message
     assert "node 1 (EmptyImage): Value 0 smaller than min of 1: batch_size" in message
     assert not (tmp_path / "out").exists()
 
