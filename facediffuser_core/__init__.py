@@ -8,9 +8,10 @@ One concept per module:
   markers          the prompt's <|image|> subject markers and the token rows they mark
   postfuse         the fusion MLP that writes a face embedding into a prompt token
   face_crop        where to crop a reference photo, and the official preprocessing for the vision tower
-  insightface_packs  the insightface model packs and their files
+  insightface_packs  the insightface model packs, their files and where to download them
   checkpoint       what kind an official checkpoint is, its parts, and its networks' sizes from their shapes
   checkpoint_file  reading a checkpoint file safely, with errors a user can act on
   sd15_keys        key names of an SD1.5 single-file checkpoint against the official layout
   convert          the command that converts an official .bin to .safetensors
+  model_folders    where a ComfyUI install keeps its models (extra_model_paths.yaml included), read without ComfyUI
 """

@@ -1,4 +1,4 @@
-"""The insightface model packs people download, as their release zips unpack them.
+"""The insightface model packs people download, as their release zips unpack them, and where to get them.
 
 Plain data without imports, so that the first-run check can read it on a machine without torch.
 A pack lives in <models>/insightface/models/<pack>/ with these files directly in it. The reference-face
@@ -9,6 +9,15 @@ KNOWN_PACK_FILES = {
     "antelopev2": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"),
     "buffalo_l": ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx"),
 }
+
+# Packs with an official download. insightface's v0.7 release has buffalo_l.zip but no antelopev2.zip
+# (the antelopev2 address other packs give answers 404), so antelopev2 comes only from a source the user names.
+PACK_SOURCES = {
+    "buffalo_l": "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip",
+}
+DEFAULT_PACK = "buffalo_l"
+PACKS_LICENCE = ("insightface's pretrained models are for non-commercial research use only "
+                 "(https://github.com/deepinsight/insightface#license)")
 
 
 def detector_file(pack: str) -> str:

@@ -15,7 +15,7 @@ import sys
 import folder_paths
 from comfy_api.latest import io
 
-from ..facediffuser_core.insightface_packs import KNOWN_PACK_FILES
+from ..facediffuser_core.insightface_packs import DEFAULT_PACK, KNOWN_PACK_FILES
 
 NODE_NAME = "Face-diffuser InsightFace Loader"
 INSIGHTFACE_FOLDER = "insightface"
@@ -26,6 +26,7 @@ PROVIDERS = {
     "CPU": "CPUExecutionProvider",
 }
 AUTO_PREFERENCE = ("CUDA", "ROCm", "CoreML", "CPU")
+AUTO_PACK = "auto"  # the first known pack that is installed, so that workflows run with whichever the user has
 DET_SIZE_STEP = 32  # the detectors' coarsest stride: other sizes break their anchor grids
 
 
@@ -60,7 +61,8 @@ def available_packs() -> list[str]:
     for root in insightface_roots():
         models = os.path.join(root, "models")
         if os.path.isdir(models):
-            names.update(entry for entry in os.listdir(models) if os.path.isdir(os.path.join(models, entry)))
+            names.update(entry for entry in os.listdir(models)
+                         if os.path.isdir(os.path.join(models, entry)) and not entry.startswith("."))  # hidden: a set-up's staging
     return sorted(names)
 
 
@@ -73,9 +75,13 @@ def _expected_files(pack: str) -> str:
     return ", ".join(files) if files else "the pack's .onnx files, at least its face detector"
 
 
+def pack_folders(pack: str) -> list[str]:
+    return [os.path.join(root, "models", pack) for root in insightface_roots()]
+
+
 def resolve_pack_dir(pack: str) -> str:
     """The folder holding the pack's .onnx files; a clear error for a missing or doubly nested pack."""
-    candidates = [os.path.join(root, "models", pack) for root in insightface_roots()]
+    candidates = pack_folders(pack)
     for folder in candidates:
         if _onnx_files(folder):
             return folder
@@ -94,6 +100,25 @@ def resolve_pack_dir(pack: str) -> str:
     raise ValueError(
         f"{NODE_NAME}: the insightface pack '{pack}' was not found. Expected the folder {expected} holding "
         f"{_expected_files(pack)} directly (models/insightface/models/{pack}/*.onnx)."
+    )
+
+
+def resolve_auto_pack() -> tuple[str, str]:
+    """The first known pack (in KNOWN_PACK_FILES order) with .onnx files in its folder, and that folder. When none
+    is installed, a known pack's folder that exists but is misplaced explains itself; otherwise the error lists
+    every folder looked in."""
+    for pack in KNOWN_PACK_FILES:
+        for folder in pack_folders(pack):
+            if _onnx_files(folder):
+                return pack, folder
+    for pack in KNOWN_PACK_FILES:
+        if any(os.path.isdir(folder) for folder in pack_folders(pack)):
+            resolve_pack_dir(pack)  # raises what is wrong with it
+    looked = "; ".join(folder for pack in KNOWN_PACK_FILES for folder in pack_folders(pack))
+    raise ValueError(
+        f"{NODE_NAME}: pack '{AUTO_PACK}' found no insightface pack; looked for {' and '.join(KNOWN_PACK_FILES)} in: {looked}. "
+        f"Install one with `python scripts/facediffuser_setup.py` (from the pack's folder, with ComfyUI's Python; it installs "
+        f"{DEFAULT_PACK}), or put a pack's .onnx files directly in one of those folders."
     )
 
 
@@ -125,12 +150,14 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
             category="facediffuser/loaders",
             description=(
                 "Loads an insightface face-analysis pack (antelopev2, buffalo_l, ...) from models/insightface/models/<name>/, "
-                "whose .onnx files must sit directly in that folder. Optional: Face-diffuser Encode Reference Faces uses it "
+                "whose .onnx files must sit directly in that folder; 'auto' takes whichever known pack is installed. "
+                "Optional: Face-diffuser Encode Reference Faces uses it "
                 "to find and crop the face in ordinary photos. Needs the insightface and onnxruntime packages."
             ),
             inputs=[
-                io.Combo.Input("pack", options=packs, default="antelopev2" if "antelopev2" in packs else packs[0],
-                               tooltip="The folder name under models/insightface/models/."),
+                io.Combo.Input("pack", options=[AUTO_PACK, *packs], default=AUTO_PACK,
+                               tooltip=f"The folder name under models/insightface/models/. {AUTO_PACK}: the first of "
+                                       f"{', '.join(KNOWN_PACK_FILES)} that is installed (the log says which)."),
                 io.Combo.Input("provider", options=["auto", *PROVIDERS], default="auto",
                                tooltip="Where onnxruntime runs the models. auto takes CUDA, ROCm or CoreML when this onnxruntime "
                                        "offers it, else the CPU; an unavailable choice falls back to the CPU (the log says which ran)."),
@@ -150,7 +177,7 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
             from insightface.app import FaceAnalysis
         except ImportError as error:
             raise RuntimeError(f"{install_hint()} (import error: {error})") from error
-        pack_dir = resolve_pack_dir(pack)
+        pack, pack_dir = resolve_auto_pack() if pack == AUTO_PACK else (pack, resolve_pack_dir(pack))
         chosen = choose_provider(provider, list(onnxruntime.get_available_providers()))
         providers = [chosen] if chosen == PROVIDERS["CPU"] else [chosen, PROVIDERS["CPU"]]
         # A folder path (not a bare name) keeps insightface from trying to download the pack.

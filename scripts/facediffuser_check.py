@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import pickletools
 import re
 import struct
@@ -30,7 +29,8 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 # facediffuser_core's modules used here import nothing beyond the standard library until torch is needed.
 sys.path.insert(0, str(PACK_ROOT))
 
-from facediffuser_core.insightface_packs import KNOWN_PACK_FILES, detector_file  # noqa: E402
+from facediffuser_core.insightface_packs import DEFAULT_PACK, KNOWN_PACK_FILES, PACK_SOURCES, detector_file  # noqa: E402
+from facediffuser_core.model_folders import ExtraModelPathsError, ModelFolders, find_comfyui  # noqa: E402
 MIN_COMFYUI = (0, 17, 0)
 MIN_PYTHON = (3, 10)
 
@@ -41,8 +41,9 @@ TDM_FILES = ("facediffuser_tdm.safetensors", "facediffuser_tdm.bin")
 SDM_SOURCE = ("SDM/pytorch_model.bin of the official release, https://huggingface.co/CodeGoat24/Face-diffuser/tree/main/SDM "
               "(FastComposer's pytorch_model.bin, https://huggingface.co/mit-han-lab/fastcomposer, has the same layout and works too)")
 TDM_SOURCE = "TDM/pytorch_model.bin of the official release, https://huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM"
-
-INSIGHTFACE_SOURCE = "https://github.com/deepinsight/insightface/releases/download/v0.7/{pack}.zip"
+# The checkpoint kinds (facediffuser_core.checkpoint.CheckpointKind names) each loader accepts.
+SDM_KINDS = ("SDM",)
+TDM_KINDS = ("TDM", "SD15")
 
 # Distributions that all install the same `onnxruntime` package and overwrite each other's files.
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
@@ -64,18 +65,6 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 
 # --- ComfyUI and Python -----------------------------------------------------------------------------------
-
-
-def find_comfyui(explicit: Path | None) -> Path | None:
-    """--comfyui, else $COMFYUI_PATH, else the ComfyUI this pack is installed in (ComfyUI/custom_nodes/<pack>)."""
-    candidates = [explicit] if explicit else [
-        Path(os.environ["COMFYUI_PATH"]) if os.environ.get("COMFYUI_PATH") else None,
-        PACK_ROOT.parent.parent,
-    ]
-    for candidate in candidates:
-        if candidate is not None and (candidate.expanduser() / "comfyui_version.py").is_file():
-            return candidate.expanduser().resolve()
-    return None
 
 
 def check_python() -> Finding:
@@ -245,6 +234,9 @@ def checkpoint_keys(path: Path) -> list[str] | None:
             header = json.loads(file.read(length))
         return [key for key in header if key != "__metadata__"]
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as file:
+            if file.read(4) == b"PK\x03\x04":  # a zip-format torch file whose end (the zip's index) is missing
+                raise zipfile.BadZipFile("a torch zip file without its end: the file is truncated")
         return None
     with zipfile.ZipFile(path) as archive:
         pickle_name = next((name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"), None)
@@ -269,16 +261,26 @@ def classify_file(path: Path):
     return classify(dict.fromkeys(keys)), ""
 
 
-def check_checkpoint(folder: Path, role: str, names: tuple[str, ...], source: str, accepted_kinds: tuple[str, ...]) -> Finding:
+SETUP_COMMAND = "python scripts/facediffuser_setup.py"
+
+
+def find_checkpoint(folders: list[Path], names: tuple[str, ...]) -> Path | None:
+    """The file the check reports on: the first name (safetensors before .bin) in the first folder holding it."""
+    return next((folder / name for name in names for folder in folders if (folder / name).is_file()), None)
+
+
+def check_checkpoint(folders: list[Path], role: str, names: tuple[str, ...], source: str, accepted_kinds: tuple[str, ...]) -> Finding:
+    """The first of `names` found in `folders` (ComfyUI's model folders for the pack, the set-up's target first)."""
     subject = f"{role} model"
-    present = [folder / name for name in names if (folder / name).is_file()]
-    if not present:
-        strays = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".safetensors")) if folder.is_dir() else []
+    path = find_checkpoint(folders, names)
+    if path is None:
+        target = folders[0]
+        strays = sorted(p.name for folder in folders if folder.is_dir() for p in folder.glob("*") if p.suffix in (".bin", ".safetensors"))
         hint = f" The folder holds {', '.join(strays)}: rename the {role} file, or pick it in the loader." if strays else ""
-        return Finding(MISSING, subject, f"none of {', '.join(names)} in {folder}",
-                       f"download {source} and save it as {folder / names[-1]} (or convert it to {folder / names[0]}, "
-                       f"README 'Converting the official weights to safetensors').{hint}")
-    path = present[0]
+        looked = f" (also looked in {', '.join(map(str, folders[1:]))})" if len(folders) > 1 else ""
+        return Finding(MISSING, subject, f"none of {', '.join(names)} in {target}{looked}",
+                       f"download {source} and save it as {target / names[-1]} (or convert it to {target / names[0]}, "
+                       f"README 'Converting the official weights to safetensors'), or let `{SETUP_COMMAND}` download and place it.{hint}")
     size = path.stat().st_size / 2**30
     try:
         classification, unchecked = classify_file(path)
@@ -293,26 +295,36 @@ def check_checkpoint(folder: Path, role: str, names: tuple[str, ...], source: st
     return Finding(OK, subject, f"{path} ({size:.2f} GiB, {classification.kind.value})")
 
 
-def check_insightface_pack(models_dir: Path) -> Finding:
-    root = models_dir / "insightface" / "models"
-    complete, partial = [], []
-    for pack, files in KNOWN_PACK_FILES.items():
-        folder = root / pack
-        if (folder / pack).is_dir() and not any((folder / name).is_file() for name in files):
-            return Finding(PROBLEM, "insightface models", f"{folder / pack} is nested one level too deep",
-                           f"move the files of {folder / pack} up into {folder} and delete the empty inner folder")
-        detector = detector_file(pack)
-        if (folder / detector).is_file():
-            complete.append(pack)
-        elif folder.is_dir():
-            partial.append(f"{folder} lacks its face detector {detector}")
+def insightface_pack_fix(root: Path) -> str:
+    """How to install the default pack by hand into <root>/models (root: an insightface folder)."""
+    models = root / "models"
+    return (f"run `{SETUP_COMMAND}`, which installs {DEFAULT_PACK}, or download {PACK_SOURCES[DEFAULT_PACK]} and unzip it so that "
+            f"{models / DEFAULT_PACK / detector_file(DEFAULT_PACK)} exists (antelopev2 works too, "
+            f"as {models / 'antelopev2' / detector_file('antelopev2')})")
+
+
+def check_insightface_pack(roots: list[Path]) -> Finding:
+    """A known pack in <root>/models/<pack>/ for any of the insightface folders, the set-up's target first."""
+    complete, partial, nested = [], [], []
+    for root in roots:
+        for pack, files in KNOWN_PACK_FILES.items():
+            folder = root / "models" / pack
+            detector = detector_file(pack)
+            if (folder / detector).is_file():
+                complete.append(f"{pack} in {root / 'models'}")
+            elif (folder / pack).is_dir() and not any((folder / name).is_file() for name in files):
+                nested.append(folder)
+            elif folder.is_dir():
+                partial.append(f"{folder} lacks its face detector {detector}")
     if complete:
-        return Finding(OK, "insightface models", f"{', '.join(complete)} in {root}")
-    zips = sorted(str(p) for p in root.glob("*.zip")) if root.is_dir() else []
-    detail = "; ".join(partial) if partial else f"no antelopev2 or buffalo_l folder in {root}"
-    fix = (f"download {INSIGHTFACE_SOURCE.format(pack='antelopev2')} and unzip it into {root}, so that "
-           f"{root / 'antelopev2' / detector_file('antelopev2')} exists (buffalo_l works too: "
-           f"{INSIGHTFACE_SOURCE.format(pack='buffalo_l')})")
+        return Finding(OK, "insightface models", ", ".join(complete))
+    if nested:
+        folder = nested[0]
+        return Finding(PROBLEM, "insightface models", f"{folder / folder.name} is nested one level too deep",
+                       f"move the files of {folder / folder.name} up into {folder} and delete the empty inner folder")
+    zips = sorted(str(p) for root in roots for p in (root / "models").glob("*.zip"))
+    detail = "; ".join(partial) if partial else f"no {' or '.join(KNOWN_PACK_FILES)} folder in {', '.join(str(r / 'models') for r in roots)}"
+    fix = insightface_pack_fix(roots[0])
     if zips:
         fix = f"unzip {', '.join(zips)} where it lies; " + fix
     return Finding(MISSING, "insightface models", detail, fix)
@@ -321,20 +333,24 @@ def check_insightface_pack(models_dir: Path) -> Finding:
 # --- the report --------------------------------------------------------------------------------------------
 
 
-def run_checks(comfyui: Path | None, models_dir: Path | None) -> list[Finding]:
+def run_checks(comfyui: Path | None, models_dir: Path | None, extra_model_paths: tuple[Path, ...] = ()) -> list[Finding]:
     root = find_comfyui(comfyui)
     findings = [check_python(), check_comfyui(root, comfyui)]
     torch_finding, cuda_gpu = check_torch()
     findings += [torch_finding, check_insightface(), *check_onnxruntime(cuda_gpu)]
-    models = models_dir or (root / "models" if root else None)
-    if models is None:
+    if models_dir is None and root is None:
         findings.append(Finding(MISSING, "model files", "no models folder: ComfyUI was not found",
                                 "pass --models-dir <ComfyUI>/models (or --comfyui) to check the model files"))
         return findings
-    folder = models / "facediffuser"
-    findings.append(check_checkpoint(folder, "SDM", SDM_FILES, SDM_SOURCE, ("SDM",)))
-    findings.append(check_checkpoint(folder, "TDM", TDM_FILES, TDM_SOURCE, ("TDM", "SD15")))
-    findings.append(check_insightface_pack(models))
+    try:
+        folders = ModelFolders.of(root, models_dir, extra_model_paths)
+    except ExtraModelPathsError as error:
+        findings.append(Finding(PROBLEM, "extra_model_paths.yaml", str(error), "fix the file, as ComfyUI cannot read it either"))
+        folders = ModelFolders.of(None, models_dir or root / "models")
+    facediffuser = folders.search("facediffuser")
+    findings.append(check_checkpoint(facediffuser, "SDM", SDM_FILES, SDM_SOURCE, SDM_KINDS))
+    findings.append(check_checkpoint(facediffuser, "TDM", TDM_FILES, TDM_SOURCE, TDM_KINDS))
+    findings.append(check_insightface_pack(folders.search("insightface")))
     return findings
 
 
@@ -351,9 +367,9 @@ def render(findings: list[Finding]) -> str:
         lines += [f"  {number}. {f.subject}: {f.fix}" for number, f in enumerate(to_do, 1)]
         lines.append("  Then run this check again.")
     else:
-        lines.append("All set. Start ComfyUI, open the template browser (Workflow > Browse Templates > Face-diffuser) "
-                     "and load facediffuser_single_subject, or run it headless: scripts/facediffuser_run.py (README "
-                     "'Workflows and headless runs').")
+        lines.append("All set. Make a first picture: python scripts/facediffuser_run.py --face <photo> --prompt \"a photo of a "
+                     "man <|image|> hiking in the alps\" (it starts ComfyUI if none runs). Or start ComfyUI and open the template "
+                     "browser (Workflow > Browse Templates > Face-diffuser): facediffuser_single_subject.")
     notes = [f for f in findings if f.status == INFO and f.fix]
     if notes:
         lines += ["", "Notes:"] + [f"  - {f.subject}: {f.fix}" for f in notes]
@@ -364,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check that everything Face-diffuser needs is installed and in place.")
     parser.add_argument("--comfyui", type=Path, help="ComfyUI's folder (default: the ComfyUI this pack is installed in, or $COMFYUI_PATH)")
     parser.add_argument("--models-dir", type=Path, help="the models folder to check (default: <ComfyUI>/models)")
+    parser.add_argument("--extra-model-paths-config", type=Path, action="append", default=[], metavar="YAML",
+                        help="an extra_model_paths.yaml ComfyUI is started with (<ComfyUI>/extra_model_paths.yaml is always read)")
     args = parser.parse_args(argv)
-    findings = run_checks(args.comfyui, args.models_dir)
+    findings = run_checks(args.comfyui, args.models_dir, tuple(args.extra_model_paths_config))
     print(render(findings))
     return 1 if any(f.status in (MISSING, PROBLEM) for f in findings) else 0
 

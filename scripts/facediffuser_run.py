@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Run a Face-diffuser workflow on a ComfyUI server from the command line and save the images it makes.
 
+    python scripts/facediffuser_run.py --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps"
     python scripts/facediffuser_run.py workflows/api/facediffuser_single_subject.json \\
         --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps" --seed 7 --output out/
 
-The workflow must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI).
+Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two.
+Without --server it uses the ComfyUI answering at the default address, or, when none does, starts the
+ComfyUI this pack is installed in (headless, on a free loopback port, with this Python), runs the job and
+stops it again. The workflow must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI).
 Overrides find their nodes by node type, never by node id, so they work on any workflow built from the
 same nodes; an override whose node type is absent is an error. Reference photos are uploaded to the
 server, so the server may run on another machine. Only the standard library is used: any Python 3.10+
@@ -14,15 +18,27 @@ that reaches the server can run this, without ComfyUI or torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import mimetypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PACK_ROOT))
+from facediffuser_core.model_folders import find_comfyui  # noqa: E402  (standard library only)
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 REFERENCE_ENCODER = "FaceDiffuserEncodeReferenceFaces"
@@ -45,6 +61,19 @@ REQUEST_TIMEOUT_S = 30.0
 
 class RunError(Exception):
     """A failure the user can act on; its message is printed as is and the runner exits with status 1."""
+
+
+class ServerUnreachable(RunError):
+    """No answer from the server (refused, reset, timed out): it may come back, or another server can do the job."""
+
+    def __init__(self, server: str, reason):
+        super().__init__(f"no ComfyUI server answers at {server} ({reason}): start it with `python main.py --listen "
+                         f"127.0.0.1 --port 8188` in your ComfyUI folder, or point --server at the one you run")
+        self.reason = str(reason)
+
+
+class WorkflowRejected(RunError):
+    """ComfyUI refused the workflow (/prompt answered 400, its validation errors): every server would."""
 
 
 def is_link(value) -> bool:
@@ -138,15 +167,15 @@ class ComfyClient:
                 return response.read()
         except urllib.error.HTTPError:
             raise  # the server answered; callers read its error body
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-            reason = getattr(error, "reason", error)
-            raise RunError(
-                f"no ComfyUI server answers at {self.server} ({reason}): start it with `python main.py --listen "
-                f"127.0.0.1 --port 8188` in your ComfyUI folder, or point --server at the one you run"
-            ) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
+            # HTTPException: the server went away in the middle of its answer
+            raise ServerUnreachable(self.server, getattr(error, "reason", error)) from None
 
     def get_json(self, path: str):
         return json.loads(self._request(path))
+
+    def post_json(self, path: str, payload) -> bytes:
+        return self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
     def upload_image(self, path: Path) -> str:
         """Put a photo into the server's input folder; return the name LoadImage must use there."""
@@ -175,8 +204,19 @@ class ComfyClient:
         try:
             answer = json.loads(self._request("/prompt", body, {"Content-Type": "application/json"}))
         except urllib.error.HTTPError as error:
-            raise RunError(describe_rejection(error.read(), workflow)) from None
+            rejected = WorkflowRejected if error.code == 400 else RunError
+            raise rejected(describe_rejection(error.read(), workflow)) from None
+        if answer.get("node_errors"):
+            # ComfyUI queued the outputs that passed validation and dropped the others: not the job that was asked for.
+            self.cancel(answer["prompt_id"])
+            raise WorkflowRejected(describe_validation(
+                {"error": "some of its outputs failed validation, so it was not run", "node_errors": answer["node_errors"]}, workflow))
         return answer["prompt_id"]
+
+    def cancel(self, prompt_id: str) -> None:
+        """Take the job out of the queue, or stop it if it is running."""
+        self.post_json("/queue", {"delete": [prompt_id]})
+        self.post_json("/interrupt", {"prompt_id": prompt_id})
 
     def wait(self, prompt_id: str, timeout_s: float, poll_s: float = 0.5, report=print) -> dict:
         """Poll until the job leaves the queue; report its place in the queue when it changes."""
@@ -219,6 +259,10 @@ def describe_rejection(body: bytes, workflow: dict) -> str:
         answer = json.loads(body)
     except json.JSONDecodeError:
         return f"ComfyUI rejected the workflow: {body.decode(errors='replace')}"
+    return describe_validation(answer, workflow)
+
+
+def describe_validation(answer: dict, workflow: dict) -> str:
     error = answer.get("error", {})
     if isinstance(error, str):
         error = {"message": error}
@@ -258,11 +302,147 @@ def save_images(client: ComfyClient, entry: dict, output_dir: Path) -> list[Path
     return saved
 
 
+# --- with no workflow and no server: the shipped workflows, and a ComfyUI of the runner's own -------------
+
+SHIPPED_WORKFLOWS = {1: "facediffuser_single_subject.json", 2: "facediffuser_two_subjects.json"}  # by face count
+CHECKPOINT_LOADERS = ("FaceDiffuserSDMLoader", "FaceDiffuserTDMLoader")
+CHECKPOINT_FORMATS = (".safetensors", ".bin")
+OWN_SERVER_START_TIMEOUT_S = 600.0
+OWN_SERVER_STOP_TIMEOUT_S = 30.0
+
+
+def shipped_workflow(faces: int) -> Path:
+    if faces not in SHIPPED_WORKFLOWS:
+        raise RunError(f"--face given {faces} time(s): without a workflow file the runner uses the shipped workflow for "
+                       f"one or two people, so give --face once or twice, or pass a workflow of your own")
+    return PACK_ROOT / "workflows" / "api" / SHIPPED_WORKFLOWS[faces]
+
+
+def combo_options(spec: list) -> list:
+    """A combo input's choices in /object_info: [choices, {...}] or ["COMBO", {"options": choices}]."""
+    if spec and isinstance(spec[0], list):
+        return spec[0]
+    return spec[1].get("options", []) if len(spec) > 1 and isinstance(spec[1], dict) else []
+
+
+def use_installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -> None:
+    """A Face-diffuser loader naming a file the server lacks takes the same model in the other format, when the
+    server has that: the shipped workflows name the converted .safetensors, the set-up leaves the .bin unless it
+    converts, and either is the same model."""
+    for node_id, node in workflow.items():
+        name = node["inputs"].get("ckpt_name")
+        if node["class_type"] not in CHECKPOINT_LOADERS or not isinstance(name, str):
+            continue
+        spec = client.get_json(f"/object_info/{node['class_type']}").get(node["class_type"], {})
+        offered = combo_options(spec.get("input", {}).get("required", {}).get("ckpt_name", []))
+        if name in offered:
+            continue
+        same_model = [Path(name).stem + suffix for suffix in CHECKPOINT_FORMATS if Path(name).stem + suffix in offered]
+        if same_model:
+            node["inputs"]["ckpt_name"] = same_model[0]
+            report(f"node {node_id} ({node['class_type']}): the server has no {name}; using {same_model[0]}")
+
+
+def comfyui_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/system_stats", timeout=2) as response:
+            return "system" in json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class OwnComfyUI:
+    """The ComfyUI in `root`, started by the runner with this Python, headless on 127.0.0.1 and a free port,
+    in a process group of its own so that stopping it ends everything it started."""
+
+    def __init__(self, root: Path, extra_args: list[str], report=print):
+        self.root = root
+        self.report = report
+        self.url = f"http://127.0.0.1:{free_loopback_port()}"
+        handle, log = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
+        self.log = Path(log)
+        command = [sys.executable, str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+                   "--disable-auto-launch", *extra_args]
+        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        with os.fdopen(handle, "wb") as log_file:
+            self.process = subprocess.Popen(command, cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, **group)
+        report(f"started ComfyUI from {root} (pid {self.process.pid}) at {self.url}; its log: {self.log}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def wait_until_ready(self, timeout_s: float = OWN_SERVER_START_TIMEOUT_S) -> None:
+        started = time.monotonic()
+        while not comfyui_answers(self.url):
+            if self.process.poll() is not None:
+                raise RunError(f"the ComfyUI started from {self.root} exited with status {self.process.returncode} before "
+                               f"answering; the end of its log ({self.log}):\n{self.log_tail()}")
+            if time.monotonic() - started > timeout_s:
+                raise RunError(f"the ComfyUI started from {self.root} did not answer within {timeout_s:g} s; see its log {self.log}")
+            time.sleep(0.5)
+        if not ComfyClient(self.url).get_json("/object_info/FaceDiffuserSNFSampler"):
+            raise RunError(f"the ComfyUI started from {self.root} has not loaded the Face-diffuser nodes (is the pack in its "
+                           f"custom_nodes folder?); look for 'Cannot import' in its log {self.log}")
+        self.report(f"ComfyUI is ready ({time.monotonic() - started:.0f} s)")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            if os.name == "posix":
+                os.killpg(self.process.pid, signal.SIGTERM)
+            else:
+                self.process.terminate()
+            try:
+                self.process.wait(OWN_SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL) if os.name == "posix" else self.process.kill()
+                self.process.wait(OWN_SERVER_STOP_TIMEOUT_S)
+        self.report(f"stopped the ComfyUI started for this job (pid {self.process.pid})")
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace):
+    """The address to send the job to: --server; else the default address when a ComfyUI answers there; else a
+    ComfyUI of the runner's own, stopped afterwards (also on errors and Ctrl-C) unless --keep-server."""
+    if args.server or comfyui_answers(DEFAULT_SERVER):
+        yield args.server or DEFAULT_SERVER
+        return
+    root = find_comfyui(args.comfyui)
+    if root is None or not (root / "main.py").is_file():
+        where = f"{args.comfyui} is not a ComfyUI folder" if args.comfyui else (
+            f"this pack ({PACK_ROOT}) is not inside ComfyUI/custom_nodes and COMFYUI_PATH is not set")
+        raise RunError(f"no ComfyUI server answers at {DEFAULT_SERVER}, and none can be started: {where}. Pass --comfyui "
+                       f"<ComfyUI folder> to start that one, or start ComfyUI yourself and pass --server")
+    print(f"no ComfyUI answers at {DEFAULT_SERVER}: starting one for this job")
+    own = OwnComfyUI(root, shlex.split(args.comfyui_args or ""))
+    ready = False
+    try:
+        own.wait_until_ready()
+        ready = True
+        yield own.url
+    finally:
+        if ready and args.keep_server and own.process.poll() is None:
+            print(f"ComfyUI keeps running at {own.url} (pid {own.process.pid}; log {own.log}); stop it with `kill {own.process.pid}`")
+        else:
+            own.stop()
+            if ready:  # a failed start keeps its log, which the error names
+                own.log.unlink(missing_ok=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Submit a Face-diffuser API-format workflow to a running ComfyUI server and save the images.")
-    parser.add_argument("workflow", type=Path, help="API-format workflow JSON, e.g. workflows/api/facediffuser_single_subject.json")
-    parser.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI's address (default {DEFAULT_SERVER})")
+        description="Run a Face-diffuser API-format workflow on a ComfyUI server (or one it starts) and save the images.")
+    parser.add_argument("workflow", type=Path, nargs="?",
+                        help="API-format workflow JSON (default: the shipped single-subject workflow for one --face, "
+                             "the two-subject one for two)")
+    parser.add_argument("--server", help=f"ComfyUI's address (default: {DEFAULT_SERVER} when a ComfyUI answers there, "
+                                         f"else one the runner starts and stops)")
     parser.add_argument("--face", action="append", type=Path, default=[], metavar="PHOTO",
                         help="a reference photo, uploaded to the server; repeat once per <|image|> marker, in order")
     parser.add_argument("--prompt", help="the subject prompt, with <|image|> after each person's noun")
@@ -275,11 +455,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("facediffuser_output"),
                         help="folder for the images (default ./facediffuser_output)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
+    own = parser.add_argument_group("the ComfyUI the runner starts when none answers (no --server)")
+    own.add_argument("--comfyui", type=Path, help="its folder (default: the ComfyUI this pack is installed in, or $COMFYUI_PATH)")
+    own.add_argument("--comfyui-args", metavar="ARGS",
+                     help='more arguments for its main.py, e.g. "--lowvram" or "--cpu --base-directory /data/comfy"')
+    own.add_argument("--keep-server", action="store_true", help="leave it running after the job, for the next ones")
     return parser.parse_args(argv)
 
 
 def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
-    workflow = load_api_workflow(args.workflow)
+    workflow = load_api_workflow(args.workflow or shipped_workflow(len(args.face)))
     for option in OVERRIDE_TARGETS:
         value = getattr(args, option)
         if value is not None:
@@ -293,12 +478,21 @@ def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
             )
         for node_id, photo in zip(loaders, args.face):
             workflow[node_id]["inputs"]["image"] = client.upload_image(photo)
+    use_installed_checkpoints(workflow, client)
     return workflow
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    client = ComfyClient(args.server)
+    try:
+        with server_for(args) as server:
+            return run(args, ComfyClient(server))
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, client: ComfyClient) -> int:
     try:
         workflow = prepare_workflow(args, client)
         prompt_id = client.submit(workflow, client_id=uuid.uuid4().hex)

@@ -62,18 +62,26 @@ def _answers(url: str) -> bool:
         return False
 
 
+def install_pack(base: Path) -> Path:
+    """A ComfyUI base directory (`--base-directory`) whose custom_nodes/ links to this pack; returns `base`."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "comfyui-facediffuser").symlink_to(comfy_harness.REPO_ROOT, target_is_directory=True)
+    return base
+
+
+def server_options(base: Path) -> list[str]:
+    """ComfyUI's command-line options for a test server: CPU, offline, everything it writes under `base`."""
+    return ["--cpu", "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+
+
 @contextlib.contextmanager
 def running_server(base: Path):
     """Start ComfyUI on CPU with this pack installed under `base`; always stops it on leaving."""
-    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    (base / "custom_nodes" / "comfyui-facediffuser").symlink_to(comfy_harness.REPO_ROOT, target_is_directory=True)
+    install_pack(base)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = base / "server.log"
-    command = [
-        sys.executable, str(Path(__file__).resolve()), "--cpu", "--disable-api-nodes", "--listen", "127.0.0.1",
-        "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-    ]
+    command = [sys.executable, str(Path(__file__).resolve()), "--listen", "127.0.0.1", "--port", str(port), *server_options(base)]
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent)
     server = Server(url, base, process, log)

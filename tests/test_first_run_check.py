@@ -106,8 +106,9 @@ def test_missing_models_name_the_exact_path_and_the_source(tmp_path):
     assert "huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM" in findings["TDM model"].fix
     insight = findings["insightface models"]
     assert insight.status == check.MISSING
-    assert "releases/download/v0.7/antelopev2.zip" in insight.fix
-    assert str(comfyui / "models" / "insightface" / "models" / "antelopev2" / "scrfd_10g_bnkps.onnx") in insight.fix
+    assert "releases/download/v0.7/buffalo_l.zip" in insight.fix and "antelopev2.zip" not in insight.fix
+    assert str(comfyui / "models" / "insightface" / "models" / "buffalo_l" / "det_10g.onnx") in insight.fix
+    assert "python scripts/facediffuser_setup.py" in insight.fix and "python scripts/facediffuser_setup.py" in sdm.fix
 
 
 def test_a_file_of_the_wrong_kind_is_a_problem(tmp_path):
@@ -118,12 +119,15 @@ def test_a_file_of_the_wrong_kind_is_a_problem(tmp_path):
     assert "is a TDM (no image_encoder/postfuse_module weights)" in sdm.detail and "not the SDM" in sdm.detail
 
 
-def test_a_truncated_file_is_a_problem(tmp_path):
+# A torch zip without its end (the zip's index) is a truncated download, not an old-style pickle.
+@pytest.mark.parametrize("name, role, kept, why", [("facediffuser_sdm.safetensors", "SDM", 20, "cannot be read"),
+                                                   ("facediffuser_tdm.bin", "TDM", 100, "the file is truncated")])
+def test_a_truncated_file_is_a_problem(tmp_path, name, role, kept, why):
     comfyui, models = complete_install(tmp_path)
-    path = models / "facediffuser" / "facediffuser_sdm.safetensors"
-    path.write_bytes(path.read_bytes()[:20])
-    sdm = by_subject(check.run_checks(comfyui, None))["SDM model"]
-    assert sdm.status == check.PROBLEM and "cannot be read" in sdm.detail and "download it again" in sdm.fix
+    path = models / "facediffuser" / name
+    path.write_bytes(path.read_bytes()[:kept])
+    finding = by_subject(check.run_checks(comfyui, None))[f"{role} model"]
+    assert finding.status == check.PROBLEM and why in finding.detail and "download it again" in finding.fix
 
 
 def test_keys_are_read_from_a_torch_zip_without_loading_it(tmp_path):
@@ -149,14 +153,14 @@ def test_insightface_pack_layout_mistakes(tmp_path):
     nested.mkdir(parents=True)
     for name in check.KNOWN_PACK_FILES["antelopev2"]:
         (nested / name).write_bytes(b"onnx")
-    finding = check.check_insightface_pack(models)
+    finding = check.check_insightface_pack([models / "insightface"])
     assert finding.status == check.PROBLEM and "nested one level too deep" in finding.detail
     assert f"move the files of {nested} up into {root / 'antelopev2'}" in finding.fix
 
     for name in check.KNOWN_PACK_FILES["antelopev2"][:2]:
         (nested / name).rename(root / "antelopev2" / name)
     (root / "buffalo_l.zip").write_bytes(b"zip")
-    finding = check.check_insightface_pack(models)
+    finding = check.check_insightface_pack([models / "insightface"])
     assert finding.status == check.MISSING
     assert f"{root / 'antelopev2'} lacks its face detector scrfd_10g_bnkps.onnx" in finding.detail
     assert f"unzip {root / 'buffalo_l.zip'}" in finding.fix
@@ -164,7 +168,7 @@ def test_insightface_pack_layout_mistakes(tmp_path):
     buffalo = root / "buffalo_l"
     buffalo.mkdir()
     (buffalo / "det_10g.onnx").write_bytes(b"onnx")  # the detector is all the reference-face node needs
-    assert check.check_insightface_pack(models).status == check.OK
+    assert check.check_insightface_pack([models / "insightface"]).status == check.OK
 
 
 def test_old_comfyui_is_a_problem(tmp_path):
@@ -190,3 +194,44 @@ def test_onnxruntime_and_onnxruntime_gpu_installed_together_are_detected(tmp_pat
     assert "[problem] onnxruntime: several builds installed at once: onnxruntime 1.20.1, onnxruntime-gpu 1.19.2" in result.stdout
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in result.stdout
     assert "-m pip install onnxruntime-gpu" in result.stdout
+
+
+def test_extra_model_paths_are_read_as_comfyui_reads_them(comfyui, tmp_path, monkeypatch):
+    import copy
+
+    import folder_paths
+    import utils.extra_config
+
+    from facediffuser_core.model_folders import read_extra_model_paths
+
+    monkeypatch.setenv("FD_MODELS", str(tmp_path / "env models"))
+    config = tmp_path / "conf" / "extra_model_paths.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        "relative:\n"
+        "    base_path: ../shared\n"
+        "    is_default: true\n"
+        "    facediffuser: |\n"
+        "        fd\n"
+        "        fd2/sub\n"
+        "    insightface: faces/\n"
+        "from_env:\n"
+        "    base_path: $FD_MODELS\n"
+        "    facediffuser: fd\n"
+        "no_base:\n"
+        "    facediffuser: here\n"
+        "empty:\n")
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths)
+    try:
+        for name in ("facediffuser", "insightface"):
+            folder_paths.folder_names_and_paths.pop(name, None)
+        utils.extra_config.load_extra_path_config(str(config))
+        comfyui_reads = {name: folder_paths.get_folder_paths(name) for name in ("facediffuser", "insightface")}
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(saved)
+    ours = read_extra_model_paths(config)
+    for name in ("facediffuser", "insightface"):
+        assert sorted(str(entry.path) for entry in ours if entry.folder_name == name) == sorted(comfyui_reads[name])
+    # ComfyUI lists is_default folders first (each inserted at the front), the others after them.
+    assert {str(e.path) for e in ours if e.is_default and e.folder_name == "facediffuser"} == set(comfyui_reads["facediffuser"][:2])

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import signal
 
 import numpy as np
 import pytest
@@ -112,6 +115,140 @@ def test_server_down_is_a_clear_error(tmp_path, capsys):
     assert "python main.py" in message
 
 
+@pytest.mark.parametrize("faces", [1, 2])
+def test_without_a_workflow_the_shipped_one_for_the_face_count_runs(faces):
+    workflow = runner.load_api_workflow(runner.shipped_workflow(faces))
+    assert len(runner.reference_image_loaders(workflow)) == faces
+
+
+def test_three_faces_without_a_workflow_ask_for_one():
+    with pytest.raises(runner.RunError, match=r"--face given 3 time\(s\): without a workflow file .* one or two people"):
+        runner.shipped_workflow(3)
+
+
+class ObjectInfo:
+    """A client whose server offers these files to the Face-diffuser loaders."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def get_json(self, path):
+        node = path.rsplit("/", 1)[1]
+        return {node: {"input": {"required": {"ckpt_name": ["COMBO", {"options": self.files}]}}}}
+
+
+def test_a_checkpoint_the_server_lacks_is_taken_in_its_other_format():
+    workflow = {
+        "1": {"class_type": "FaceDiffuserSDMLoader", "inputs": {"ckpt_name": "facediffuser_sdm.safetensors"}},
+        "2": {"class_type": "FaceDiffuserTDMLoader", "inputs": {"ckpt_name": "facediffuser_tdm.safetensors"}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "facediffuser_tdm.safetensors"}},
+    }
+    notes = []
+    runner.use_installed_checkpoints(workflow, ObjectInfo(["facediffuser_sdm.bin", "facediffuser_tdm.safetensors", "x.bin"]), notes.append)
+    assert workflow["1"]["inputs"]["ckpt_name"] == "facediffuser_sdm.bin"
+    assert workflow["2"]["inputs"]["ckpt_name"] == "facediffuser_tdm.safetensors"
+    assert notes == ["node 1 (FaceDiffuserSDMLoader): the server has no facediffuser_sdm.safetensors; using facediffuser_sdm.bin"]
+    # Neither format there: left as it is, for ComfyUI's own "value not in list" error.
+    runner.use_installed_checkpoints(workflow, ObjectInfo(["other.bin"]), notes.append)
+    assert workflow["1"]["inputs"]["ckpt_name"] == "facediffuser_sdm.bin" and len(notes) == 1
+
+
+FAKE_COMFYUI_MAIN = """
+import argparse, http.server, json, pathlib, sys
+pathlib.Path("argv.json").write_text(json.dumps(sys.argv[1:]))
+mode = pathlib.Path("mode").read_text()
+if mode == "crash":
+    print("boom: the fake ComfyUI cannot start")
+    sys.exit(3)
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int)
+args, _ = parser.parse_known_args()
+answers = {"/system_stats": {"system": {}}, "/object_info/FaceDiffuserSNFSampler": {"FaceDiffuserSNFSampler": {}} if mode == "pack" else {}}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(answers.get(self.path, {})).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+"""
+
+
+def fake_comfyui(tmp_path, mode: str):
+    """A folder that passes for ComfyUI: its main.py answers /system_stats, with or without the pack's nodes,
+    or crashes at start."""
+    root = tmp_path / "FakeComfyUI"
+    root.mkdir()
+    (root / "comfyui_version.py").write_text('__version__ = "0.17.0"\n')
+    (root / "main.py").write_text(FAKE_COMFYUI_MAIN)
+    (root / "mode").write_text(mode)
+    return root
+
+
+@pytest.fixture
+def nothing_at_the_default_address(monkeypatch):
+    monkeypatch.setattr(runner, "DEFAULT_SERVER", f"http://127.0.0.1:{comfy_server.free_port()}")
+
+
+def started_pid(output: str) -> int:
+    return int(re.search(r"started ComfyUI from .* \(pid (\d+)\)", output).group(1))
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_with_no_server_the_runner_starts_comfyui_and_stops_it_unless_kept(tmp_path, capsys, nothing_at_the_default_address, keep):
+    root = fake_comfyui(tmp_path, "pack")
+    args = runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram --base-directory '/data/my comfy'",
+                              *(["--keep-server"] if keep else [])])
+    with runner.server_for(args) as url:
+        assert runner.comfyui_answers(url) and url != runner.DEFAULT_SERVER
+    out = capsys.readouterr().out
+    pid = started_pid(out)
+    argv = json.loads((root / "argv.json").read_text())
+    assert argv[:3] == ["--listen", "127.0.0.1", "--port"] and argv[-3:] == ["--lowvram", "--base-directory", "/data/my comfy"]
+    if keep:
+        assert runner.comfyui_answers(url) and f"ComfyUI keeps running at {url} (pid {pid}" in out
+        os.killpg(pid, signal.SIGTERM)
+        return
+    assert f"stopped the ComfyUI started for this job (pid {pid})" in out
+    assert gone(pid) and not runner.comfyui_answers(url)
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("crash", r"exited with status 3 before answering; the end of its log .*\n.*boom: the fake ComfyUI cannot start"),
+    ("no pack", r"has not loaded the Face-diffuser nodes \(is the pack in its custom_nodes folder\?\)"),
+])
+def test_a_comfyui_that_does_not_start_well_is_reported_and_stopped(tmp_path, capsys, nothing_at_the_default_address, mode, message):
+    root = fake_comfyui(tmp_path, mode)
+    args = runner.parse_args(["--comfyui", str(root)])
+    with pytest.raises(runner.RunError, match=message):
+        with runner.server_for(args):
+            pytest.fail("the job must not run")
+    assert gone(started_pid(capsys.readouterr().out))
+
+
+def test_with_no_server_and_no_comfyui_to_start_the_error_says_what_to_pass(tmp_path, capsys, nothing_at_the_default_address):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(CUSTOM_SAMPLING_WORKFLOW))
+    assert runner.main([str(path), "--comfyui", str(tmp_path / "nowhere")]) == 1
+    message = capsys.readouterr().err
+    assert f"no ComfyUI server answers at {runner.DEFAULT_SERVER}, and none can be started" in message
+    assert "is not a ComfyUI folder" in message and "--server" in message
+
+
 # --- against a real ComfyUI server -------------------------------------------------------------------------
 
 
@@ -160,14 +297,22 @@ def test_uploaded_photo_reaches_load_image(server, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(saved).convert("RGB")), original)
 
 
-def test_a_rejected_workflow_prints_comfyuis_validation_errors(server, tmp_path, capsys):
+@pytest.mark.parametrize("with_a_valid_output, headline", [
+    (False, "Prompt outputs failed validation"),
+    # ComfyUI queues the outputs that pass validation and drops the others; the runner does not accept half a job.
+    (True, "some of its outputs failed validation, so it was not run"),
+])
+def test_a_rejected_workflow_prints_comfyuis_validation_errors(server, tmp_path, capsys, with_a_valid_output, headline):
     workflow = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 0, "color": 0}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "rejected"}},
     }
+    if with_a_valid_output:
+        workflow["3"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}
+        workflow["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "valid_half"}}
     assert runner.main([write(tmp_path, workflow), "--server", server.url, "--output", str(tmp_path / "out")]) == 1
     message = capsys.readouterr().err
-    assert "ComfyUI rejected the workflow: Prompt outputs failed validation" in message
+    assert f"ComfyUI rejected the workflow: {headline}" in message
     assert "node 1 (EmptyImage): Value 0 smaller than min of 1: batch_size" in message
     assert not (tmp_path / "out").exists()
 

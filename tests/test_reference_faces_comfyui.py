@@ -186,6 +186,31 @@ def test_nested_pack_error_names_the_exact_folder(comfyui, tmp_path):
     assert f"must be directly in {expected_folder} " in message and "scrfd_10g_bnkps.onnx" in message
 
 
+def test_auto_takes_whichever_known_pack_is_installed(comfyui, tmp_path, caplog):
+    write_detector_pack(tmp_path / "insightface" / "models" / "buffalo_l")
+    (tmp_path / "insightface" / "models" / "antelopev2").mkdir()  # an empty folder of the preferred pack is skipped
+    with models_dir(tmp_path), caplog.at_level(logging.INFO):
+        _, spec = comfyui.node("FaceDiffuserInsightFaceLoader").INPUT_TYPES()["required"]["pack"]
+        assert spec["options"][0] == "auto" and spec["default"] == "auto" and "buffalo_l" in spec["options"]
+        comfyui.run("FaceDiffuserInsightFaceLoader", pack="auto", provider="CPU", det_size=640)
+    assert f"loaded 'buffalo_l' from {tmp_path / 'insightface' / 'models' / 'buffalo_l'}" in caplog.text
+
+
+def test_auto_without_any_pack_lists_where_it_looked(comfyui, tmp_path):
+    with models_dir(tmp_path), pytest.raises(ValueError) as error:
+        comfyui.run("FaceDiffuserInsightFaceLoader", pack="auto", provider="CPU", det_size=640)
+    message = str(error.value)
+    for pack in ("antelopev2", "buffalo_l"):
+        assert str(tmp_path / "insightface" / "models" / pack) in message
+    assert "found no insightface pack" in message and "scripts/facediffuser_setup.py" in message
+
+
+def test_auto_explains_a_nested_pack(comfyui, tmp_path):
+    write_detector_pack(tmp_path / "insightface" / "models" / "antelopev2" / "antelopev2")
+    with models_dir(tmp_path), pytest.raises(ValueError, match="nested one folder too deep"):
+        comfyui.run("FaceDiffuserInsightFaceLoader", pack="auto", provider="CPU", det_size=640)
+
+
 def test_missing_pack_error_names_the_expected_folder(comfyui, tmp_path):
     with models_dir(tmp_path), pytest.raises(ValueError) as error:
         comfyui.run("FaceDiffuserInsightFaceLoader", pack="buffalo_l", provider="CPU", det_size=640)

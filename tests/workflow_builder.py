@@ -212,7 +212,7 @@ OFFICIAL_SETTINGS = dict(seed=42, steps=50, cfg=5.0, sampler_name="pndm_official
 def _models_and_faces(graph: Graph, photos: int):
     sdm = graph.add("FaceDiffuserSDMLoader", (0, 0), size=(340, 150), ckpt_name=SDM_FILE, weight_dtype="default")
     tdm = graph.add("FaceDiffuserTDMLoader", (0, 200), size=(340, 130), ckpt_name=TDM_FILE, weight_dtype="default")
-    faces = graph.add("FaceDiffuserInsightFaceLoader", (0, 380), size=(340, 130), pack="antelopev2", provider="auto", det_size=640)
+    faces = graph.add("FaceDiffuserInsightFaceLoader", (0, 380), size=(340, 130), pack="auto", provider="auto", det_size=640)
     loaders = [graph.add("LoadImage", (0, 560 + 360 * index), size=(340, 330), title=f"Reference photo {index + 1}",
                          image=SUBJECT_PHOTOS[index]) for index in range(photos)]
     images = (loaders[0], 0)
@@ -251,9 +251,10 @@ def single_subject() -> Graph:
     graph = Graph("facediffuser_single_subject", "One person from one reference photo, with the official weights.")
     _note(graph, (
         "## Face-diffuser: one subject\n\n"
-        f"1. Put `{SDM_FILE}` and `{TDM_FILE}` (or the official `.bin` files renamed `facediffuser_sdm.bin` / "
-        "`facediffuser_tdm.bin`) in `models/facediffuser`, and the insightface pack in "
-        "`models/insightface/models/antelopev2`. `python scripts/facediffuser_check.py` says what is missing.\n"
+        "1. `python scripts/facediffuser_setup.py` downloads the models and an insightface pack and puts them in place. "
+        f"By hand: `{SDM_FILE}` and `{TDM_FILE}` (or the official `.bin` files renamed `facediffuser_sdm.bin` / "
+        "`facediffuser_tdm.bin`) in `models/facediffuser`, an insightface pack (buffalo_l or antelopev2; the loader's "
+        "`auto` takes either) in `models/insightface/models/<pack>`. `python scripts/facediffuser_check.py` says what is missing.\n"
         "2. Load a photo of the person in **Reference photo 1**.\n"
         "3. In **Face-diffuser Subject Prompt**, write `<|image|>` right after the word naming the person.\n"
         "4. Queue. **Face crops** shows the face that was used.\n\n"

@@ -1,0 +1,260 @@
+"""scripts/facediffuser_setup.py against a stand-in for the hub's file endpoints and insightface's release, on
+127.0.0.1 (tests/hub_stand_in.py): fresh, resumed, corrupted and already-complete set-ups, zips of any layout,
+extra_model_paths.yaml, offline, --dry-run and --convert. The set-up runs as users run it, in a fresh
+interpreter, with HF_ENDPOINT pointing at the stand-in and HF_HOME at a scratch folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_server
+import hub_stand_in
+import pack_scripts
+from test_first_run_check import SDM_KEYS, TDM_KEYS, fake_comfyui, tensors
+
+setup = pack_scripts.load("facediffuser_setup")
+SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_setup.py"
+REPOSITORY = setup.HUB_REPOSITORY
+BUFFALO_FILES = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx")
+
+
+def checkpoint_bytes(keys, extra_floats: int = 0) -> bytes:
+    """A torch .bin with the tensor names of an SDM or a TDM; `extra_floats` makes it as large as needed."""
+    state = tensors(keys)
+    if extra_floats:
+        state["unet.padding.weight"] = torch.arange(extra_floats, dtype=torch.float32)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def pack_zip(folder: str, files=BUFFALO_FILES) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in files:
+            archive.writestr(f"{folder}{name}", f"onnx {name}".encode())
+        archive.writestr("__MACOSX/._det_10g.onnx", b"resource fork")
+    return buffer.getvalue()
+
+
+SDM_BYTES = checkpoint_bytes(SDM_KEYS)
+TDM_BYTES = checkpoint_bytes(TDM_KEYS)
+
+
+@pytest.fixture
+def hub():
+    with hub_stand_in.running() as running:
+        yield running
+
+
+def serve_everything(hub, sdm=SDM_BYTES, tdm=TDM_BYTES, zip_folder="buffalo_l/", **sdm_faults) -> str:
+    hub.add_hub_file(REPOSITORY, "SDM/pytorch_model.bin", sdm, **sdm_faults)
+    hub.add_hub_file(REPOSITORY, "TDM/pytorch_model.bin", tdm)
+    return hub.add_file("/releases/download/v0.7/buffalo_l.zip", pack_zip(zip_folder))
+
+
+def run_setup(hub_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def install_args(comfyui: Path, zip_url: str) -> list[str]:
+    return ["--comfyui", str(comfyui), "--insightface-source", zip_url]
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.name.endswith(".partial")]
+
+
+def test_fresh_setup_downloads_verifies_and_places_everything(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    zip_url = serve_everything(hub, zip_folder="buffalo_l/buffalo_l/")  # nested one level too deep, as some zips are
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    models = comfyui / "models"
+    assert (models / "facediffuser" / "facediffuser_sdm.bin").read_bytes() == SDM_BYTES
+    assert (models / "facediffuser" / "facediffuser_tdm.bin").read_bytes() == TDM_BYTES
+    pack = models / "insightface" / "models" / "buffalo_l"
+    assert sorted(p.name for p in pack.iterdir()) == sorted(BUFFALO_FILES)  # flat, without the zip's folders or __MACOSX
+    assert (pack / "det_10g.onnx").read_bytes() == b"onnx det_10g.onnx"
+    assert leftovers(tmp_path) == []
+    out = result.stdout
+    # The licences are named before anything is downloaded.
+    assert out.index("Licence: The Face-diffuser weights") < out.index("download SDM")
+    assert out.index("Licence: insightface's pretrained models are for non-commercial research use only") < out.index("install insightface")
+    assert "verifying facediffuser_sdm.bin (sha256)" in out
+    assert "[  ok   ] SDM model:" in out and "[  ok   ] insightface models: buffalo_l" in out and "All set." in out
+
+
+def test_a_dropped_connection_resumes_and_a_rerun_resumes_an_interrupted_download(hub, tmp_path):
+    # huggingface_hub writes what arrived in chunks of 10 MiB, so the file is larger than that to resume mid-file.
+    sdm = checkpoint_bytes(SDM_KEYS, extra_floats=4 * 2**20)
+    zip_url = serve_everything(hub, sdm=sdm, drop_after=12 * 2**20)
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    # What an interrupted earlier run left: the first 3 MB of the TDM under its hidden name.
+    tdm_target = comfyui / "models" / "facediffuser" / "facediffuser_tdm.bin"
+    tdm_target.parent.mkdir(parents=True)
+    setup.partial_path(tdm_target, hashlib.sha256(TDM_BYTES).hexdigest()[:16]).write_bytes(TDM_BYTES[:1000])
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin").read_bytes() == sdm
+    assert tdm_target.read_bytes() == TDM_BYTES
+    sdm_gets = [r.range for r in hub.gets() if r.path.endswith("SDM/pytorch_model.bin")]
+    assert sdm_gets[0] is None and len(sdm_gets) == 2 and sdm_gets[1].startswith("bytes=") and sdm_gets[1] != "bytes=0-"
+    assert [r.range for r in hub.gets() if r.path.endswith("TDM/pytorch_model.bin")] == ["bytes=1000-"]
+    assert "resuming facediffuser_tdm.bin at 0.0 MB" in result.stdout
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault, message", [
+    ({"announced_sha256": hashlib.sha256(b"other content").hexdigest()}, "the downloaded file does not match the hub's sha256"),
+    ({"announced_size": len(SDM_BYTES) - 10}, "the server sent more than the"),
+])
+def test_a_hash_or_size_mismatch_installs_nothing_and_says_so(hub, tmp_path, fault, message):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub, **fault)))
+    assert result.returncode == 1
+    assert message in result.stderr and "facediffuser_sdm.bin" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin").exists()
+    assert leftovers(tmp_path) == []
+    # The other parts are set up all the same, and the check's verdict names what is missing.
+    assert (comfyui / "models" / "facediffuser" / "facediffuser_tdm.bin").is_file()
+    assert "[missing] SDM model" in result.stdout
+
+
+def test_a_complete_setup_downloads_nothing(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    args = install_args(comfyui, serve_everything(hub))
+    assert run_setup(hub.url, tmp_path, *args).returncode == 0
+    hub.requests.clear()
+    result = run_setup(hub.url, tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    assert [r for r in hub.requests if not r.path.startswith("/api/")] == []
+    assert "SDM in place:" in result.stdout and "TDM in place:" in result.stdout and "insightface in place: buffalo_l" in result.stdout
+
+
+def test_dry_run_says_what_it_would_do_and_touches_nothing(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    result = run_setup(hub.url, tmp_path, "--dry-run", *install_args(comfyui, serve_everything(hub)))
+    assert result.returncode == 0, result.stderr
+    target = comfyui / "models" / "facediffuser"
+    assert f"would download SDM {hub.url}/{REPOSITORY}/resolve/main/SDM/pytorch_model.bin to {target / 'facediffuser_sdm.bin'}" in result.stdout
+    assert "would install insightface buffalo_l" in result.stdout
+    assert not (comfyui / "models").exists()
+    assert hub.gets() == [] or all(r.path.startswith("/api/") for r in hub.gets())
+
+
+def test_offline_names_the_manual_steps(tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    closed = f"http://127.0.0.1:{comfy_server.free_port()}"
+    result = run_setup(closed, tmp_path, *install_args(comfyui, f"{closed}/buffalo_l.zip"))
+    assert result.returncode == 1
+    err = result.stderr
+    assert "Traceback" not in err
+    assert "cannot get the Hugging Face hub for SDM/pytorch_model.bin" in err and "Offline, or a firewall or proxy in the way?" in err
+    sdm = comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin"
+    assert f"download {closed}/{REPOSITORY}/resolve/main/SDM/pytorch_model.bin in a browser and save it as {sdm}" in err
+    pack = comfyui / "models" / "insightface" / "models" / "buffalo_l"
+    assert f"To do it by hand: download {closed}/buffalo_l.zip and unzip its .onnx files directly into {pack}" in err
+    assert not sdm.exists() and not pack.exists()
+
+
+def test_extra_model_paths_default_folders_receive_the_files_and_other_folders_count(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    shared = tmp_path / "shared models"
+    (shared / "older").mkdir(parents=True)
+    (shared / "older" / "facediffuser_tdm.bin").write_bytes(TDM_BYTES)  # found there, so not downloaded
+    (comfyui / "extra_model_paths.yaml").write_text(
+        "studio:\n"
+        f"    base_path: {shared}\n"
+        "    is_default: true\n"
+        "    facediffuser: |\n"
+        "        facediffuser\n"
+        "    insightface: insightface\n"
+        "archive:\n"
+        f"    base_path: {shared}\n"
+        "    facediffuser: older\n")
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (shared / "facediffuser" / "facediffuser_sdm.bin").read_bytes() == SDM_BYTES
+    assert (shared / "insightface" / "models" / "buffalo_l" / "det_10g.onnx").is_file()
+    assert not (comfyui / "models").exists()
+    assert not [r for r in hub.gets() if r.path.endswith("TDM/pytorch_model.bin")]
+    assert f"[  ok   ] TDM model: {shared / 'older' / 'facediffuser_tdm.bin'}" in result.stdout and "All set." in result.stdout
+
+
+def test_a_broken_file_in_place_is_reported_not_overwritten(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    broken = comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(SDM_BYTES[:100])  # a browser download that stopped early
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub)))
+    assert result.returncode == 1
+    assert f"{broken} cannot be read" in result.stderr and "does not overwrite files it did not make" in result.stderr
+    assert broken.read_bytes() == SDM_BYTES[:100]
+    assert (comfyui / "models" / "facediffuser" / "facediffuser_tdm.bin").is_file()
+
+
+def test_antelopev2_comes_only_from_a_source_the_user_gives(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    serve_everything(hub)
+    result = run_setup(hub.url, tmp_path, "--comfyui", str(comfyui), "--insightface-pack", "antelopev2")
+    assert result.returncode == 1
+    assert "antelopev2 has no official download" in result.stderr and "--insightface-source" in result.stderr
+
+    antelope = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx")
+    local_zip = tmp_path / "antelopev2.zip"
+    local_zip.write_bytes(pack_zip("antelopev2/antelopev2/", antelope))
+    result = run_setup(hub.url, tmp_path, "--comfyui", str(comfyui), "--insightface-pack", "antelopev2",
+                       "--insightface-source", str(local_zip))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pack = comfyui / "models" / "insightface" / "models" / "antelopev2"
+    assert sorted(p.name for p in pack.iterdir()) == sorted(antelope)
+    assert local_zip.is_file()  # the user's own zip is left alone
+
+
+def test_a_zip_that_is_not_the_pack_installs_nothing(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    serve_everything(hub)
+    zip_url = hub.add_file("/other.zip", pack_zip("", ("w600k_r50.onnx",)))
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert result.returncode == 1
+    assert "has no det_10g.onnx, the buffalo_l pack's face detector (it holds w600k_r50.onnx)" in result.stderr
+    assert not (comfyui / "models" / "insightface" / "models" / "buffalo_l").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_convert_writes_fp16_safetensors_with_the_packs_converter(hub, tmp_path):
+    import official_checkpoints
+    from safetensors import safe_open
+
+    def official_bytes(refs) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(official_checkpoints.official_state_dict(refs), buffer)
+        return buffer.getvalue()
+
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    zip_url = serve_everything(hub, sdm=official_bytes(official_checkpoints.build_sdm()), tdm=official_bytes(official_checkpoints.build_tdm()))
+    result = run_setup(hub.url, tmp_path, "--convert", *install_args(comfyui, zip_url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = comfyui / "models" / "facediffuser"
+    for name in ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"):
+        with safe_open(str(folder / name), framework="pt") as converted:
+            floating = [converted.get_slice(key).get_dtype() for key in converted.keys()]
+        assert set(floating) <= {"F16", "I64"}, name
+    assert f"[  ok   ] SDM model: {folder / 'facediffuser_sdm.safetensors'}" in result.stdout
+    hub.requests.clear()
+    again = run_setup(hub.url, tmp_path, "--convert", *install_args(comfyui, zip_url))
+    assert again.returncode == 0 and "convert SDM" not in again.stdout and "SDM in place" in again.stdout
+    assert [r for r in hub.requests if not r.path.startswith("/api/")] == []
