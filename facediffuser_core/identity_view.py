@@ -62,7 +62,7 @@ def annotate(picture: np.ndarray, result: ImageResult, threshold: float) -> np.n
         if subject is not None:
             text = f"S{subject.subject + 1} {subject.similarity:.2f}"
             if subject.mixed:
-                text += f" ~S{subject.closest_subject + 1}"
+                text += f" like S{subject.closest_subject + 1}"
             draw_label(draw, (x1, y2 + line), text, colour, size, (width, height))
     missing = [f"S{s.subject + 1}" for s in result.subjects if s.missing]
     header = f"score {result.score:.2f}" + (f", missing {' '.join(missing)}" if missing else "")

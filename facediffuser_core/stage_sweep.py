@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .identity_view import BELOW, PANEL, SAME, draw_label, font
+from .identity_view import BELOW, INK, PANEL, SAME, draw_label, font
 
 GAP = 4
 EMPTY_CELL = (40, 40, 40)
@@ -84,15 +84,20 @@ def grid_picture(grid: StageGrid, pictures: np.ndarray, scores: Sequence[float] 
     canvas = Image.new("RGB", (margin_left + len(grid.betas) * (width + GAP), margin_top + len(grid.alphas) * (height + GAP)), PANEL)
     draw = ImageDraw.Draw(canvas)
     bounds = canvas.size
-    draw.text((GAP, GAP), "alpha \\ beta", fill=(255, 255, 255), font=font(size))
+    label_font = font(size)
 
     def origin(row: int, column: int) -> tuple[int, int]:
         return margin_left + column * (width + GAP), margin_top + row * (height + GAP)
 
+    def centred(text: str, centre_x: float, centre_y: float) -> None:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=label_font)
+        draw.text((centre_x - (left + right) / 2, centre_y - (top + bottom) / 2), text, fill=INK, font=label_font)
+
+    draw.text((GAP, GAP), "alpha \\ beta", fill=INK, font=label_font)
     for column, beta in enumerate(grid.betas):
-        draw.text((origin(0, column)[0] + width // 3, margin_top - 3 * size // 2), f"{beta:g}", fill=(255, 255, 255), font=font(size))
+        centred(f"{beta:g}", origin(0, column)[0] + width / 2, margin_top * 2 / 3)
     for row, alpha in enumerate(grid.alphas):
-        draw.text((GAP, origin(row, 0)[1] + height // 3), f"{alpha:g}", fill=(255, 255, 255), font=font(size))
+        centred(f"{alpha:g}", margin_left / 2, origin(row, 0)[1] + height / 2)
         for column, beta in enumerate(grid.betas):
             if beta < alpha:
                 x, y = origin(row, column)
@@ -107,4 +112,4 @@ def grid_picture(grid: StageGrid, pictures: np.ndarray, scores: Sequence[float] 
             draw_label(draw, (x, y + height - 2 * size), f"{scores[index]:.2f}", colour, size, bounds)
         if index == best:
             draw.rectangle((x - GAP // 2, y - GAP // 2, x + width + GAP // 2 - 1, y + height + GAP // 2 - 1), outline=BEST_FRAME, width=GAP // 2)
-    return np.asarray(canvas)
+    return np.array(canvas)

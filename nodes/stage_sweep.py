@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 import comfy.model_management
@@ -127,7 +126,7 @@ class FaceDiffuserStageSweepGrid(io.ComfyNode):
             scores, threshold = identity.scores, identity.threshold.similarity
         pictures = to_uint8_levels(images).to(torch.uint8).cpu().numpy()
         picture = grid_picture(sweep, pictures, scores, threshold)
-        return io.NodeOutput(torch.from_numpy(np.ascontiguousarray(picture)).float().unsqueeze(0) / 255)
+        return io.NodeOutput(torch.from_numpy(picture).float().unsqueeze(0) / 255)
 
 
 NODES = [FaceDiffuserStageSweep, FaceDiffuserStageSweepGrid]

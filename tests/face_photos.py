@@ -23,10 +23,12 @@ def comfy_image(*rgb_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(rgb_uint8)).float() / 255
 
 
-def face_photo(photo: np.ndarray, box, margin: float = 0.6) -> np.ndarray:
-    """The square around a face box, widened by `margin` of its size on each side: a portrait of that person."""
+def face_photo(photo: np.ndarray, box, margin: float = 0.6, size: int | None = None) -> np.ndarray:
+    """The square around a face box, widened by `margin` of its size on each side: a portrait of that person,
+    scaled to `size` x `size` when given (an IMAGE batch needs photos of one size)."""
     left, top, right, bottom = square_crop_box(box, photo.shape[1], photo.shape[0], margin)
-    return np.ascontiguousarray(photo[top:bottom, left:right])
+    portrait = np.ascontiguousarray(photo[top:bottom, left:right])
+    return portrait if size is None else np.asarray(Image.fromarray(portrait).resize((size, size), Image.BILINEAR))
 
 
 def side_by_side(*photos: np.ndarray, size: int = 240) -> np.ndarray:
