@@ -196,6 +196,15 @@ class ImageResult:
     score: float
     rank: int = 0  # 0 = best of the batch
 
+    def summary(self) -> str:
+        """The picture's result in a few words, for labels on pictures."""
+        if not self.boxes:
+            return "no face found"
+        missing = [f"S{s.subject + 1}" for s in self.subjects if s.missing]
+        if missing:
+            return f"missing {' '.join(missing)}"
+        return f"score {self.score:.2f}" + (" mixed" if any(s.mixed for s in self.subjects) else "")
+
     def to_json(self, model: str, threshold: float) -> dict:
         return {
             "batch_index": self.batch_index,

@@ -25,8 +25,10 @@ def subject_colour(subject: SubjectResult) -> tuple[int, int, int]:
     return SAME if subject.same_person else BELOW
 
 
-def score_colour(score: float, threshold: float) -> tuple[int, int, int]:
-    return SAME if score >= threshold else BELOW
+def picture_colour(result: ImageResult, threshold: float) -> tuple[int, int, int]:
+    if any(subject.mixed for subject in result.subjects):
+        return MIXED
+    return SAME if result.score >= threshold else BELOW
 
 
 def font(size: int) -> ImageFont.ImageFont:
@@ -64,9 +66,5 @@ def annotate(picture: np.ndarray, result: ImageResult, threshold: float) -> np.n
             if subject.mixed:
                 text += f" like S{subject.closest_subject + 1}"
             draw_label(draw, (x1, y2 + line), text, colour, size, (width, height))
-    missing = [f"S{s.subject + 1}" for s in result.subjects if s.missing]
-    header = f"score {result.score:.2f}" + (f", missing {' '.join(missing)}" if missing else "")
-    if not result.boxes:
-        header = "no face found"
-    draw_label(draw, (0, 0), header, score_colour(result.score, threshold) if result.boxes else BELOW, size, (width, height))
+    draw_label(draw, (0, 0), result.summary(), picture_colour(result, threshold), size, (width, height))
     return np.asarray(image)

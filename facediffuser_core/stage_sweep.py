@@ -8,13 +8,13 @@ not sampled and the grid shows it as such. Cells are sampled and batched row by 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .identity_view import BELOW, INK, PANEL, SAME, draw_label, font
+from .identity import MISSING_SIMILARITY, IdentityReport
+from .identity_view import INK, PANEL, draw_label, font, picture_colour
 
 GAP = 4
 EMPTY_CELL = (40, 40, 40)
@@ -68,16 +68,16 @@ class StageGrid:
         return len(self.alphas) * len(self.betas) - len(self.cells)
 
 
-def grid_picture(grid: StageGrid, pictures: np.ndarray, scores: Sequence[float] | None = None,
-                 threshold: float | None = None) -> np.ndarray:
+def grid_picture(grid: StageGrid, pictures: np.ndarray, identity: IdentityReport | None = None) -> np.ndarray:
     """The sampled pictures (N, H, W, 3) uint8 in cell order laid out alpha (rows) by beta (columns), with the
-    values in the margins and, given `scores` (one per cell, and the model's threshold), each cell's identity
-    score in its corner and the best cell framed."""
+    values in the margins and, given the pictures' identity results, each cell's score in its corner
+    (coloured by the model's same-person threshold) and the best cell framed, unless no cell has every
+    subject's face."""
     cells = grid.cells
     if len(pictures) != len(cells):
         raise ValueError(f"the grid has {len(cells)} sampled cells but {len(pictures)} pictures were given")
-    if scores is not None and len(scores) != len(cells):
-        raise ValueError(f"the grid has {len(cells)} sampled cells but {len(scores)} scores were given")
+    if identity is not None and len(identity.images) != len(cells):
+        raise ValueError(f"the grid has {len(cells)} sampled cells but {len(identity.images)} pictures were scored")
     height, width = pictures.shape[1:3]
     size = max(10, min(width, height) // 12)
     margin_left, margin_top = 4 * size, 3 * size
@@ -103,13 +103,16 @@ def grid_picture(grid: StageGrid, pictures: np.ndarray, scores: Sequence[float] 
                 x, y = origin(row, column)
                 draw.rectangle((x, y, x + width - 1, y + height - 1), fill=EMPTY_CELL)
                 draw.text((x + GAP, y + GAP), "beta < alpha", fill=(200, 200, 200), font=font(size * 2 // 3))
-    best = None if not scores else max(range(len(scores)), key=lambda i: (scores[i], -i))
+    best = None if identity is None else identity.order()[0]
+    if best is not None and identity.images[best].score <= MISSING_SIMILARITY:
+        best = None  # no cell has every subject's face: none is best
     for index, cell in enumerate(cells):
         x, y = origin(cell.row, cell.column)
         canvas.paste(Image.fromarray(pictures[index]), (x, y))
-        if scores is not None:
-            colour = SAME if threshold is not None and scores[index] >= threshold else BELOW
-            draw_label(draw, (x, y + height - 2 * size), f"{scores[index]:.2f}", colour, size, bounds)
+        if identity is not None:
+            result = identity.images[index]
+            colour = picture_colour(result, identity.threshold.similarity)
+            draw_label(draw, (x, y + height - 2 * size), result.summary(), colour, size * 3 // 4, bounds)
         if index == best:
             draw.rectangle((x - GAP // 2, y - GAP // 2, x + width + GAP // 2 - 1, y + height + GAP // 2 - 1), outline=BEST_FRAME, width=GAP // 2)
     return np.array(canvas)

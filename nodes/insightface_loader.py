@@ -132,7 +132,7 @@ def recognition_backend(analysis, node: str) -> InsightFaceRecognizer:
     wanted = wanted or "an ArcFace recognition model (.onnx, 112x112 face in, 512-d embedding out; glintr100.onnx of antelopev2 or w600k_r50.onnx of buffalo_l)"
     raise ValueError(
         f"{node}: the insightface pack in {folder} has no face-recognition model, only what detects faces. Put {wanted} "
-        f"directly into {folder} and reload the pack, or choose recognition = dlib."
+        f"directly into {folder} (the loader notices the new file at the next run), or choose recognition = dlib."
     )
 
 
@@ -162,6 +162,13 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
             ],
             outputs=[io.FaceAnalysis.Output(display_name="face_analysis")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, pack: str, provider: str, det_size: int):
+        # ComfyUI reuses a loaded pack while the inputs stay the same; a file added to the pack (such as the
+        # recognition model the Identity Score asked for) must load it anew.
+        folders = [os.path.join(root, "models", pack) for root in insightface_roots()]
+        return tuple((path, os.path.getmtime(path)) for folder in folders for path in _onnx_files(folder))
 
     @classmethod
     def execute(cls, pack: str, provider: str, det_size: int) -> io.NodeOutput:

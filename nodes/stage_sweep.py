@@ -118,14 +118,11 @@ class FaceDiffuserStageSweepGrid(io.ComfyNode):
         if images.shape[0] != cells:
             raise ValueError(f"{GRID_NAME}: images has {images.shape[0]} pictures but the sweep sampled {cells} cells: connect the "
                              "VAE Decode of this Stage Sweep's LATENT")
-        scores = threshold = None
-        if identity is not None:
-            if len(identity.images) != cells:
-                raise ValueError(f"{GRID_NAME}: identity scored {len(identity.images)} pictures but the sweep sampled {cells} cells: "
-                                 "score the same decoded pictures")
-            scores, threshold = identity.scores, identity.threshold.similarity
+        if identity is not None and len(identity.images) != cells:
+            raise ValueError(f"{GRID_NAME}: identity scored {len(identity.images)} pictures but the sweep sampled {cells} cells: "
+                             "score the same decoded pictures")
         pictures = to_uint8_levels(images).to(torch.uint8).cpu().numpy()
-        picture = grid_picture(sweep, pictures, scores, threshold)
+        picture = grid_picture(sweep, pictures, identity)
         return io.NodeOutput(torch.from_numpy(picture).float().unsqueeze(0) / 255)
 
 

@@ -152,6 +152,8 @@ def test_measure_identity_end_to_end_with_a_stand_in_recognizer():
     assert nobody.boxes == [] and all(s.missing for s in nobody.subjects) and nobody.score == MISSING_SIMILARITY
     assert twice.subjects[1].mixed and twice.subjects[1].closest_subject == 0 and not twice.subjects[0].mixed
     assert report.order() == [0, 3, 1, 2] and [image.rank for image in report.images] == [0, 2, 3, 1]
+    assert [image.summary() for image in report.images] == [
+        f"score {both.score:.2f}", "missing S1", "no face found", f"score {twice.score:.2f} mixed"]
 
     entries = json.loads(json.dumps(report.to_json()))
     assert [e["batch_index"] for e in entries] == [0, 1, 2, 3]

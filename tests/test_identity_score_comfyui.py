@@ -98,6 +98,14 @@ def test_a_pack_without_recognition_fails_only_where_recognition_is_needed(comfy
     # detection alone still works for the reference-face node
     boxes = comfyui.pack("nodes.reference_faces").detect_face_boxes(detector_only, comfy_image(group)[0])
     assert len(boxes) == 6
+    # adding the file changes the loader's fingerprint, so ComfyUI loads the pack anew instead of reusing it
+    loader = comfyui.node("FaceDiffuserInsightFaceLoader")
+    before = loader.fingerprint_inputs(pack="antelopev2", provider="CPU", det_size=640)
+    added = write_recognition_model(folder, "glintr100.onnx")
+    try:
+        assert loader.fingerprint_inputs(pack="antelopev2", provider="CPU", det_size=640) != before
+    finally:
+        added.unlink()
 
 
 def test_insightface_without_a_face_analysis_says_what_to_connect(comfyui, group):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facediffuser_core.identity import ImageResult, SubjectResult
+from facediffuser_core.identity import IdentityReport, ImageResult, SubjectResult, threshold_for
 from facediffuser_core.identity_view import BELOW, MIXED, SAME, UNASSIGNED, annotate
 from facediffuser_core.stage_sweep import BEST_FRAME, EMPTY_CELL, GAP, StageGrid, grid_picture, parse_fractions
 
@@ -36,7 +36,11 @@ def test_grid_picture_places_each_cell_and_frames_the_best():
     height, width = 48, 64
     colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
     pictures = np.stack([np.full((height, width, 3), colour, np.uint8) for colour in colours])
-    picture = grid_picture(grid, pictures, scores=[0.2, 0.9, -1.0], threshold=0.5)
+    subject = SubjectResult(0, 0, 0.2, False, False, 0, False)
+    identity = IdentityReport("w600k_r50", "a stand-in", threshold_for("w600k_r50"),
+                              [ImageResult(0, [(0, 0, 8, 8)], [subject], 0.2), ImageResult(1, [(0, 0, 8, 8)], [subject], 0.9),
+                               ImageResult(2, [], [subject], -1.0)])
+    picture = grid_picture(grid, pictures, identity)
     assert picture.dtype == np.uint8 and picture.shape[0] > 2 * height and picture.shape[1] > 2 * width
     for cell, colour in zip(grid.cells, colours):
         assert tuple(cell_pixel(grid, picture, cell.row, cell.column, height, width, dy=0.3)) == colour
@@ -47,17 +51,20 @@ def test_grid_picture_places_each_cell_and_frames_the_best():
     frame_row = margin_top - 1
     assert tuple(picture[frame_row, margin_left + (width + GAP) + width // 2]) == BEST_FRAME
     assert tuple(picture[frame_row, margin_left + width // 2]) != BEST_FRAME
-    # scores below the threshold get the red label, at the cell's bottom left
+    # scores below the threshold get a red label, at the cell's bottom left
     labels = picture[margin_top + height - 20:margin_top + height, margin_left:margin_left + 30].reshape(-1, 3)
     assert (labels == BELOW).all(axis=1).any()
+    # with no face in any cell, no cell is framed as the best
+    nobody = IdentityReport("w600k_r50", "a stand-in", threshold_for("w600k_r50"), [ImageResult(i, [], [subject], -1.0) for i in range(3)])
+    assert not (grid_picture(grid, pictures, nobody) == BEST_FRAME).all(axis=2).any()
 
 
 def test_grid_picture_refuses_counts_that_do_not_fit():
     grid = StageGrid.parse("0.3", "0.5, 0.8")
     with pytest.raises(ValueError, match="2 sampled cells but 3 pictures"):
         grid_picture(grid, np.zeros((3, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="2 sampled cells but 1 scores"):
-        grid_picture(grid, np.zeros((2, 8, 8, 3), np.uint8), scores=[0.1])
+    with pytest.raises(ValueError, match="2 sampled cells but 1 pictures were scored"):
+        grid_picture(grid, np.zeros((2, 8, 8, 3), np.uint8), IdentityReport("dlib", "", threshold_for("dlib"), [ImageResult(0, [], [], -1.0)]))
 
 
 def test_annotation_colours_faces_by_verdict():

@@ -55,7 +55,7 @@ def test_grid_node_lays_out_the_decoded_cells_with_their_scores(comfyui, conds):
     images = torch.rand(len(grid.cells), 32, 48, 3, generator=torch.Generator().manual_seed(0))
     (plain,) = comfyui.run("FaceDiffuserStageSweepGrid", images=images, sweep=grid)
     report = IdentityReport("w600k_r50", "a stand-in", threshold_for("w600k_r50"),
-                            [ImageResult(i, [], [], score) for i, score in enumerate([0.1, 0.5, 0.3])])
+                            [ImageResult(i, [(0, 0, 4, 4)], [], score) for i, score in enumerate([0.1, 0.5, 0.3])])
     (scored,) = comfyui.run("FaceDiffuserStageSweepGrid", images=images, sweep=grid, identity=report)
     assert plain.shape == scored.shape and plain.shape[0] == 1 and plain.shape[1] > 2 * 32 and plain.shape[2] > 2 * 48
     assert not torch.equal(plain, scored)  # the score labels and the best cell's frame
