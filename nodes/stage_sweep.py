@@ -13,12 +13,12 @@ import logging
 import torch
 
 import comfy.model_management
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..facediffuser_core.face_crop import to_uint8_levels
 from ..facediffuser_core.stage_sweep import StageGrid, grid_picture
-from .sampling import _cfg_input, _model_and_conditioning_inputs, snf_sample
+from . import official_run
+from .sampling import _model_and_conditioning_inputs, _schedule_inputs, snf_sample
 from .types import Identity, StageSweep
 
 SWEEP_NAME = "Face-diffuser Stage Sweep"
@@ -43,15 +43,12 @@ class FaceDiffuserStageSweep(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="A latent of batch size 1 (Empty Latent Image): one picture per cell."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The one seed every cell is sampled from, so cells differ only by their split."),
-                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the official setting is 50)."),
-                _cfg_input(),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
-                               tooltip="ComfyUI sampler. 'ddim' with the 'ddim_uniform' scheduler is the paper's DDIM sampling."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform"),
+                *_schedule_inputs(),
                 io.String.Input("alphas", default="0.2, 0.3, 0.4",
                                 tooltip="The grid's rows: ends of scene construction as fractions of the steps, separated by commas."),
                 io.String.Input("betas", default="0.5, 0.6, 0.7",
                                 tooltip="The grid's columns: ends of fusion as fractions of the steps, separated by commas."),
+                io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="As in the SNF Sampler: below 1, only the last steps of a longer schedule run."),
             ],
@@ -63,7 +60,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                alphas, betas, denoise) -> io.NodeOutput:
+                alphas, betas, denoise, noise="comfyui") -> io.NodeOutput:
         try:
             grid = StageGrid.parse(alphas, betas)
         except ValueError as error:
@@ -84,7 +81,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             logging.info("%s: cell %d of %d, alpha %g, beta %g", SWEEP_NAME, index + 1, len(cells), cell.alpha, cell.beta)
             out, _ = snf_sample(SWEEP_NAME, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
-                                sampler_name, scheduler, cell.alpha, cell.beta, denoise)
+                                sampler_name, scheduler, cell.alpha, cell.beta, denoise, noise_kind=noise)
             samples.append(out["samples"])
         out["samples"] = torch.cat(samples)
         out.pop("batch_index", None)  # the cells' batch, not the input's position in a larger one
