@@ -14,7 +14,7 @@ SETTINGS = dict(seed=11, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_
 
 @pytest.fixture(scope="module")
 def conds(comfyui):
-    return {"augmented": tiny_comfy.conditioning(20), "text": tiny_comfy.conditioning(21), "null": tiny_comfy.conditioning(22)}
+    return tiny_comfy.three_conditionings()
 
 
 def sweep(comfyui, tdm, sdm, conds, alphas, betas, latent=None, **overrides):
@@ -51,7 +51,7 @@ def test_each_cell_is_the_snf_samplers_picture_and_the_models_load_once(comfyui,
 def test_grid_node_lays_out_the_decoded_cells_with_their_scores(comfyui, conds):
     from facediffuser_core.identity import IdentityReport, ImageResult, threshold_for
 
-    _, grid = sweep(comfyui, tiny_comfy.sd15_patcher(1), tiny_comfy.sd15_patcher(2), conds, "0.2, 0.6", "0.4, 0.8", steps=2)
+    _, grid = sweep(comfyui, *tiny_comfy.model_pair(), conds, "0.2, 0.6", "0.4, 0.8", steps=2)
     images = torch.rand(len(grid.cells), 32, 48, 3, generator=torch.Generator().manual_seed(0))
     (plain,) = comfyui.run("FaceDiffuserStageSweepGrid", images=images, sweep=grid)
     report = IdentityReport("w600k_r50", "a stand-in", threshold_for("w600k_r50"),
@@ -67,7 +67,7 @@ def test_grid_node_lays_out_the_decoded_cells_with_their_scores(comfyui, conds):
 
 
 def test_bad_sweeps_name_the_node_and_the_fix(comfyui, conds):
-    models = tiny_comfy.sd15_patcher(1), tiny_comfy.sd15_patcher(2)
+    models = tiny_comfy.model_pair()
     with pytest.raises(ValueError, match="Face-diffuser Stage Sweep: alphas: 'a' is not a number"):
         sweep(comfyui, *models, conds, "0.2, a", "0.5")
     with pytest.raises(ValueError, match="every beta .* is below every alpha"):
