@@ -9,6 +9,11 @@ One concept per module:
   postfuse         the fusion MLP that writes a face embedding into a prompt token
   face_crop        where to crop a reference photo, and the official preprocessing for the vision tower
   insightface_packs  the insightface model packs, their files and where to download them
+  identity         identity scores: reference x face similarities, one-to-one assignment, missing/mixed flags,
+                   per-picture score and ranking, each recognition model's same-person threshold
+  recognition      face-recognition backends (insightface ArcFace, dlib) that find and embed faces
+  identity_view    pictures of identity results: faces boxed and labelled with subject and similarity
+  stage_sweep      one seed over a grid of alpha and beta values, and the labelled grid picture
   checkpoint       what kind an official checkpoint is, its parts, and its networks' sizes from their shapes
   checkpoint_file  reading a checkpoint file safely, with errors a user can act on
   sd15_keys        key names of an SD1.5 single-file checkpoint against the official layout

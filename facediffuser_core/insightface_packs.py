@@ -2,7 +2,8 @@
 
 Plain data without imports, so that the first-run check can read it on a machine without torch.
 A pack lives in <models>/insightface/models/<pack>/ with these files directly in it. The reference-face
-node only detects faces, so the detector, listed last, is the file a pack cannot do without.
+node only detects faces, so the detector, listed last, is the file a pack cannot do without. The Identity
+Score node also needs the pack's ArcFace recognition model (RECOGNITION_FILES).
 """
 
 KNOWN_PACK_FILES = {
@@ -22,3 +23,11 @@ PACKS_LICENCE = ("insightface's pretrained models are for non-commercial researc
 
 def detector_file(pack: str) -> str:
     return KNOWN_PACK_FILES[pack][-1]
+
+
+# Each pack's ArcFace face-recognition model (112x112 aligned face in, 512-d embedding out).
+RECOGNITION_FILES = {"antelopev2": "glintr100.onnx", "buffalo_l": "w600k_r50.onnx"}
+
+
+def recognition_file(pack: str) -> str | None:
+    return RECOGNITION_FILES.get(pack)

@@ -1,8 +1,12 @@
-"""Face-diffuser InsightFace Loader: an insightface face-analysis pack for cropping faces out of photos.
+"""Face-diffuser InsightFace Loader: an insightface face-analysis pack for cropping faces out of photos and
+recognising them.
 
 The official Face-diffuser demo takes ready-made face crops; this optional loader lets the reference-face
-node find and crop the face in an ordinary photo. insightface and onnxruntime are imported only when this
-node runs, so the rest of the pack works without them.
+node find and crop the face in an ordinary photo. The pack's ArcFace recognition model (glintr100.onnx in
+antelopev2, w600k_r50.onnx in buffalo_l) is loaded with the detector, on the same execution provider, for
+the Identity Score node; a pack without one still serves the reference-face node, and only a node that
+recognises faces reports the missing file (`recognition_backend`). insightface and onnxruntime are imported
+only when this node runs, so the rest of the pack works without them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import sys
 import folder_paths
 from comfy_api.latest import io
 
-from ..facediffuser_core.insightface_packs import DEFAULT_PACK, KNOWN_PACK_FILES
+from ..facediffuser_core.insightface_packs import DEFAULT_PACK, KNOWN_PACK_FILES, recognition_file
+from ..facediffuser_core.recognition import InsightFaceRecognizer
 
 NODE_NAME = "Face-diffuser InsightFace Loader"
 INSIGHTFACE_FOLDER = "insightface"
@@ -140,6 +145,22 @@ def choose_provider(requested: str, available: list[str]) -> str:
     return PROVIDERS["CPU"]
 
 
+def recognition_backend(analysis, node: str) -> InsightFaceRecognizer:
+    """The loaded pack's detector and ArcFace model as a recognition backend; an error naming the file to add
+    when the pack has no recognition model."""
+    if not hasattr(analysis, "models") or not hasattr(analysis, "get"):
+        raise ValueError(f"{node}: face_analysis must be an insightface FaceAnalysis, such as {NODE_NAME} gives; got {type(analysis).__name__}")
+    if "recognition" in analysis.models:
+        return InsightFaceRecognizer(analysis)
+    folder = getattr(analysis, "model_dir", "the pack's folder")
+    wanted = recognition_file(os.path.basename(str(folder)))
+    wanted = wanted or "an ArcFace recognition model (.onnx, 112x112 face in, 512-d embedding out; glintr100.onnx of antelopev2 or w600k_r50.onnx of buffalo_l)"
+    raise ValueError(
+        f"{node}: the insightface pack in {folder} has no face-recognition model, only what detects faces. Put {wanted} "
+        f"directly into {folder} (the loader notices the new file at the next run), or choose recognition = dlib."
+    )
+
+
 class FaceDiffuserInsightFaceLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -151,8 +172,9 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
             description=(
                 "Loads an insightface face-analysis pack (antelopev2, buffalo_l, ...) from models/insightface/models/<name>/, "
                 "whose .onnx files must sit directly in that folder; 'auto' takes whichever known pack is installed. "
-                "Optional: Face-diffuser Encode Reference Faces uses it "
-                "to find and crop the face in ordinary photos. Needs the insightface and onnxruntime packages."
+                "Optional: Face-diffuser Encode Reference Faces uses it to find and crop the face in ordinary photos, "
+                "Face-diffuser Identity Score to find and recognise faces (with the pack's recognition model). Needs the "
+                "insightface and onnxruntime packages."
             ),
             inputs=[
                 io.Combo.Input("pack", options=[AUTO_PACK, *packs], default=AUTO_PACK,
@@ -167,6 +189,13 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
             ],
             outputs=[io.FaceAnalysis.Output(display_name="face_analysis")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, pack: str, provider: str, det_size: int):
+        # ComfyUI reuses a loaded pack while the inputs stay the same; a file added to the pack (such as the
+        # recognition model the Identity Score asked for) must load it anew.
+        folders = [os.path.join(root, "models", pack) for root in insightface_roots()]
+        return tuple((path, os.path.getmtime(path)) for folder in folders for path in _onnx_files(folder))
 
     @classmethod
     def execute(cls, pack: str, provider: str, det_size: int) -> io.NodeOutput:
@@ -190,6 +219,12 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
             ) from error
         analysis.prepare(ctx_id=-1 if chosen == PROVIDERS["CPU"] else 0, det_size=(det_size, det_size))
         logging.info("%s: loaded '%s' from %s with %s (det_size %d)", NODE_NAME, pack, pack_dir, chosen, det_size)
+        recognition = analysis.models.get("recognition")
+        if recognition is None:
+            logging.info("%s: '%s' has no face-recognition model (%s): enough for Encode Reference Faces, not for Identity Score",
+                         NODE_NAME, pack, recognition_file(pack) or "an ArcFace .onnx")
+        else:
+            logging.info("%s: face recognition with %s", NODE_NAME, os.path.basename(recognition.model_file))
         return io.NodeOutput(analysis)
 
 

@@ -35,6 +35,19 @@ def _cfg_input():
                           tooltip="Guidance scale for both models (the official setting is 5.0).")
 
 
+def _schedule_inputs() -> list:
+    """steps, cfg, sampler and scheduler, as in KSampler (also the Stage Sweep's)."""
+    return [
+        io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the official setting is 50)."),
+        _cfg_input(),
+        io.Combo.Input("sampler_name", options=[*comfy.samplers.SAMPLER_NAMES, official_run.PNDM], default="ddim",
+                       tooltip="ComfyUI sampler. 'ddim' with the 'ddim_uniform' scheduler is the paper's DDIM sampling; "
+                               "'pndm_official' is the PNDM (PLMS) sampler the official code ran."),
+        io.Combo.Input("scheduler", options=[*comfy.samplers.SCHEDULER_NAMES, official_run.PNDM], default="ddim_uniform",
+                       tooltip="'pndm_official' is the official run's timestep grid (981, 961, ..., 1 at 50 steps)."),
+    ]
+
+
 def _stage_inputs() -> list:
     return [
         io.Float.Input(
@@ -79,13 +92,7 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed of the initial noise."),
-                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the official setting is 50)."),
-                _cfg_input(),
-                io.Combo.Input("sampler_name", options=[*comfy.samplers.SAMPLER_NAMES, official_run.PNDM], default="ddim",
-                               tooltip="ComfyUI sampler. 'ddim' with the 'ddim_uniform' scheduler is the paper's DDIM sampling; "
-                                       "'pndm_official' is the PNDM (PLMS) sampler the official code ran."),
-                io.Combo.Input("scheduler", options=[*comfy.samplers.SCHEDULER_NAMES, official_run.PNDM], default="ddim_uniform",
-                               tooltip="'pndm_official' is the official run's timestep grid (981, 961, ..., 1 at 50 steps)."),
+                *_schedule_inputs(),
                 *_stage_inputs(),
                 io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,

@@ -8,3 +8,7 @@ SubjectEncoder = io.Custom("FACEDIFFUSER_SUBJECT_ENCODER")
 FaceEmbeds = io.Custom("FACEDIFFUSER_FACE_EMBEDS")
 # The SNF decisions of one sampling run (facediffuser_core.snf.SaliencyRecord).
 Saliency = io.Custom("FACEDIFFUSER_SALIENCY")
+# Identity scores of a batch of pictures against the reference faces (facediffuser_core.identity.IdentityReport).
+Identity = io.Custom("FACEDIFFUSER_IDENTITY")
+# The alpha x beta grid a Stage Sweep sampled (facediffuser_core.stage_sweep.StageGrid).
+StageSweep = io.Custom("FACEDIFFUSER_STAGE_SWEEP")

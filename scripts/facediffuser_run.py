@@ -48,9 +48,9 @@ IMAGE_LOADER = "LoadImage"
 # drive both the SNF-sampler workflows and the custom-sampling one (guider + RandomNoise + BasicScheduler).
 OVERRIDE_TARGETS: dict[str, list[tuple[str, str]]] = {
     "prompt": [("FaceDiffuserSubjectPrompt", "text")],
-    "seed": [("FaceDiffuserSNFSampler", "seed"), ("RandomNoise", "noise_seed")],
-    "steps": [("FaceDiffuserSNFSampler", "steps"), ("BasicScheduler", "steps")],
-    "cfg": [("FaceDiffuserSNFSampler", "cfg"), ("FaceDiffuserGuider", "cfg")],
+    "seed": [("FaceDiffuserSNFSampler", "seed"), ("RandomNoise", "noise_seed"), ("FaceDiffuserStageSweep", "seed")],
+    "steps": [("FaceDiffuserSNFSampler", "steps"), ("BasicScheduler", "steps"), ("FaceDiffuserStageSweep", "steps")],
+    "cfg": [("FaceDiffuserSNFSampler", "cfg"), ("FaceDiffuserGuider", "cfg"), ("FaceDiffuserStageSweep", "cfg")],
     "alpha": [("FaceDiffuserSNFSampler", "alpha"), ("FaceDiffuserGuider", "alpha")],
     "beta": [("FaceDiffuserSNFSampler", "beta"), ("FaceDiffuserGuider", "beta")],
     "batch_size": [("EmptyLatentImage", "batch_size")],
@@ -287,16 +287,22 @@ def describe_failure(entry: dict) -> str:
     return f"ComfyUI reports the job as {entry.get('status', {}).get('status_str', 'failed')} without a reason"
 
 
+def unused_path(output_dir: Path, name: str) -> Path:
+    """output_dir/name, or name-1, name-2, ... so that an earlier run's file is never overwritten."""
+    target = output_dir / name
+    counter = 1
+    while target.exists():
+        target = output_dir / f"{Path(name).stem}-{counter}{Path(name).suffix}"
+        counter += 1
+    return target
+
+
 def save_images(client: ComfyClient, entry: dict, output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     saved = []
     for node_output in entry.get("outputs", {}).values():
         for image in node_output.get("images", []):
-            target = output_dir / Path(image["filename"]).name
-            counter = 1
-            while target.exists():  # never overwrite an earlier run's picture
-                target = output_dir / f"{Path(image['filename']).stem}-{counter}{Path(image['filename']).suffix}"
-                counter += 1
+            target = unused_path(output_dir, Path(image["filename"]).name)
             target.write_bytes(client.download(image))
             saved.append(target)
     return saved
@@ -435,6 +441,118 @@ def server_for(args: argparse.Namespace):
                 own.log.unlink(missing_ok=True)
 
 
+# --- best of N: several seeds, ranked by the Identity Score node -------------------------------------------
+
+IDENTITY_NODE = "FaceDiffuserIdentityScore"
+IDENTITY_RESULT = "facediffuser_identity"  # the node's UI result in /history (format: nodes/identity_score.py)
+SAVE_NODE = "SaveImage"
+SCORES_FILE = "identity_scores.json"
+
+
+def identity_score_node(workflow: dict) -> str:
+    nodes = [node_id for node_id, node in workflow.items() if node["class_type"] == IDENTITY_NODE]
+    if len(nodes) != 1:
+        raise RunError(
+            f"--candidates/--keep-best rank the pictures by the workflow's {IDENTITY_NODE} node, but it has "
+            f"{len(nodes) or 'no'} such node{'s' if len(nodes) > 1 else ''}{' (' + ', '.join(nodes) + ')' if nodes else ''}. "
+            "Add one Face-diffuser Identity Score in ComfyUI (references: the reference photos; images: the decoded "
+            "pictures that Save Image saves) and export the workflow again (Workflow > Export (API))"
+        )
+    return nodes[0]
+
+
+def scored_pictures_saver(workflow: dict, identity_node: str) -> str:
+    """The Save Image node that saves the very pictures the Identity Score node scores (same source)."""
+    scored = workflow[identity_node]["inputs"].get("images")
+    savers = sorted((node_id for node_id, node in workflow.items()
+                     if node["class_type"] == SAVE_NODE and is_link(scored) and node["inputs"].get("images") == scored), key=str)
+    if not savers:
+        raise RunError(
+            f"--candidates/--keep-best: no {SAVE_NODE} node saves the pictures that node {identity_node} ({IDENTITY_NODE}) "
+            f"scores; connect the same images (its 'images' input comes from {scored}) to a Save Image"
+        )
+    return savers[0]
+
+
+def current_value(workflow: dict, option: str):
+    """The value the workflow gives `option` (its first target node's input)."""
+    for node in workflow.values():
+        for class_type, input_name in OVERRIDE_TARGETS[option]:
+            if node["class_type"] == class_type and not is_link(node["inputs"].get(input_name)):
+                return node["inputs"].get(input_name)
+    raise RunError(f"--{option}: the workflow has no unwired {' or '.join(c + '.' + i for c, i in OVERRIDE_TARGETS[option])}")
+
+
+def rank_pictures(candidates: list[dict]) -> list[tuple[int, int]]:
+    """(candidate index, batch index) of every scored picture, best first: highest score, then earlier
+    seed, then earlier picture of the batch."""
+    pictures = [(picture["score"], index, picture["batch_index"])
+                for index, candidate in enumerate(candidates) for picture in candidate["pictures"]]
+    return [(index, batch) for _, index, batch in sorted(pictures, key=lambda p: (-p[0], p[1], p[2]))]
+
+
+def describe_candidate(seed: int, pictures: list[dict]) -> str:
+    parts = []
+    for picture in pictures:
+        subjects = ", ".join(
+            f"subject {s['subject'] + 1} " + ("missing" if s["missing"] else f"{s['similarity']:.3f}" + (" mixed" if s["mixed"] else ""))
+            for s in picture["subjects"])
+        parts.append(f"picture {picture['batch_index']}: score {picture['score']:.3f} ({subjects})")
+    return f"seed {seed}: " + "; ".join(parts)
+
+
+def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
+    """Queue one job per seed, rank every picture by the Identity Score node, download the best
+    --keep-best and write every seed's per-subject scores to identity_scores.json beside them."""
+    candidates_count = 1 if args.candidates is None else args.candidates
+    if candidates_count < 1 or args.keep_best < 1:
+        raise RunError("--candidates and --keep-best must be 1 or more")
+    workflow = prepare_workflow(args, client)
+    identity_node = identity_score_node(workflow)
+    saver = scored_pictures_saver(workflow, identity_node)
+    first_seed = args.seed if args.seed is not None else current_value(workflow, "seed")
+    client_id = uuid.uuid4().hex
+    jobs = []
+    for seed in range(first_seed, first_seed + candidates_count):
+        set_override(workflow, "seed", seed)
+        jobs.append((seed, client.submit(workflow, client_id=client_id)))
+    print(f"submitted {len(jobs)} job(s) to {client.server}, seeds {first_seed} to {first_seed + len(jobs) - 1}")
+    candidates = []
+    for seed, prompt_id in jobs:
+        entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
+        if entry.get("status", {}).get("status_str") != "success":
+            raise RunError(f"seed {seed}: {describe_failure(entry)}")
+        outputs = entry.get("outputs", {})
+        pictures = outputs.get(identity_node, {}).get(IDENTITY_RESULT)
+        images = outputs.get(saver, {}).get("images", [])
+        if pictures is None:
+            raise RunError(f"seed {seed}: node {identity_node} ({IDENTITY_NODE}) reported no scores; is the pack up to date on the server?")
+        if len(images) != len(pictures):
+            raise RunError(f"seed {seed}: node {saver} saved {len(images)} picture(s) but {len(pictures)} were scored")
+        pictures = [{**picture, "kept_as": None} for picture in pictures]
+        candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
+        print(f"  {describe_candidate(seed, pictures)}")
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    kept, saved = [], []
+    for rank, (index, batch_index) in enumerate(rank_pictures(candidates)[:args.keep_best], start=1):
+        candidate = candidates[index]
+        picture = candidate["pictures"][batch_index]
+        target = unused_path(args.output, f"best{rank:02d}_seed{candidate['seed']}_{batch_index}.png")
+        target.write_bytes(client.download(candidate["images"][batch_index]))
+        picture["kept_as"] = target.name
+        kept.append({"rank": rank, "seed": candidate["seed"], "batch_index": batch_index, "score": picture["score"], "file": target.name})
+        saved.append(target)
+    report = {
+        "workflow": str(args.workflow), "server": client.server, "identity_node": identity_node, "keep_best": args.keep_best,
+        "candidates": [{"seed": c["seed"], "prompt_id": c["prompt_id"], "pictures": c["pictures"]} for c in candidates],
+        "kept": kept,
+    }
+    scores_file = unused_path(args.output, SCORES_FILE)
+    scores_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return [*saved, scores_file]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Run a Face-diffuser API-format workflow on a ComfyUI server (or one it starts) and save the images.")
@@ -455,12 +573,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("facediffuser_output"),
                         help="folder for the images (default ./facediffuser_output)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
+    parser.add_argument("--candidates", type=int, metavar="N",
+                        help="best of N: run N seeds (--seed, --seed+1, ...; default from the workflow's seed) through a "
+                             "workflow with a Face-diffuser Identity Score node and rank the pictures by its score")
+    parser.add_argument("--keep-best", type=int, dest="keep_best", metavar="K",
+                        help="with --candidates: save the best K pictures (default 1) and identity_scores.json beside them")
     own = parser.add_argument_group("the ComfyUI the runner starts when none answers (no --server)")
     own.add_argument("--comfyui", type=Path, help="its folder (default: the ComfyUI this pack is installed in, or $COMFYUI_PATH)")
     own.add_argument("--comfyui-args", metavar="ARGS",
                      help='more arguments for its main.py, e.g. "--lowvram" or "--cpu --base-directory /data/comfy"')
     own.add_argument("--keep-server", action="store_true", help="leave it running after the job, for the next ones")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.candidates is not None and args.keep_best is None:
+        args.keep_best = 1
+    return args
 
 
 def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
@@ -493,17 +619,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, client: ComfyClient) -> int:
-    try:
-        workflow = prepare_workflow(args, client)
-        prompt_id = client.submit(workflow, client_id=uuid.uuid4().hex)
-        print(f"submitted to {client.server} as job {prompt_id}")
-        entry = client.wait(prompt_id, args.timeout, report=lambda state: print(f"  {state}"))
-        if entry.get("status", {}).get("status_str") != "success":
-            raise RunError(describe_failure(entry))
-        saved = save_images(client, entry, args.output)
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.keep_best is not None:
+        for path in run_best_of_n(args, client):
+            print(f"saved {path}")
+        return 0
+    workflow = prepare_workflow(args, client)
+    prompt_id = client.submit(workflow, client_id=uuid.uuid4().hex)
+    print(f"submitted to {client.server} as job {prompt_id}")
+    entry = client.wait(prompt_id, args.timeout, report=lambda state: print(f"  {state}"))
+    if entry.get("status", {}).get("status_str") != "success":
+        raise RunError(describe_failure(entry))
+    saved = save_images(client, entry, args.output)
     if not saved:
         print("the workflow finished but produced no images (does it end in a SaveImage node?)", file=sys.stderr)
         return 1

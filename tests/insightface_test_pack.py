@@ -133,3 +133,48 @@ def write_detector_pack(pack_dir: Path) -> Path:
     pack_dir.mkdir(parents=True, exist_ok=True)
     onnx.save_model(_adapted_detector(), str(pack_dir / "det.onnx"))
     return pack_dir
+
+
+# A stand-in recognition model in ArcFace's layout, for the Identity Score's insightface path: a 112x112 aligned
+# face (insightface feeds (RGB - 127.5) / 127.5, NCHW) in, a 512-d embedding out. It averages 8x8 pixel blocks
+# and projects the 14x14x3 result with fixed random weights: not a face recogniser, but the same face aligned
+# twice gives nearly the same embedding and different faces do not, which is all the wiring tests need.
+RECOGNITION_SIZE, RECOGNITION_POOL, RECOGNITION_WIDTH = 112, 8, 512
+
+
+def _recognition_weights() -> np.ndarray:
+    cells = 3 * (RECOGNITION_SIZE // RECOGNITION_POOL) ** 2
+    return (np.random.default_rng(0).standard_normal((cells, RECOGNITION_WIDTH)) / np.sqrt(cells)).astype(np.float32)
+
+
+def recognition_reference(aligned_rgb: np.ndarray) -> np.ndarray:
+    """The stand-in model's embedding of one aligned 112x112 RGB uint8 face, in numpy."""
+    x = (aligned_rgb.astype(np.float32) - 127.5) / 127.5
+    cells = RECOGNITION_SIZE // RECOGNITION_POOL
+    pooled = x.reshape(cells, RECOGNITION_POOL, cells, RECOGNITION_POOL, 3).mean(axis=(1, 3))  # (14, 14, 3)
+    return pooled.transpose(2, 0, 1).reshape(-1) @ _recognition_weights()
+
+
+def write_recognition_model(pack_dir: Path, name: str = "arcface_stand_in.onnx") -> Path:
+    """Write the stand-in ArcFace-layout model into a pack folder and return its path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # insightface takes a graph whose first nodes are named Sub/Mul for an MXNet export that normalises
+    # itself; other names make it feed the (x - 127.5) / 127.5 this model expects.
+    nodes = [
+        helper.make_node("AveragePool", ["data"], ["pooled"], name="pool", kernel_shape=[RECOGNITION_POOL] * 2, strides=[RECOGNITION_POOL] * 2),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["flat", "projection"], ["fc1"], name="project"),
+    ]
+    graph = helper.make_graph(
+        nodes, "arcface_stand_in",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["None", 3, RECOGNITION_SIZE, RECOGNITION_SIZE])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["None", RECOGNITION_WIDTH])],
+        [numpy_helper.from_array(_recognition_weights(), "projection")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(pack_dir / name))
+    return pack_dir / name

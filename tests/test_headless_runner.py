@@ -380,3 +380,75 @@ def test_a_face_count_that_the_prompt_does_not_match_is_comfyuis_error(server, t
     message = capsys.readouterr().err
     assert "ComfyUI failed in node" in message and "(FaceDiffuserSubjectPrompt): ValueError" in message
     assert "2 <|image|> markers but 1 reference face" in message
+
+
+# --- best of N ---------------------------------------------------------------------------------------------
+
+IDENTITY_WORKFLOW = {
+    **copy.deepcopy(SNF_WORKFLOW),
+    "11": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0]}},
+    "12": {"class_type": "FaceDiffuserIdentityScore", "inputs": {"references": ["4", 0], "images": ["11", 0], "recognition": "dlib", "keep_best": 0}},
+    "13": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "best"}},
+}
+
+
+def picture(batch_index: int, score: float) -> dict:
+    return {"batch_index": batch_index, "score": score, "subjects": []}
+
+
+def test_best_of_n_finds_the_identity_node_and_the_save_image_of_its_pictures():
+    workflow = copy.deepcopy(IDENTITY_WORKFLOW)
+    assert runner.identity_score_node(workflow) == "12"
+    assert runner.scored_pictures_saver(workflow, "12") == "13"  # not node 10, which saves another image
+    assert runner.current_value(workflow, "seed") == 0
+    with pytest.raises(runner.RunError, match="has no such node.*Add one Face-diffuser Identity Score"):
+        runner.identity_score_node(SNF_WORKFLOW)
+    workflow["14"] = copy.deepcopy(workflow["12"])
+    with pytest.raises(runner.RunError, match=r"has 2 such nodes \(12, 14\)"):
+        runner.identity_score_node(workflow)
+    del workflow["13"]
+    with pytest.raises(runner.RunError, match=r"no SaveImage node saves the pictures that node 12 .* comes from \['11', 0\]"):
+        runner.scored_pictures_saver(workflow, "12")
+
+
+def test_pictures_are_ranked_by_score_then_seed_then_batch_order():
+    candidates = [{"pictures": [picture(0, 0.5), picture(1, 0.9)]}, {"pictures": [picture(0, 0.9), picture(1, -1.0)]},
+                  {"pictures": [picture(0, 0.7), picture(1, 0.5)]}]
+    assert runner.rank_pictures(candidates) == [(0, 1), (1, 0), (2, 0), (0, 0), (2, 1), (1, 1)]
+
+
+def test_candidates_imply_keeping_the_best_one():
+    assert runner.parse_args(["wf.json", "--candidates", "4"]).keep_best == 1
+    assert runner.parse_args(["wf.json", "--candidates", "4", "--keep-best", "2"]).keep_best == 2
+    assert runner.parse_args(["wf.json"]).keep_best is None
+
+
+def test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores(server, tmp_path, capsys):
+    import tiny_install
+
+    tiny_install.install_models(server.models_dir)
+    workflow = tiny_install.small_api_workflow("facediffuser_single_subject")
+    (encoder,) = [i for i, node in workflow.items() if node["class_type"] == "FaceDiffuserEncodeReferenceFaces"]
+    (saver,) = [i for i, node in workflow.items() if node["class_type"] == "SaveImage"]
+    workflow["100"] = {"class_type": "FaceDiffuserIdentityScore", "inputs": {
+        "references": workflow[encoder]["inputs"]["images"], "images": workflow[saver]["inputs"]["images"],
+        "face_analysis": workflow[encoder]["inputs"]["face_analysis"], "recognition": "insightface", "keep_best": 0}}
+    photos = tiny_install.write_face_photos(tmp_path / "photos", names=("best_of_n.png",))
+    output = tmp_path / "out"
+    code = runner.main([write(tmp_path, workflow), "--server", server.url, "--face", str(photos[0]), "--seed", "5",
+                        "--candidates", "3", "--keep-best", "2", "--batch-size", "2", "--output", str(output), "--timeout", "300"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err + server.log_tail()
+    assert "submitted 3 job(s)" in captured.out and "seed 7: picture 0: score" in captured.out
+    report = json.loads((output / "identity_scores.json").read_text())
+    assert [c["seed"] for c in report["candidates"]] == [5, 6, 7] and report["identity_node"] == "100"
+    for candidate in report["candidates"]:
+        assert [p["batch_index"] for p in candidate["pictures"]] == [0, 1]
+        for entry in candidate["pictures"]:
+            assert {"score", "rank", "faces", "model", "threshold", "subjects", "kept_as"} <= set(entry)
+            assert [s["subject"] for s in entry["subjects"]] == [0]
+    # tiny random models paint no faces: every picture scores -1 and the ranking keeps seed and batch order
+    assert [(k["rank"], k["seed"], k["batch_index"], k["score"]) for k in report["kept"]] == [(1, 5, 0, -1.0), (2, 5, 1, -1.0)]
+    assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed5_1.png"
+    assert sorted(p.name for p in output.iterdir()) == ["best01_seed5_0.png", "best02_seed5_1.png", "identity_scores.json"]
+    assert Image.open(output / "best01_seed5_0.png").size == (64, 64)

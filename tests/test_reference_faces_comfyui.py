@@ -7,7 +7,6 @@ checked against the transformers vision model the tiny SDM was built from.
 """
 
 import logging
-import os
 import sys
 
 import numpy as np
@@ -16,22 +15,12 @@ import skimage.data
 import torch
 from PIL import Image
 
+from face_photos import comfy_image, insightface_image
 from facediffuser_core.face_crop import preprocess_reference_faces, square_crop_box
 from insightface_test_pack import write_detector_pack
 from subject_fixtures import loaded_tiny_sdm, models_dir
 
 PACK = "testpack"
-
-
-def insightface_image(name: str) -> np.ndarray:
-    import insightface
-
-    path = os.path.join(os.path.dirname(insightface.__file__), "data", "images", name)
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def comfy_image(*rgb_uint8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.stack(rgb_uint8)).float() / 255
 
 
 def reference_boxes(rgb_uint8: np.ndarray) -> np.ndarray:

@@ -20,10 +20,12 @@ runner = pack_scripts.load("facediffuser_run")
 OUR_NODES = {
     "FaceDiffuserSDMLoader", "FaceDiffuserTDMLoader", "FaceDiffuserInsightFaceLoader", "FaceDiffuserEncodeReferenceFaces",
     "FaceDiffuserSubjectPrompt", "FaceDiffuserSNFSampler", "FaceDiffuserGuider", "FaceDiffuserSaliencyPreview",
+    "FaceDiffuserStageSweep", "FaceDiffuserIdentityScore", "FaceDiffuserStageSweepGrid",
 }
-NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling", "facediffuser_official_pndm")
+SWEEP = "facediffuser_stage_sweep"
+NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling", "facediffuser_official_pndm", SWEEP)
 REFERENCE_PHOTOS = {"facediffuser_single_subject": 1, "facediffuser_two_subjects": 2, "facediffuser_custom_sampling": 1,
-                    "facediffuser_official_pndm": 1}
+                    "facediffuser_official_pndm": 1, SWEEP: 1}
 
 
 def ui_workflow(name: str) -> dict:
@@ -77,9 +79,11 @@ def test_ui_and_api_formats_describe_the_same_graph(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_runners_overrides_find_their_nodes(name):
     workflow = api_workflow(name)
-    for option, value in (("prompt", "a man <|image|>"), ("seed", 7), ("steps", 20), ("cfg", 4.0), ("alpha", 0.2), ("beta", 0.5)):
+    for option, value in (("prompt", "a man <|image|>"), ("seed", 7), ("steps", 20), ("cfg", 4.0)):
         assert runner.set_override(workflow, option, value)
-    if name != "facediffuser_custom_sampling":
+    if name != SWEEP:  # the sweep's alphas and betas are lists, and it samples one picture per cell
+        assert runner.set_override(workflow, "alpha", 0.2) and runner.set_override(workflow, "beta", 0.5)
+    if name not in ("facediffuser_custom_sampling", SWEEP):
         assert runner.set_override(workflow, "batch_size", 2)
     loaders = runner.reference_image_loaders(workflow)
     assert len(loaders) == REFERENCE_PHOTOS[name]
@@ -229,6 +233,12 @@ def test_each_api_workflow_runs_on_tiny_models(comfyui, installed, name):
     saved = [image for output in outputs.values() for image in output.get("images", []) if image["type"] == "output"]
     assert len(saved) == 1
     picture = Image.open(Path(installed) / "output" / saved[0]["subfolder"] / saved[0]["filename"])
-    assert picture.size == (64, 64)
+    if name == SWEEP:  # the grid of its two 64x64 cells, with margins
+        assert picture.size[0] > 2 * 64 and 64 < picture.size[1] < 2 * 64
+    else:
+        assert picture.size == (64, 64)
     previews = [image for output in outputs.values() for image in output.get("images", []) if image["type"] == "temp"]
     assert len(previews) >= REFERENCE_PHOTOS[name]  # the face crops (and the saliency maps)
+    if name == SWEEP:  # the Identity Score's results for the two cells
+        (identity,) = [output["facediffuser_identity"] for output in outputs.values() if "facediffuser_identity" in output]
+        assert [entry["batch_index"] for entry in identity] == [0, 1] and all(len(entry["subjects"]) == 1 for entry in identity)

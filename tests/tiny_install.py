@@ -1,6 +1,6 @@
 """A complete Face-diffuser install in miniature, for the tests that run the shipped workflows: tiny SDM and
-TDM checkpoints under the canonical names, a tiny insightface pack, and two face photos under the names the
-workflows load. Import after ComfyUI started (the checkpoint builders import diffusers)."""
+TDM checkpoints under the canonical names, a tiny insightface pack (a detector and a stand-in recognition
+model), and two face photos under the names the workflows load. Import after ComfyUI started (the checkpoint builders import diffusers)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def install_models(models: Path) -> Path:
     (models / "facediffuser").mkdir(parents=True, exist_ok=True)
     for build, name in ((official_checkpoints.build_sdm, workflow_builder.SDM_FILE), (official_checkpoints.build_tdm, workflow_builder.TDM_FILE)):
         official_checkpoints.write_checkpoint(official_checkpoints.official_state_dict(build()), models / "facediffuser" / name)
-    insightface_test_pack.write_detector_pack(models / "insightface" / "models" / "antelopev2")
+    pack = insightface_test_pack.write_detector_pack(models / "insightface" / "models" / "antelopev2")
+    insightface_test_pack.write_recognition_model(pack)
     return models
 
 
@@ -48,6 +49,10 @@ def small_api_workflow(name: str, steps: int = 3) -> dict:
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
     runner.set_override(workflow, "steps", steps)
-    runner.set_override(workflow, "alpha", 0.34)
-    runner.set_override(workflow, "beta", 0.67)
+    sweeps = [node for node in workflow.values() if node["class_type"] == "FaceDiffuserStageSweep"]
+    for node in sweeps:  # two cells: one with a fusion step, one without
+        node["inputs"].update(alphas="0.34", betas="0.34, 0.67")
+    if not sweeps:
+        runner.set_override(workflow, "alpha", 0.34)
+        runner.set_override(workflow, "beta", 0.67)
     return workflow

@@ -199,7 +199,7 @@ def display_name(node_class, node_type: str) -> str:
     return nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type)
 
 
-# --- the three workflows -----------------------------------------------------------------------------------
+# --- the shipped workflows -----------------------------------------------------------------------------------
 
 SINGLE_PROMPT = "a photo of a woman <|image|> reading a book in a sunlit cafe, detailed, natural light"
 TWO_PROMPT = "a photo of a man <|image|> and a woman <|image|> walking on a beach at sunset"
@@ -324,7 +324,33 @@ def official_pndm() -> Graph:
     return _one_subject_sampling(graph, "facediffuser_official", OFFICIAL_SETTINGS)
 
 
-GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm)
+def stage_sweep() -> Graph:
+    graph = Graph("facediffuser_stage_sweep", "One seed over a grid of alpha and beta values, each picture with its identity score.")
+    _note(graph, (
+        "## Face-diffuser: the alpha/beta trade-off as one picture\n\n"
+        "**Face-diffuser Stage Sweep** samples the same seed once per combination of its `alphas` (rows) and `betas` "
+        "(columns), with the models loaded once. **Face-diffuser Identity Score** measures how closely each picture's "
+        "face matches the reference photo (green: the recognition model calls it the same person), and **Stage Sweep "
+        "Grid** lays the pictures out with their scores, the best framed.\n\n"
+        "Low alpha and beta keep the person; high ones keep the scene. Pick the cell that keeps both, then set those "
+        "values on the SNF Sampler of the other workflows. The grid costs one sampling per cell (9 here)."))
+    sdm, tdm, encode = _models_and_faces(graph, 1)
+    prompt, null = _prompts(graph, sdm, encode, SINGLE_PROMPT)
+    latent = graph.add("EmptyLatentImage", (660, 660), size=(300, 110), width=512, height=512, batch_size=1)
+    settings = {key: value for key, value in SAMPLER_SETTINGS.items() if key not in ("alpha", "beta")}
+    sweep = graph.add("FaceDiffuserStageSweep", (1100, 0), size=(340, 400), tdm=(tdm, 0), sdm=(sdm, 0), augmented=(prompt, 0),
+                      text=(prompt, 1), null=(null, 0), latent_image=(latent, 0), **settings,
+                      alphas="0.2, 0.3, 0.4", betas="0.5, 0.6, 0.7", denoise=1.0)
+    decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sweep, 0), vae=(sdm, 2))
+    identity = graph.add("FaceDiffuserIdentityScore", (1480, 120), size=(360, 420), references=encode.links["images"],
+                         images=(decode, 0), face_analysis=encode.links["face_analysis"], recognition="insightface", keep_best=0)
+    grid = graph.add("FaceDiffuserStageSweepGrid", (1880, 0), size=(260, 100), images=(decode, 0), sweep=(sweep, 1),
+                     identity=(identity, 4))
+    graph.add("SaveImage", (2180, 0), size=(520, 560), images=(grid, 0), filename_prefix="facediffuser_sweep")
+    return graph
+
+
+GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm, stage_sweep)
 
 
 def render_all(mappings: dict) -> dict[Path, str]:
