@@ -304,10 +304,12 @@ def test_a_stopped_client_resumes_and_reattaches_to_its_runs(two_servers, tmp_pa
 def test_a_run_over_its_time_is_cancelled_and_tried_again_then_fails(two_servers, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "slow", "workflow": workflow.name, "faces": ["me.png"], "prompt": "a woman <|image|>"}])
+    # A seed no other test runs: a prompt a server has run before comes back from its cache at once.
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "slow", "workflow": workflow.name, "faces": ["me.png"],
+                                                      "prompt": "a woman <|image|>", "seeds": [90210]}])
     code, out, err = finish(start_batch(jobs_file, [s.url for s in two_servers], "--job-timeout", "0.05", "--max-attempts", "2"))
     assert code == 1, out + err
-    run = all_runs(manifest_of(jobs_file))[("slow", "seed-workflow")]
+    run = all_runs(manifest_of(jobs_file))[("slow", "seed-90210")]
     assert run["state"] == batch.FAILED and run["error"] == "2 attempts failed; the last: no result within --job-timeout 0.05 s"
     assert {error.split(": ", 1)[0] for error in run["errors"]} == {s.url for s in two_servers}  # the retry went to the other server
     wait_for(lambda: all(not runner.ComfyClient(s.url).get_json("/queue")["queue_running"] for s in two_servers), 60,
