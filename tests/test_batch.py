@@ -396,7 +396,9 @@ def test_a_stopped_client_resumes_and_reattaches_to_its_runs(two_servers, tmp_pa
 def test_a_run_over_its_time_is_cancelled_and_tried_again_then_fails(two_servers, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")
-    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "slow", "workflow": workflow.name, "faces": ["me.png"], "prompt": "a woman <|image|>"}])
+    # 300 steps: seconds even where the tiny models run at a hundred steps a second, far beyond the 0.05 s allowed
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "slow", "workflow": workflow.name, "faces": ["me.png"], "prompt": "a woman <|image|>",
+                                                      "steps": 300}])
     code, out, err = finish(start_batch(jobs_file, [s.url for s in two_servers], "--job-timeout", "0.05", "--max-attempts", "2"))
     assert code == 1, out + err
     run = all_runs(manifest_of(jobs_file))[("slow", "seed-workflow")]
