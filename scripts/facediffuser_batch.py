@@ -14,6 +14,11 @@ server (by prompt id, through /history), and queues again what a vanished server
 errors fail that job, node by node; a server that stops answering, a lost or interrupted run is retried on
 another server after a back-off, at most --max-attempts times.
 
+With a Face-diffuser Identity Score node in a job's workflow, every picture's per-subject scores go into
+the manifest beside its files. Best-of-N ("keep_best" in a job, or --keep-best for all): once every run of
+the job is done, its best pictures across its seeds are copied to outputs/<job>/best/ and marked in the
+manifest; that decision is made once and kept by later invocations.
+
 Like the runner, whose ComfyUI client it uses, it needs only Python's standard library.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import filecmp
 import hashlib
 import json
 import os
@@ -42,7 +48,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # Runner overrides a job may set, besides the prompt and the seed, which jobs set in their own way.
 OVERRIDES = tuple(option for option in runner.OVERRIDE_TARGETS if option not in ("prompt", "seed"))
-JOB_KEYS = {"id", "workflow", "faces", "prompt", "seeds", "count", "seed", *OVERRIDES}
+JOB_KEYS = {"id", "workflow", "faces", "prompt", "seeds", "count", "seed", "keep_best", *OVERRIDES}
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 BACKOFF_S = (2.0, 60.0)  # first back-off, longest back-off; doubling per attempt
@@ -66,6 +72,9 @@ class Job:
     face_hashes: list[str] = field(default_factory=list)
     loaders: list[str] = field(default_factory=list)  # LoadImage node ids taking the faces, in order
     seeds: list[int | None] = field(default_factory=list)  # None: the workflow's own seed
+    scorers: dict[str, str | None] = field(default_factory=dict)  # Identity Score node id -> Save Image node of its pictures
+    keep_best: int = 0  # best-of-N: pictures kept across the job's seeds; 0 keeps no selection
+    best_node: str | None = None  # the Identity Score node best-of-N ranks by
     problem: str | None = None  # why the job fails without running
 
     def run_keys(self) -> list[str]:
@@ -107,8 +116,35 @@ def job_seeds(spec: dict) -> list[int | None]:
     return list(range(first, first + count))
 
 
-def prepare_job(job: Job, base: Path) -> None:
-    """Read the job's workflow and photos and set its prompt and overrides; a problem is kept on the job."""
+def identity_scorers(workflow: dict) -> dict[str, str | None]:
+    """Each Identity Score node of the workflow -> the Save Image node saving the pictures it scores (None: none
+    does, and its scores name no file)."""
+    scorers = {}
+    for node_id, node in workflow.items():
+        if node["class_type"] == runner.IDENTITY_NODE:
+            try:
+                scorers[node_id] = runner.scored_pictures_saver(workflow, node_id)
+            except runner.RunError:
+                scorers[node_id] = None
+    return scorers
+
+
+def best_of_n_node(workflow: dict, from_command_line: bool) -> str:
+    """The Identity Score node the job's best-of-N ranks by; an error naming the fix when the workflow has none
+    (or several, or none whose pictures are saved)."""
+    asked_by, opt_out = (('--keep-best (for the jobs without "keep_best")', 'or give this job "keep_best": 0') if from_command_line
+                         else ('"keep_best"', 'or take "keep_best" out of this job'))
+    try:
+        node = runner.identity_score_node(workflow, asked_by)
+        runner.scored_pictures_saver(workflow, node, asked_by)
+    except runner.RunError as error:
+        raise runner.RunError(f"{error}; {opt_out}") from None
+    return node
+
+
+def prepare_job(job: Job, base: Path, keep_best: int = 0) -> None:
+    """Read the job's workflow and photos and set its prompt and overrides; a problem is kept on the job.
+    `keep_best` is the best-of-N of the jobs that set no "keep_best"."""
     spec = job.spec
     try:
         unknown = sorted(set(spec) - JOB_KEYS)
@@ -121,6 +157,9 @@ def prepare_job(job: Job, base: Path) -> None:
             raise runner.RunError('"faces" must be a list of photo paths, in the order of the prompt\'s <|image|> markers')
         job.faces = [(base / face).expanduser() for face in faces]
         job.seeds = job_seeds(spec)
+        keep_best = spec.get("keep_best", keep_best)
+        if not isinstance(keep_best, int) or isinstance(keep_best, bool) or keep_best < 0:
+            raise runner.RunError('"keep_best" must be an integer: the pictures to keep across the job\'s seeds (0: no best-of-N)')
         workflow_path = base / spec["workflow"] if "workflow" in spec else runner.shipped_workflow(len(job.faces))
         workflow = runner.load_api_workflow(Path(workflow_path))
         if "prompt" in spec:
@@ -140,13 +179,17 @@ def prepare_job(job: Job, base: Path) -> None:
                 job.face_hashes.append(file_hash(face))
             except OSError as error:
                 raise runner.RunError(f"cannot read the photo {face}: {error.strerror}") from None
+        job.scorers = identity_scorers(workflow)
+        if keep_best:
+            job.best_node = best_of_n_node(workflow, from_command_line="keep_best" not in spec)
+        job.keep_best = keep_best
         job.workflow = workflow
     except runner.RunError as error:
         job.problem = str(error)
         job.seeds = job.seeds or [None]  # one run to carry the failure into the manifest and the summary
 
 
-def load_jobs(path: Path) -> list[Job]:
+def load_jobs(path: Path, keep_best: int = 0) -> list[Job]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
@@ -165,7 +208,7 @@ def load_jobs(path: Path) -> list[Job]:
         if job.id in seen:
             raise JobsFileError(f"{path}, lines {seen[job.id]} and {number}: both are job {job.id!r}; give each job its own \"id\"")
         seen[job.id] = number
-        prepare_job(job, path.parent)
+        prepare_job(job, path.parent, keep_best)
         jobs.append(job)
     if not jobs:
         raise JobsFileError(f"{path} has no jobs (one JSON object per line)")
@@ -209,6 +252,7 @@ class Manifest:
                 if retry_failed and run["state"] == FAILED:
                     run.update(state=PENDING, attempts=0)
             if job.problem:
+                say(f"failed  {job.id} (line {job.line}): {job.problem}")
                 for run in entry["runs"].values():
                     if run["state"] != DONE:
                         run.update(state=FAILED, error=job.problem, server=None, prompt_id=None)
@@ -479,32 +523,93 @@ class Batch:
             else:
                 self.fail(job_id, key, message)
             return True
+        job = self.jobs[job_id]
+        try:
+            scored = {node: runner.scored_pictures(entry, node, saver) for node, saver in job.scorers.items()}
+        except runner.RunError as error:
+            self.fail(job_id, key, str(error))
+            return True
         final = self.outputs / job_id / key
-        if not final.exists():  # it does when an earlier invocation saved the files but stopped before the manifest
-            staging = final.with_name(f".{key}.partial")
+        staging = final.with_name(f".{key}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            saved = runner.save_images(server.client, entry, staging)
+        except runner.ServerUnreachable as error:
             shutil.rmtree(staging, ignore_errors=True)
-            try:
-                saved = runner.save_images(server.client, entry, staging)
-            except runner.ServerUnreachable as error:
-                shutil.rmtree(staging, ignore_errors=True)
-                self.server_down(server, error.reason)
-                return True
-            if not saved:
-                shutil.rmtree(staging, ignore_errors=True)
-                self.fail(job_id, key, "the workflow finished but produced no images (does it end in a Save Image node?)")
-                return True
-            os.replace(staging, final)
+            self.server_down(server, error.reason)
+            return True
+        if not saved:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.fail(job_id, key, "the workflow finished but produced no images (does it end in a Save Image node?)")
+            return True
+        # A folder already there holds this run's pictures from an invocation that stopped before writing the
+        # manifest: replaced whole, so that the scores below name the files of this very download.
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        saved_by: dict[str, list[str]] = {}
+        for (node_id, _), path in zip(runner.output_images(entry), saved):
+            saved_by.setdefault(node_id, []).append(str((final / path.name).relative_to(self.outputs.parent)))
         files = sorted(str(path.relative_to(self.outputs.parent)) for path in final.iterdir())
         run = self.manifest.run(job_id, key)
         prompt_id = run["prompt_id"]
         self.release(job_id, key, run)
         run.update(state=DONE, files=files, finished=now_iso(), done_on=server.url, prompt_id=prompt_id)
+        if scored:
+            run["scores"] = [{**picture, "node": node, "file": saved_by[job.scorers[node]][index] if images else None}
+                             for node, (pictures, images) in sorted(scored.items()) for index, picture in enumerate(pictures)]
         server.runs_done += 1
         self.images_saved += len(files)
         self.runs_ended_here += 1
         self.manifest.save()
-        self.say(f"done    {job_id} {key} on {server.url}: {len(files)} image(s)")
+        best = max((picture["score"] for picture in run.get("scores", [])), default=None)
+        self.say(f"done    {job_id} {key} on {server.url}: {len(files)} image(s)" + ("" if best is None else f", best score {best:.3f}"))
+        self.decide_best(job_id)
         return True
+
+    # -- best of N --
+
+    def decide_best(self, job_id: str) -> None:
+        """Once every run of a best-of-N job is done: its best keep_best pictures across its seeds, ranked as the
+        runner ranks them (highest score, then the seed listed first, then batch order), copied to
+        outputs/<job>/best/ and marked in the manifest. Decided once, from the manifest alone: later invocations
+        keep the decision."""
+        job = self.jobs[job_id]
+        entry = self.manifest.data["jobs"][job_id]
+        if not job.keep_best:
+            return
+        if "best" in entry:
+            if entry["best"]["keep_best"] != job.keep_best:
+                self.note_once(f"job {job_id}: its best {entry['best']['keep_best']} picture(s) were chosen by an earlier invocation "
+                               f"and are kept; give the job a new id to choose its best {job.keep_best} afresh")
+            return
+        runs = [(key, self.manifest.run(job_id, key)) for key in job.run_keys()]
+        if any(run["state"] != DONE for _, run in runs):
+            return  # summary() names the failed runs best-of-N waits for
+        candidates = [{"pictures": [picture for picture in run.get("scores", []) if picture["node"] == job.best_node]} for _, run in runs]
+        unranked = [key for (key, _), candidate in zip(runs, candidates)
+                    if not candidate["pictures"] or any(picture["file"] is None for picture in candidate["pictures"])]
+        if unranked:
+            self.note_once(f"job {job_id}: no best-of-N: run(s) {', '.join(unranked)} were done without scores from node {job.best_node} "
+                           f"(before the workflow had it?); give the job a new id to run it afresh")
+            return
+        folder = self.outputs / job_id / "best"
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for rank, (index, batch_index) in enumerate(runner.rank_pictures(candidates)[:job.keep_best], start=1):
+            key, run = runs[index]
+            picture = next(p for p in candidates[index]["pictures"] if p["batch_index"] == batch_index)
+            source = self.outputs.parent / picture["file"]
+            try:
+                target = keep_copy(source, folder / f"best{rank:02d}_{key}_{batch_index}{source.suffix}")
+            except OSError as error:
+                self.note_once(f"job {job_id}: no best-of-N: cannot copy {source} ({error.strerror}); run again once it is back")
+                return
+            picture["kept_as"] = str(target.relative_to(self.outputs.parent))
+            kept.append({"rank": rank, "run": key, "seed": run["seed"], "batch_index": batch_index, "score": picture["score"],
+                         "file": picture["file"], "kept_as": picture["kept_as"]})
+        entry["best"] = {"keep_best": job.keep_best, "node": job.best_node, "decided": now_iso(), "pictures": kept}
+        self.manifest.save()
+        self.say(f"best    {job_id}: " + ", ".join(f"{Path(k['kept_as']).name} ({k['score']:.3f})" for k in kept))
 
     # -- progress --
 
@@ -528,6 +633,8 @@ class Batch:
 
     def run_all(self) -> None:
         self.adopt_running()
+        for job_id in self.jobs:  # jobs whose runs an earlier invocation finished (or --keep-best given only now)
+            self.decide_best(job_id)
         while True:
             counts = self.counts()
             if not counts[PENDING] and not counts[RUNNING]:
@@ -546,6 +653,18 @@ class GiveUp(Exception):
     pass
 
 
+def keep_copy(source: Path, wanted: Path) -> Path:
+    """Copy `source` to `wanted`, or beside it under a free name: never over another file. A file there with the
+    same content is this copy, made by an invocation that stopped before writing the manifest."""
+    if wanted.exists() and filecmp.cmp(source, wanted, shallow=False):
+        return wanted
+    target = runner.unused_path(wanted.parent, wanted.name)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+    return target
+
+
 def transient_failure(entry: dict) -> bool:
     """Interrupted runs (a restarting server, a timed-out run cancelled) and out-of-memory errors may succeed
     elsewhere; any other error in a node (a photo without a face, a wrong input) fails everywhere."""
@@ -558,17 +677,25 @@ def transient_failure(entry: dict) -> bool:
 
 
 def summary(batch: Batch) -> str:
-    rows = [("job", "runs done", "failed", "images", "first error")]
-    for job_id in batch.jobs:
-        runs = batch.manifest.data["jobs"][job_id]["runs"]
-        mine = [runs[key] for key in batch.jobs[job_id].run_keys()]
+    rows, waiting = [("job", "runs done", "failed", "images", "best score", "first error")], []
+    for job_id, job in batch.jobs.items():
+        entry = batch.manifest.data["jobs"][job_id]
+        mine = [entry["runs"][key] for key in job.run_keys()]
         errors = [run["error"].splitlines()[0] for run in mine if run["state"] == FAILED]
+        scores = [picture["score"] for run in mine if run["state"] == DONE for picture in run.get("scores", [])]
+        best = f"{max(scores):.3f}" + (f" ({len(entry['best']['pictures'])} kept)" if "best" in entry else "") if scores else ""
         rows.append((job_id, f"{sum(r['state'] == DONE for r in mine)}/{len(mine)}", str(sum(r["state"] == FAILED for r in mine)),
-                     str(sum(len(r.get("files", [])) for r in mine if r["state"] == DONE)), errors[0] if errors else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + ("  " + row[4] if row[4] else "") for row in rows]
+                     str(sum(len(r.get("files", [])) for r in mine if r["state"] == DONE)), best, errors[0] if errors else ""))
+        if job.keep_best and "best" not in entry and errors and all(run["state"] in (DONE, FAILED) for run in mine):
+            waiting.append(job_id)
+    if not any(row[4] for row in rows[1:]):  # no job scores its pictures: no best score column
+        rows = [row[:4] + row[5:] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + ("  " + row[-1] if row[-1] else "") for row in rows]
     elapsed = time.monotonic() - batch.started
     lines.append("")
+    if waiting:
+        lines.append(f"best-of-N waits for every run of job(s) {', '.join(waiting)}: run again with --retry-failed to finish them")
     for server in batch.servers.values():
         lines.append(f"{server.url}: {server.runs_done} run(s) done here, {server.retries} retried elsewhere, "
                      f"{len(server.uploads)} photo(s) uploaded")
@@ -591,12 +718,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--give-up-after", type=float, default=600.0, metavar="S",
                         help="stop when no server has answered for this long; run again to resume (default 600)")
     parser.add_argument("--retry-failed", action="store_true", help="run the failed runs of an earlier invocation again")
+    parser.add_argument("--keep-best", type=int, default=0, metavar="K",
+                        help='best-of-N for the jobs that set no "keep_best": once all of a job\'s seeds are done, copy its best K '
+                             "pictures (by its Face-diffuser Identity Score node) to outputs/<job>/best/ (default 0: none)")
     parser.add_argument("--poll", type=float, default=0.5, metavar="S", help="seconds between looks at the servers (default 0.5)")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines (default 10)")
     args = parser.parse_args(argv)
     args.server = args.server or [runner.DEFAULT_SERVER]
     if args.max_in_flight < 1 or args.max_attempts < 1:
         parser.error("--max-in-flight and --max-attempts must be 1 or more")
+    if args.keep_best < 0:
+        parser.error("--keep-best must be 0 (no best-of-N) or more")
     return args
 
 
@@ -604,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = args.run_dir or args.jobs.with_name(f"{args.jobs.stem}_run")
     try:
-        jobs = load_jobs(args.jobs)
+        jobs = load_jobs(args.jobs, args.keep_best)
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(run_dir, args.jobs)
         manifest.add_jobs(jobs, args.retry_failed)

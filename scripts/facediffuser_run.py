@@ -297,14 +297,19 @@ def unused_path(output_dir: Path, name: str) -> Path:
     return target
 
 
+def output_images(entry: dict) -> list[tuple[str, dict]]:
+    """(node id, image reference) of every picture the job's nodes report in its history, in ComfyUI's order."""
+    return [(node_id, image) for node_id, node_output in entry.get("outputs", {}).items() for image in node_output.get("images", [])]
+
+
 def save_images(client: ComfyClient, entry: dict, output_dir: Path) -> list[Path]:
+    """Download every picture of output_images(entry), in its order, one path each; never overwriting."""
     output_dir.mkdir(parents=True, exist_ok=True)
     saved = []
-    for node_output in entry.get("outputs", {}).values():
-        for image in node_output.get("images", []):
-            target = unused_path(output_dir, Path(image["filename"]).name)
-            target.write_bytes(client.download(image))
-            saved.append(target)
+    for _, image in output_images(entry):
+        target = unused_path(output_dir, Path(image["filename"]).name)
+        target.write_bytes(client.download(image))
+        saved.append(target)
     return saved
 
 
@@ -449,11 +454,15 @@ SAVE_NODE = "SaveImage"
 SCORES_FILE = "identity_scores.json"
 
 
-def identity_score_node(workflow: dict) -> str:
+BEST_OF_N_OPTIONS = "--candidates/--keep-best"
+
+
+def identity_score_node(workflow: dict, option: str = BEST_OF_N_OPTIONS) -> str:
+    """The one Identity Score node that best-of-N ranks by; `option` names what asked for best-of-N."""
     nodes = [node_id for node_id, node in workflow.items() if node["class_type"] == IDENTITY_NODE]
     if len(nodes) != 1:
         raise RunError(
-            f"--candidates/--keep-best rank the pictures by the workflow's {IDENTITY_NODE} node, but it has "
+            f"{option}: best-of-N ranks the pictures by the workflow's {IDENTITY_NODE} node, but it has "
             f"{len(nodes) or 'no'} such node{'s' if len(nodes) > 1 else ''}{' (' + ', '.join(nodes) + ')' if nodes else ''}. "
             "Add one Face-diffuser Identity Score in ComfyUI (references: the reference photos; images: the decoded "
             "pictures that Save Image saves) and export the workflow again (Workflow > Export (API))"
@@ -461,14 +470,14 @@ def identity_score_node(workflow: dict) -> str:
     return nodes[0]
 
 
-def scored_pictures_saver(workflow: dict, identity_node: str) -> str:
+def scored_pictures_saver(workflow: dict, identity_node: str, option: str = BEST_OF_N_OPTIONS) -> str:
     """The Save Image node that saves the very pictures the Identity Score node scores (same source)."""
     scored = workflow[identity_node]["inputs"].get("images")
     savers = sorted((node_id for node_id, node in workflow.items()
                      if node["class_type"] == SAVE_NODE and is_link(scored) and node["inputs"].get("images") == scored), key=str)
     if not savers:
         raise RunError(
-            f"--candidates/--keep-best: no {SAVE_NODE} node saves the pictures that node {identity_node} ({IDENTITY_NODE}) "
+            f"{option}: no {SAVE_NODE} node saves the pictures that node {identity_node} ({IDENTITY_NODE}) "
             f"scores; connect the same images (its 'images' input comes from {scored}) to a Save Image"
         )
     return savers[0]
@@ -481,6 +490,21 @@ def current_value(workflow: dict, option: str):
             if node["class_type"] == class_type and not is_link(node["inputs"].get(input_name)):
                 return node["inputs"].get(input_name)
     raise RunError(f"--{option}: the workflow has no unwired {' or '.join(c + '.' + i for c, i in OVERRIDE_TARGETS[option])}")
+
+
+def scored_pictures(entry: dict, identity_node: str, saver: str | None) -> tuple[list[dict], list[dict]]:
+    """From a finished job's history: the Identity Score node's result per picture (format: nodes/identity_score.py)
+    and, in the same order, the references of the pictures `saver` saved (none without a saver)."""
+    outputs = entry.get("outputs", {})
+    pictures = outputs.get(identity_node, {}).get(IDENTITY_RESULT)
+    if pictures is None:
+        raise RunError(f"node {identity_node} ({IDENTITY_NODE}) reported no scores; is the pack up to date on the server?")
+    if saver is None:
+        return pictures, []
+    images = outputs.get(saver, {}).get("images", [])
+    if len(images) != len(pictures):
+        raise RunError(f"node {saver} saved {len(images)} picture(s) but {len(pictures)} were scored")
+    return pictures, images
 
 
 def rank_pictures(candidates: list[dict]) -> list[tuple[int, int]]:
@@ -522,13 +546,10 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
         entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
         if entry.get("status", {}).get("status_str") != "success":
             raise RunError(f"seed {seed}: {describe_failure(entry)}")
-        outputs = entry.get("outputs", {})
-        pictures = outputs.get(identity_node, {}).get(IDENTITY_RESULT)
-        images = outputs.get(saver, {}).get("images", [])
-        if pictures is None:
-            raise RunError(f"seed {seed}: node {identity_node} ({IDENTITY_NODE}) reported no scores; is the pack up to date on the server?")
-        if len(images) != len(pictures):
-            raise RunError(f"seed {seed}: node {saver} saved {len(images)} picture(s) but {len(pictures)} were scored")
+        try:
+            pictures, images = scored_pictures(entry, identity_node, saver)
+        except RunError as error:
+            raise RunError(f"seed {seed}: {error}") from None
         pictures = [{**picture, "kept_as": None} for picture in pictures]
         candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
         print(f"  {describe_candidate(seed, pictures)}")

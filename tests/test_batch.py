@@ -1,7 +1,8 @@
 """scripts/facediffuser_batch.py: the jobs file and the manifest (plain tier), and whole batches against two
 real ComfyUI servers on loopback ports with the tiny models (ComfyUI tier): runs spread over both servers,
 a server killed mid-run, the client stopped and resumed, a bad photo failing alone, and a load test of a few
-hundred tiny runs in which every run must end exactly once."""
+hundred tiny runs in which every run must end exactly once; with the Identity Score node, scores in the manifest
+and best-of-N per job, decided once."""
 
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ TINY_WORKFLOW = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "tiny"}},
 }
+
+
+def with_identity_score(workflow: dict) -> dict:
+    """The workflow with a Face-diffuser Identity Score node scoring what its Save Image saves. The tiny models
+    paint no face, so the saved pictures become the reference photo with 30 % of the sampled picture blended in:
+    the face is found, and each seed scores differently."""
+    def node_of(class_type: str) -> str:
+        (node_id,) = [i for i, node in workflow.items() if node["class_type"] == class_type]
+        return node_id
+
+    saver, encoder = node_of("SaveImage"), node_of("FaceDiffuserEncodeReferenceFaces")
+    references = workflow[encoder]["inputs"]["images"]
+    workflow["100"] = {"class_type": "ImageBlend", "inputs": {"image1": references, "image2": workflow[saver]["inputs"]["images"],
+                                                              "blend_factor": 0.3, "blend_mode": "normal"}}
+    workflow[saver]["inputs"]["images"] = ["100", 0]
+    workflow["101"] = {"class_type": "FaceDiffuserIdentityScore", "inputs": {
+        "references": references, "images": ["100", 0], "face_analysis": workflow[encoder]["inputs"]["face_analysis"],
+        "recognition": "insightface", "keep_best": 0}}
+    return workflow
 
 
 def write_jobs(path: Path, jobs: list[dict]) -> Path:
@@ -130,6 +150,78 @@ def test_the_manifest_is_replaced_whole_and_failed_runs_come_back_on_request(tmp
     assert reread.run("a", "seed-1")["state"] == batch.FAILED
     reread.add_jobs(jobs, retry_failed=True)
     assert reread.run("a", "seed-1")["state"] == batch.PENDING and reread.run("a", "seed-1")["attempts"] == 0
+
+
+def test_best_of_n_without_an_identity_score_node_fails_the_job_with_the_fix(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "scored.json").write_text(json.dumps(with_identity_score(runner.load_api_workflow(runner.shipped_workflow(1)))))
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "asks", "faces": ["a.png"], "count": 2, "keep_best": 1},
+        {"id": "by-default", "faces": ["a.png"]},
+        {"id": "opts-out", "faces": ["a.png"], "keep_best": 0},
+        {"id": "scored", "faces": ["a.png"], "workflow": "scored.json", "keep_best": -1},
+    ])
+    asks, by_default, opts_out, scored = batch.load_jobs(jobs_file, keep_best=2)
+    assert asks.problem.startswith('"keep_best": best-of-N ranks the pictures by the workflow\'s FaceDiffuserIdentityScore node, '
+                                   "but it has no such node. Add one Face-diffuser Identity Score")
+    assert asks.problem.endswith('; or take "keep_best" out of this job')
+    assert by_default.problem.startswith('--keep-best (for the jobs without "keep_best"): best-of-N ranks')
+    assert by_default.problem.endswith('; or give this job "keep_best": 0')
+    assert opts_out.problem is None and opts_out.keep_best == 0
+    assert scored.problem == '"keep_best" must be an integer: the pictures to keep across the job\'s seeds (0: no best-of-N)'
+    (scored,) = batch.load_jobs(write_jobs(tmp_path / "scored.jsonl", [{"faces": ["a.png"], "workflow": "scored.json"}]), keep_best=2)
+    assert scored.problem is None and scored.keep_best == 2 and scored.best_node == "101" and scored.scorers == {"101": "13"}
+    # Nothing is queued: the job fails before the batch starts, named with its line and the fix.
+    code, out, err = finish(start_batch(write_jobs(tmp_path / "one.jsonl", [asks.spec]), [f"http://127.0.0.1:{comfy_server.free_port()}"]),
+                            timeout=60)
+    assert code == 1, out + err
+    assert 'failed  asks (line 1): "keep_best": best-of-N ranks the pictures' in out and "export the workflow again" in out
+    assert re.search(r"^asks +0/2 +2 +0 +\"keep_best\": best-of-N ranks", out, re.M)
+
+
+def scored_run(batch_index_scores: list[float], key: str) -> dict:
+    """A done run as the manifest keeps it, with its pictures' scores (one subject each)."""
+    return {"state": batch.DONE, "files": [f"outputs/j/{key}/p{i}.png" for i in range(len(batch_index_scores))],
+            "scores": [{"batch_index": i, "score": score, "node": "101", "file": f"outputs/j/{key}/p{i}.png",
+                        "subjects": [{"subject": 0, "similarity": score}]} for i, score in enumerate(batch_index_scores)]}
+
+
+def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwrites(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "scored.json").write_text(json.dumps(with_identity_score(runner.load_api_workflow(runner.shipped_workflow(1)))))
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "j", "faces": ["a.png"], "workflow": "scored.json", "seeds": [9, 3, 5],
+                                                      "keep_best": 3}])
+    jobs = batch.load_jobs(jobs_file)
+    manifest = batch.Manifest(tmp_path, jobs_file)
+    manifest.add_jobs(jobs, retry_failed=False)
+    scores = {"seed-9": [0.5, 0.8], "seed-3": [0.8, 0.9], "seed-5": [-1.0, 0.8]}
+    for key, run_scores in scores.items():
+        manifest.run("j", key).update(scored_run(run_scores, key))
+        for index, file in enumerate(manifest.run("j", key)["files"]):
+            (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / file).write_bytes(f"{key} picture {index}".encode())
+    best = tmp_path / "outputs" / "j" / "best"
+    best.mkdir()
+    (best / "best01_seed-3_1.png").write_bytes(b"seed-3 picture 1")  # the same picture: a copy from a stopped invocation
+    (best / "best02_seed-9_1.png").write_bytes(b"the user's own file")
+    said = []
+    the_batch = batch.Batch(batch.parse_args([str(jobs_file)]), jobs, manifest, tmp_path, say=said.append)
+    the_batch.decide_best("j")
+    decided = manifest.data["jobs"]["j"]["best"]
+    # 0.9 first; then the three 0.8s in the order the job lists its seeds (9, 3, 5), whatever their numbers
+    assert [(k["rank"], k["run"], k["seed"], k["batch_index"], k["score"]) for k in decided["pictures"]] == [
+        (1, "seed-3", 3, 1, 0.9), (2, "seed-9", 9, 1, 0.8), (3, "seed-3", 3, 0, 0.8)]
+    assert [Path(k["kept_as"]).name for k in decided["pictures"]] == ["best01_seed-3_1.png", "best02_seed-9_1-1.png", "best03_seed-3_0.png"]
+    assert (best / "best02_seed-9_1.png").read_bytes() == b"the user's own file"
+    for kept in decided["pictures"]:
+        assert (tmp_path / kept["kept_as"]).read_bytes() == (tmp_path / kept["file"]).read_bytes()
+        picture = manifest.run("j", kept["run"])["scores"][kept["batch_index"]]
+        assert picture["kept_as"] == kept["kept_as"]
+    assert sum("kept_as" in p for run in scores for p in manifest.run("j", run)["scores"]) == 3
+    assert batch.Manifest(tmp_path, jobs_file).data["jobs"]["j"]["best"] == decided  # saved
+    assert said == ["best    j: best01_seed-3_1.png (0.900), best02_seed-9_1-1.png (0.800), best03_seed-3_0.png (0.800)"]
+    the_batch.decide_best("j")  # decided once
+    assert manifest.data["jobs"]["j"]["best"] == decided and len(list(best.iterdir())) == 4
 
 
 def test_which_failures_another_server_may_not_have():
@@ -304,9 +396,10 @@ def test_a_stopped_client_resumes_and_reattaches_to_its_runs(two_servers, tmp_pa
 def test_a_run_over_its_time_is_cancelled_and_tried_again_then_fails(two_servers, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")
-    # A seed no other test runs: a prompt a server has run before comes back from its cache at once.
+    # A seed no other test runs (a prompt a server has run before comes back from its cache at once) and 300 steps
+    # (seconds even where the tiny models run a hundred steps a second), far beyond the 0.05 s allowed.
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "slow", "workflow": workflow.name, "faces": ["me.png"],
-                                                      "prompt": "a woman <|image|>", "seeds": [90210]}])
+                                                      "prompt": "a woman <|image|>", "seeds": [90210], "steps": 300}])
     code, out, err = finish(start_batch(jobs_file, [s.url for s in two_servers], "--job-timeout", "0.05", "--max-attempts", "2"))
     assert code == 1, out + err
     run = all_runs(manifest_of(jobs_file))[("slow", "seed-90210")]
@@ -335,3 +428,96 @@ def test_load_every_one_of_hundreds_of_runs_ends_exactly_once(two_servers, tmp_p
     throughput = re.search(r"(\d+) run\(s\) ended in ([\d.]+) s \(([\d.]+) runs/s", out)
     assert throughput and int(throughput.group(1)) == runs
     print(f"\nload test: {throughput.group(0)})")
+
+
+def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two_servers, tmp_path):
+    import tiny_install
+
+    workflow = tmp_path / "scored.json"
+    workflow.write_text(json.dumps(with_identity_score(tiny_install.small_api_workflow("facediffuser_single_subject"))))
+    photo(tmp_path / "me.png")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "two-best", "workflow": workflow.name, "faces": ["me.png"], "prompt": "a woman <|image|> in a cafe", "count": 3, "seed": 1,
+         "batch_size": 2, "keep_best": 2},
+        {"id": "one-best", "workflow": workflow.name, "faces": ["me.png"], "prompt": "a woman <|image|> on a beach", "seeds": [8, 4]},
+    ])
+    urls = [s.url for s in two_servers]
+    code, out, err = finish(start_batch(jobs_file, urls, "--keep-best", "1"))
+    assert code == 0, out + err
+    run_dir = jobs_file.with_name("jobs_run")
+    manifest = manifest_of(jobs_file)
+    for job_id, keep_best, keys in (("two-best", 2, ["seed-1", "seed-2", "seed-3"]), ("one-best", 1, ["seed-8", "seed-4"])):
+        runs = manifest["jobs"][job_id]["runs"]
+        pictures = []  # (score, seed order, batch index, picture)
+        for order, key in enumerate(keys):
+            scores = runs[key]["scores"]
+            assert [p["batch_index"] for p in scores] == list(range(2 if job_id == "two-best" else 1))
+            for picture in scores:  # the node's own record, and the saved picture it scored
+                assert picture["node"] == "101" and picture["model"] == "arcface_stand_in" and picture["faces"] == 1
+                (subject,) = picture["subjects"]
+                assert subject["subject"] == 0 and not subject["missing"] and subject["similarity"] == picture["score"] > 0.5
+                assert picture["file"] in runs[key]["files"] and Path(picture["file"]).name.startswith("facediffuser")
+                pictures.append((picture["score"], order, picture["batch_index"], picture))
+        assert len({score for score, *_ in pictures}) == len(pictures)  # every picture scores differently
+        best = manifest["jobs"][job_id]["best"]
+        assert best["keep_best"] == keep_best and best["node"] == "101"
+        expected = sorted(pictures, key=lambda p: (-p[0], p[1], p[2]))[:keep_best]
+        assert [(k["run"], k["batch_index"], k["score"]) for k in best["pictures"]] == [(keys[o], b, s) for s, o, b, _ in expected]
+        for rank, kept in enumerate(best["pictures"], start=1):
+            assert kept["kept_as"] == f"outputs/{job_id}/best/best{rank:02d}_{kept['run']}_{kept['batch_index']}.png"
+            assert (run_dir / kept["kept_as"]).read_bytes() == (run_dir / kept["file"]).read_bytes()
+        assert sorted(p["kept_as"] for _, _, _, p in pictures if "kept_as" in p) == sorted(k["kept_as"] for k in best["pictures"])
+        assert sorted(p.name for p in (run_dir / "outputs" / job_id / "best").iterdir()) == sorted(
+            Path(k["kept_as"]).name for k in best["pictures"])
+        top = max(s for s, *_ in pictures)
+        assert re.search(rf"^{job_id} +{len(keys)}/{len(keys)} +0 +\d+ +{top:.3f} \({keep_best} kept\)", out, re.M), out
+        assert f"best    {job_id}: best01_" in out
+
+    # Again, even with another --keep-best and no server: nothing is queued or recomputed, the decisions stay.
+    listing = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json")
+    closed = f"http://127.0.0.1:{comfy_server.free_port()}"
+    code, out, err = finish(start_batch(jobs_file, [closed], "--keep-best", "3"), timeout=60)
+    assert code == 0, out + err
+    again = manifest_of(jobs_file)
+    assert again["jobs"] == manifest["jobs"]
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
+    assert "note    job one-best: its best 1 picture(s) were chosen by an earlier invocation and are kept" in out
+    assert "\n0 run(s) ended in" in out and "best    " not in out
+
+    # Stopped after copying the best pictures but before writing the manifest: decided again, the same way,
+    # from the manifest alone, onto the copies already there.
+    for job in again["jobs"].values():
+        del job["best"]
+        for run in job["runs"].values():
+            for picture in run["scores"]:
+                picture.pop("kept_as", None)
+    (run_dir / "manifest.json").write_text(json.dumps(again))
+    code, out, err = finish(start_batch(jobs_file, [closed], "--keep-best", "1"), timeout=60)
+    assert code == 0, out + err
+    redecided = manifest_of(jobs_file)
+    for job_id in ("two-best", "one-best"):
+        assert redecided["jobs"][job_id]["best"]["pictures"] == manifest["jobs"][job_id]["best"]["pictures"]
+        assert redecided["jobs"][job_id]["runs"] == manifest["jobs"][job_id]["runs"]
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
+
+    # Stopped after saving a run's pictures but before writing the manifest (so before the job's decision):
+    # re-attached by prompt id, its folder saved again whole, its scores naming the same files, the same best.
+    stopped = manifest_of(jobs_file)
+    job = stopped["jobs"]["one-best"]
+    del job["best"]
+    run = job["runs"]["seed-8"]
+    run.update(state=batch.RUNNING, server=run.pop("done_on"), submitted=time.time())
+    for name in ("files", "scores", "finished"):
+        del run[name]
+    for picture in job["runs"]["seed-4"]["scores"]:
+        picture.pop("kept_as", None)
+    (run_dir / "manifest.json").write_text(json.dumps(stopped))
+    code, out, err = finish(start_batch(jobs_file, urls, "--keep-best", "1"))
+    assert code == 0, out + err
+    assert f"attach  one-best seed-8: prompt {run['prompt_id']}" in out and "done    one-best seed-8" in out
+    resaved = manifest_of(jobs_file)["jobs"]["one-best"]
+    for key in ("seed-8", "seed-4"):
+        for name in ("state", "files", "scores", "prompt_id"):
+            assert resaved["runs"][key][name] == manifest["jobs"]["one-best"]["runs"][key][name]
+    assert resaved["best"]["pictures"] == manifest["jobs"]["one-best"]["best"]["pictures"]
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
