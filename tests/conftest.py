@@ -26,3 +26,19 @@ def sdm():
     import official_checkpoints
 
     return official_checkpoints.build_sdm(seed=1)
+
+
+@pytest.fixture(scope="module")
+def models(comfyui):
+    """A tiny random TDM and SDM (tests/tiny_comfy.py): (tdm, sdm), fresh for each test module."""
+    import tiny_comfy
+
+    return tiny_comfy.model_pair()
+
+
+@pytest.fixture(scope="module")
+def conds(comfyui):
+    """Random augmented, text and null conditionings for the tiny models, by input name."""
+    import tiny_comfy
+
+    return tiny_comfy.three_conditionings()

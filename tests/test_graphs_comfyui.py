@@ -21,16 +21,6 @@ SETTINGS = dict(steps=6, cfg=5.0, sampler_name="euler", scheduler="normal", alph
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def models(comfyui):
-    return tiny_comfy.model_pair()
-
-
-@pytest.fixture(scope="module")
-def conds(comfyui):
-    return tiny_comfy.three_conditionings()
-
-
 def snf(comfyui, tdm, sdm, conds, latent=None, **settings):
     settings = {**SETTINGS, **settings}
     return comfyui.run("FaceDiffuserSNFSampler", tdm=tdm, sdm=sdm, latent_image=latent or tiny_comfy.empty_latent(),

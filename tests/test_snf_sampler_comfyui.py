@@ -10,16 +10,6 @@ import tiny_comfy
 SEED = 3
 
 
-@pytest.fixture(scope="module")
-def models(comfyui):
-    return tiny_comfy.model_pair()
-
-
-@pytest.fixture(scope="module")
-def conds(comfyui):
-    return tiny_comfy.three_conditionings()
-
-
 def snf_sample(comfyui, tdm, sdm, conds, latent, steps=10, alpha=0.3, beta=0.6, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, cfg=5.0):
     return comfyui.run(
         "FaceDiffuserSNFSampler", tdm=tdm, sdm=sdm, latent_image=latent, seed=SEED, steps=steps, cfg=cfg,

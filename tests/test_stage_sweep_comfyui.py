@@ -12,11 +12,6 @@ import tiny_comfy
 SETTINGS = dict(seed=11, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
 
 
-@pytest.fixture(scope="module")
-def conds(comfyui):
-    return tiny_comfy.three_conditionings()
-
-
 def sweep(comfyui, tdm, sdm, conds, alphas, betas, latent=None, **overrides):
     return comfyui.run("FaceDiffuserStageSweep", tdm=tdm, sdm=sdm, latent_image=latent or tiny_comfy.empty_latent(1, 8, 8),
                        alphas=alphas, betas=betas, **{**SETTINGS, **overrides}, **conds)
