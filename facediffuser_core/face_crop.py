@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +76,11 @@ def square_crop_box(box: Sequence[float], image_width: int, image_height: int, m
 def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI float images in [0, 1] -> float32 values on the 0..255 integer grid (what a uint8 file holds)."""
     return (images.float() * 255).round().clamp(0, 255)
+
+
+def to_uint8_array(images: torch.Tensor) -> np.ndarray:
+    """ComfyUI float images in [0, 1] -> a uint8 numpy array of the same shape, for image libraries (RGB)."""
+    return to_uint8_levels(images).to(torch.uint8).cpu().numpy()
 
 
 def pad_to_square(image: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..facediffuser_core.face_crop import to_uint8_levels
+from ..facediffuser_core.face_crop import to_uint8_array
 from ..facediffuser_core.identity import measure_identity
 from ..facediffuser_core.identity_view import annotate
 from ..facediffuser_core.recognition import BackendUnavailable, DlibRecognizer
@@ -86,7 +86,7 @@ def _recognizer(recognition: str, face_analysis):
 def _uint8_pictures(images: torch.Tensor, name: str) -> list[np.ndarray]:
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"{NODE_NAME}: {name} must be an RGB IMAGE batch (batch, height, width, 3), got shape {tuple(images.shape)}")
-    return list(to_uint8_levels(images).to(torch.uint8).cpu().numpy())
+    return list(to_uint8_array(images))
 
 
 class FaceDiffuserIdentityScore(io.ComfyNode):

@@ -17,7 +17,7 @@ from ..facediffuser_core.face_crop import (
     crop,
     preprocess_reference_faces,
     square_crop_box,
-    to_uint8_levels,
+    to_uint8_array,
 )
 from .subject_encoder import FaceEmbeds
 from .types import FaceEmbeds as FaceEmbedsType
@@ -30,7 +30,7 @@ DEFAULT_MARGIN = 0.3
 def detect_face_boxes(face_analysis, image: torch.Tensor) -> list[tuple[float, float, float, float]]:
     """Face boxes (x1, y1, x2, y2) in pixels of one ComfyUI image (H, W, 3), via insightface's FaceAnalysis.get,
     which wants a BGR uint8 array."""
-    bgr = to_uint8_levels(image).to(torch.uint8).cpu().numpy()[:, :, ::-1]
+    bgr = to_uint8_array(image)[:, :, ::-1]
     faces = face_analysis.get(np.ascontiguousarray(bgr))
     return [tuple(float(v) for v in face.bbox[:4]) for face in faces]
 

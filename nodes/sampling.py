@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import comfy.model_management
-import torch
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import snf
@@ -15,7 +15,7 @@ from . import official_run
 from .snf_guider import SNFGuider
 from .types import Saliency
 
-def _model_and_conditioning_inputs() -> list:
+def model_and_conditioning_inputs() -> list:
     return [
         io.Model.Input("tdm", tooltip="The text-driven model (Face-diffuser TDM Loader): builds the scene from the text."),
         io.Model.Input("sdm", tooltip="The subject-augmented model (Face-diffuser SDM Loader): paints the people."),
@@ -35,7 +35,7 @@ def _cfg_input():
                           tooltip="Guidance scale for both models (the official setting is 5.0).")
 
 
-def _schedule_inputs() -> list:
+def schedule_inputs() -> list:
     """steps, cfg, sampler and scheduler, as in KSampler (also the Stage Sweep's)."""
     return [
         io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the official setting is 50)."),
@@ -88,11 +88,11 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                 "fusion stage and 4 inside it."
             ),
             inputs=[
-                *_model_and_conditioning_inputs(),
+                *model_and_conditioning_inputs(),
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed of the initial noise."),
-                *_schedule_inputs(),
+                *schedule_inputs(),
                 *_stage_inputs(),
                 io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -171,7 +171,7 @@ class FaceDiffuserGuider(io.ComfyNode):
                 "too, so that the preview runs after the sampler."
             ),
             inputs=[
-                *_model_and_conditioning_inputs(), _cfg_input(), *_stage_inputs(),
+                *model_and_conditioning_inputs(), _cfg_input(), *_stage_inputs(),
                 io.Sigmas.Input(
                     "schedule", optional=True,
                     tooltip="The whole sigma schedule when the sampler gets only part of it (e.g. BasicScheduler's output, "

@@ -15,10 +15,10 @@ import torch
 import comfy.model_management
 from comfy_api.latest import io
 
-from ..facediffuser_core.face_crop import to_uint8_levels
+from ..facediffuser_core.face_crop import to_uint8_array
 from ..facediffuser_core.stage_sweep import StageGrid, grid_picture
 from . import official_run
-from .sampling import _model_and_conditioning_inputs, _schedule_inputs, snf_sample
+from .sampling import model_and_conditioning_inputs, schedule_inputs, snf_sample
 from .types import Identity, StageSweep
 
 SWEEP_NAME = "Face-diffuser Stage Sweep"
@@ -39,11 +39,11 @@ class FaceDiffuserStageSweep(io.ComfyNode):
                 "per cell."
             ),
             inputs=[
-                *_model_and_conditioning_inputs(),
+                *model_and_conditioning_inputs(),
                 io.Latent.Input("latent_image", tooltip="A latent of batch size 1 (Empty Latent Image): one picture per cell."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The one seed every cell is sampled from, so cells differ only by their split."),
-                *_schedule_inputs(),
+                *schedule_inputs(),
                 io.String.Input("alphas", default="0.2, 0.3, 0.4",
                                 tooltip="The grid's rows: ends of scene construction as fractions of the steps, separated by commas."),
                 io.String.Input("betas", default="0.5, 0.6, 0.7",
@@ -118,7 +118,7 @@ class FaceDiffuserStageSweepGrid(io.ComfyNode):
         if identity is not None and len(identity.images) != cells:
             raise ValueError(f"{GRID_NAME}: identity scored {len(identity.images)} pictures but the sweep sampled {cells} cells: "
                              "score the same decoded pictures")
-        pictures = to_uint8_levels(images).to(torch.uint8).cpu().numpy()
+        pictures = to_uint8_array(images)
         picture = grid_picture(sweep, pictures, identity)
         return io.NodeOutput(torch.from_numpy(picture).float().unsqueeze(0) / 255)
 

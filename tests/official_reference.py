@@ -18,7 +18,6 @@ Matching ComfyUI's `ddim` sampler with the `ddim_uniform` scheduler:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import comfy_harness
