@@ -296,6 +296,26 @@ def classify_file(path: Path):
 
 
 SETUP_COMMAND = "python scripts/facediffuser_setup.py"
+# Written by the set-up beside the models: the files whose content matched the hub's hash, by name, with the
+# size and mtime they had then, so that each is read in full once.
+VERIFIED_RECORD = ".facediffuser-setup-verified.json"
+
+
+def verified_records(folder: Path) -> dict:
+    try:
+        return json.loads((folder / VERIFIED_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def file_stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def changed_since_verified(path: Path) -> bool:
+    record = verified_records(path.parent).get(path.name)
+    return record is not None and record.get("stamp") != file_stamp(path)
 
 
 def find_checkpoint(folders: list[Path], names: tuple[str, ...]) -> Path | None:
@@ -321,12 +341,18 @@ def check_checkpoint(folders: list[Path], role: str, names: tuple[str, ...], sou
     except (OSError, ValueError, struct.error, zipfile.BadZipFile) as error:
         return Finding(PROBLEM, subject, f"{path} cannot be read ({type(error).__name__}: {error})",
                        f"the file is damaged or incomplete: download it again: {source}")
-    if classification is None:
-        return Finding(OK, subject, f"{path} ({size:.2f} GiB; {unchecked})")
-    if classification.kind.name not in accepted_kinds:
+    if classification is not None and classification.kind.name not in accepted_kinds:
         return Finding(PROBLEM, subject, f"{path} is {classification.description}, not the {role}",
                        f"put the {role} there: {source}")
-    return Finding(OK, subject, f"{path} ({size:.2f} GiB, {classification.kind.value})")
+    what = unchecked if classification is None else classification.kind.value
+    if path.name != names[-1]:  # a conversion: the converter compared it with its source
+        return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what})")
+    if changed_since_verified(path):
+        return Finding(PROBLEM, subject, f"{path} changed since the set-up verified its content",
+                       f"run `{SETUP_COMMAND}`: it checks the file against the hub's sha256 and says what to do")
+    verified = "content verified by the set-up" if path.name in verified_records(path.parent) else (
+        f"content not verified: `{SETUP_COMMAND}` checks it against the hub's sha256")
+    return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what}; {verified})")
 
 
 def insightface_pack_fix(root: Path) -> str:
