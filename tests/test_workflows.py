@@ -242,3 +242,31 @@ def test_each_api_workflow_runs_on_tiny_models(comfyui, installed, name):
     if name == SWEEP:  # the Identity Score's results for the two cells
         (identity,) = [output["facediffuser_identity"] for output in outputs.values() if "facediffuser_identity" in output]
         assert [entry["batch_index"] for entry in identity] == [0, 1] and all(len(entry["subjects"]) == 1 for entry in identity)
+
+
+def test_right_after_the_setup_without_convert_the_templates_take_the_bin_files(comfyui, installed, monkeypatch):
+    """The templates name the .safetensors conversions; the set-up without --convert leaves the .bin downloads. ComfyUI's
+    own check refused the templates ("value not in list") on both loaders; the loaders take either format."""
+    import execution
+    import folder_paths
+    import safetensors.torch
+    import torch
+
+    models = Path(installed) / "models" / "facediffuser"
+    only_bin = Path(installed) / "only_bin"
+    only_bin.mkdir(exist_ok=True)
+    for name in (workflow_builder.SDM_FILE, workflow_builder.TDM_FILE):
+        torch.save(safetensors.torch.load_file(str(models / name)), only_bin / Path(name).with_suffix(".bin").name)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "facediffuser", ([str(only_bin)], {".bin", ".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    for name in NAMES:
+        valid, error, _, node_errors = asyncio.run(execution.validate_prompt("check", api_workflow(name), None))
+        assert valid, (name, error, node_errors)
+    assert comfyui.run("FaceDiffuserTDMLoader", ckpt_name=workflow_builder.TDM_FILE)[0] is not None
+
+    missing = api_workflow(NAMES[0])
+    missing["2"]["inputs"]["ckpt_name"] = "someone_else.safetensors"
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("check", missing, None))
+    assert not valid
+    assert "Face-diffuser SDM Loader: checkpoint 'someone_else.safetensors' not found" in json.dumps(node_errors)
+    assert "python scripts/facediffuser_setup.py" in json.dumps(node_errors)
