@@ -25,8 +25,8 @@ import comfy_harness
 import comfy_server
 import hub_stand_in
 import pack_scripts
+from facediffuser_client import http_api, own_comfyui
 
-runner = pack_scripts.load("facediffuser_run")
 setup = pack_scripts.load("facediffuser_setup")
 STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"
 
@@ -68,8 +68,8 @@ def test_setup_then_runner_make_the_first_picture(tmp_path):
     comfyui = comfy_harness.comfyui_path()
     if comfyui is None:
         pytest.skip(comfy_harness.SKIP_REASON)
-    if runner.comfyui_answers(runner.DEFAULT_SERVER):
-        pytest.skip(f"a ComfyUI already answers at {runner.DEFAULT_SERVER}: the runner would use it instead of starting one")
+    if http_api.comfyui_answers(own_comfyui.DEFAULT_SERVER):
+        pytest.skip(f"a ComfyUI already answers at {own_comfyui.DEFAULT_SERVER}: the runner would use it instead of starting one")
     import official_checkpoints
     import tiny_install
 
@@ -101,7 +101,7 @@ def test_setup_then_runner_make_the_first_picture(tmp_path):
         capture_output=True, text=True, timeout=900, env=env)
     out = ran.stdout
     assert ran.returncode == 0, out + ran.stderr
-    assert f"no ComfyUI answers at {runner.DEFAULT_SERVER}: starting one for this job" in out
+    assert f"no ComfyUI answers at {own_comfyui.DEFAULT_SERVER}: starting one for this job" in out
     # The set-up left the .bin files; the shipped workflow names the .safetensors conversions.
     assert "the server has no facediffuser_sdm.safetensors; using facediffuser_sdm.bin" in out
     (picture,) = output.glob("facediffuser_0*.png")
@@ -114,5 +114,5 @@ def test_setup_then_runner_make_the_first_picture(tmp_path):
     assert f"stopped the ComfyUI started for this job (pid {pid})" in out
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert not runner.comfyui_answers(url)
+    assert not http_api.comfyui_answers(url)
     assert processes_mentioning(str(base)) == []

@@ -1,0 +1,110 @@
+"""A ComfyUI of the client's own: started headless on a free loopback port when none answers, stopped after."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .http_api import DEFAULT_SERVER, ComfyClient, RunError, comfyui_answers
+from .api_workflow import PACK_ROOT
+
+sys.path.insert(0, str(PACK_ROOT))
+from facediffuser_core.model_folders import find_comfyui  # noqa: E402  (standard library only)
+
+
+OWN_SERVER_START_TIMEOUT_S = 600.0
+
+OWN_SERVER_STOP_TIMEOUT_S = 30.0
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class OwnComfyUI:
+    """The ComfyUI in `root`, started by the runner with this Python, headless on 127.0.0.1 and a free port,
+    in a process group of its own so that stopping it ends everything it started."""
+
+    def __init__(self, root: Path, extra_args: list[str], report=print):
+        self.root = root
+        self.report = report
+        self.url = f"http://127.0.0.1:{free_loopback_port()}"
+        handle, log = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
+        self.log = Path(log)
+        command = [sys.executable, str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+                   "--disable-auto-launch", *extra_args]
+        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        with os.fdopen(handle, "wb") as log_file:
+            self.process = subprocess.Popen(command, cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, **group)
+        report(f"started ComfyUI from {root} (pid {self.process.pid}) at {self.url}; its log: {self.log}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def wait_until_ready(self, timeout_s: float = OWN_SERVER_START_TIMEOUT_S) -> None:
+        started = time.monotonic()
+        while not comfyui_answers(self.url):
+            if self.process.poll() is not None:
+                raise RunError(f"the ComfyUI started from {self.root} exited with status {self.process.returncode} before "
+                               f"answering; the end of its log ({self.log}):\n{self.log_tail()}")
+            if time.monotonic() - started > timeout_s:
+                raise RunError(f"the ComfyUI started from {self.root} did not answer within {timeout_s:g} s; see its log {self.log}")
+            time.sleep(0.5)
+        if not ComfyClient(self.url).get_json("/object_info/FaceDiffuserSNFSampler"):
+            raise RunError(f"the ComfyUI started from {self.root} has not loaded the Face-diffuser nodes (is the pack in its "
+                           f"custom_nodes folder?); look for 'Cannot import' in its log {self.log}")
+        self.report(f"ComfyUI is ready ({time.monotonic() - started:.0f} s)")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            if os.name == "posix":
+                os.killpg(self.process.pid, signal.SIGTERM)
+            else:
+                self.process.terminate()
+            try:
+                self.process.wait(OWN_SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL) if os.name == "posix" else self.process.kill()
+                self.process.wait(OWN_SERVER_STOP_TIMEOUT_S)
+        self.report(f"stopped the ComfyUI started for this job (pid {self.process.pid})")
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace):
+    """The address to send the job to: --server; else the default address when a ComfyUI answers there; else a
+    ComfyUI of the runner's own, stopped afterwards (also on errors and Ctrl-C) unless --keep-server."""
+    if args.server or comfyui_answers(DEFAULT_SERVER):
+        yield args.server or DEFAULT_SERVER
+        return
+    root = find_comfyui(args.comfyui)
+    if root is None or not (root / "main.py").is_file():
+        where = f"{args.comfyui} is not a ComfyUI folder" if args.comfyui else (
+            f"this pack ({PACK_ROOT}) is not inside ComfyUI/custom_nodes and COMFYUI_PATH is not set")
+        raise RunError(f"no ComfyUI server answers at {DEFAULT_SERVER}, and none can be started: {where}. Pass --comfyui "
+                       f"<ComfyUI folder> to start that one, or start ComfyUI yourself and pass --server")
+    print(f"no ComfyUI answers at {DEFAULT_SERVER}: starting one for this job")
+    own = OwnComfyUI(root, shlex.split(args.comfyui_args or ""))
+    ready = False
+    try:
+        own.wait_until_ready()
+        ready = True
+        yield own.url
+    finally:
+        if ready and args.keep_server and own.process.poll() is None:
+            print(f"ComfyUI keeps running at {own.url} (pid {own.process.pid}; log {own.log}); stop it with `kill {own.process.pid}`")
+        else:
+            own.stop()
+            if ready:  # a failed start keeps its log, which the error names
+                own.log.unlink(missing_ok=True)
