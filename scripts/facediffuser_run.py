@@ -18,12 +18,48 @@ that reaches the server can run this, without ComfyUI or torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from facediffuser_client.api_workflow import PACK_ROOT, load_api_workflow, shipped_workflow
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
 from facediffuser_client.own_comfyui import server_for
 from facediffuser_client.headless import run
+from facediffuser_core.model_folders import find_comfyui  # the client put the pack's root on sys.path
+
+# Options whose value is itself a command line: argparse takes `--comfyui-args "--cpu"` for two options.
+COMMAND_LINE_OPTIONS = ("--comfyui-args",)
+OUTPUT_FOLDER = "facediffuser_output"
+
+
+def attach_command_line_values(argv: list[str]) -> list[str]:
+    """`--comfyui-args "--cpu"` as `--comfyui-args=--cpu`, the one spelling argparse reads when the value starts with -."""
+    attached, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg in COMMAND_LINE_OPTIONS else None
+        attached.append(arg if value is None else f"{arg}={value}")
+    return attached
+
+
+def default_output(comfyui: Path | None) -> Path:
+    """./facediffuser_output, except inside the pack's own checkout (where the README's commands run): there
+    ComfyUI's output folder, where the ComfyUI on this machine saves the pictures anyway."""
+    here = Path.cwd().resolve()
+    if here != PACK_ROOT and PACK_ROOT not in here.parents:
+        return Path(OUTPUT_FOLDER)
+    root = find_comfyui(comfyui)
+    return root / "output" if root is not None else Path.home() / OUTPUT_FOLDER
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """What can be wrong with the command line is said before any ComfyUI starts."""
+    for photo in args.face:
+        if not photo.is_file():
+            raise RunError(f"--face: {photo} is not a file" + ("" if photo.exists() else f" (no such file, seen from {os.getcwd()})"))
+        if not os.access(photo, os.R_OK):
+            raise RunError(f"--face: {photo} cannot be read (permissions)")
+    load_api_workflow(args.workflow or shipped_workflow(len(args.face)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, help="fraction of the steps where scene construction ends")
     parser.add_argument("--beta", type=float, help="fraction of the steps where subject-scene fusion ends")
     parser.add_argument("--batch-size", type=int, dest="batch_size")
-    parser.add_argument("--output", type=Path, default=Path("facediffuser_output"),
-                        help="folder for the images (default ./facediffuser_output)")
+    parser.add_argument("--output", type=Path,
+                        help=f"folder for the images (default ./{OUTPUT_FOLDER}; run from inside the pack: ComfyUI's output folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
     parser.add_argument("--candidates", type=int, metavar="N",
                         help="best of N: run N seeds (--seed, --seed+1, ...; default from the workflow's seed) through a "
@@ -56,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     own.add_argument("--comfyui-args", metavar="ARGS",
                      help='more arguments for its main.py, e.g. "--lowvram" or "--cpu --base-directory /data/comfy"')
     own.add_argument("--keep-server", action="store_true", help="leave it running after the job, for the next ones")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_command_line_values(sys.argv[1:] if argv is None else argv))
+    if args.output is None:
+        args.output = default_output(args.comfyui)
     if args.candidates is not None and args.keep_best is None:
         args.keep_best = 1
     return args
@@ -65,11 +103,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_inputs(args)
         with server_for(args) as server:
             return run(args, ComfyClient(server))
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing of this run is left running (its job cancelled, a ComfyUI started for it stopped); "
+              f"pictures saved before stay in {args.output}; run the same command again to make the picture", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

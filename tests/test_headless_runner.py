@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def test_server_down_is_a_clear_error(tmp_path, capsys):
     assert runner.main([str(path), "--server", f"http://127.0.0.1:{port}"]) == 1
     message = capsys.readouterr().err
     assert f"no ComfyUI server answers at http://127.0.0.1:{port}" in message
-    assert "python main.py" in message
+    assert f"python main.py --listen 127.0.0.1 --port {port}`" in message  # the port the user gave, not 8188
 
 
 @pytest.mark.parametrize("faces", [1, 2])
@@ -161,6 +162,13 @@ mode = pathlib.Path("mode").read_text()
 if mode == "crash":
     print("boom: the fake ComfyUI cannot start")
     sys.exit(3)
+if mode == "no cuda":  # what ComfyUI prints when started without --cpu on a CPU-only torch
+    print("\\n".join(f"log line {number} " + "x" * 60 for number in range(100)))
+    print("AssertionError: Torch not compiled with CUDA enabled")
+    sys.exit(1)
+if mode == "slow":
+    import time
+    time.sleep(120)
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int)
 args, _ = parser.parse_known_args()
@@ -363,6 +371,9 @@ def test_runs_each_shipped_workflow_with_uploaded_faces_and_overrides(server, tm
     assert len(generated) == 2 and all(Image.open(p).size == (64, 64) for p in generated)
     assert all((server.input_dir / photo.name).is_file() for photo in photos)
     assert "submitted to" in captured.out and "saved" in captured.out
+    # ComfyUI's step progress, relayed from its websocket; plain lines, as capsys is no terminal.
+    sampler = "SamplerCustomAdvanced" if name == "facediffuser_custom_sampling" else "FaceDiffuserSNFSampler"
+    assert re.search(rf"^  node \d+ \({sampler}\): step 3/3$", captured.out, re.M), captured.out
     if name == "facediffuser_custom_sampling":
         # The saliency preview's pictures come back too: 4 panels per image of the batch.
         assert len([p for p in output.glob("*.png") if p not in generated and "temp" in p.name.lower()]) >= 8
@@ -453,3 +464,118 @@ def test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores(server,
     assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed5_1.png"
     assert sorted(p.name for p in output.iterdir()) == ["best01_seed5_0.png", "best02_seed5_1.png", "identity_scores.json"]
     assert Image.open(output / "best01_seed5_0.png").size == (64, 64)
+
+
+# --- the README's spellings, CPU-only machines, Ctrl-C, inputs and outputs ------------------------------------
+
+
+@pytest.mark.parametrize("value", ["--cpu", "--lowvram", "--cpu --base-directory /data/comfy"])
+def test_comfyui_args_take_the_readmes_spelling(value):
+    assert runner.parse_args(["--face", "me.jpg", "--comfyui-args", value]).comfyui_args == value
+    assert runner.parse_args([f"--comfyui-args={value}"]).comfyui_args == value
+
+
+def test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so(tmp_path, capsys, nothing_at_the_default_address):
+    import torch
+
+    assert not torch.cuda.is_available()
+    root = fake_comfyui(tmp_path, "pack")
+    with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram"])):
+        pass
+    argv = json.loads((root / "argv.json").read_text())
+    assert argv[-2:] == ["--cpu", "--lowvram"]
+    assert "has no GPU (a CPU-only build): starting ComfyUI with --cpu" in capsys.readouterr().out
+
+
+def test_a_comfyui_that_needs_cpu_gets_a_hint_with_the_users_arguments_and_a_tail_from_a_line_start(
+        tmp_path, capsys, nothing_at_the_default_address, monkeypatch):
+    monkeypatch.setattr(own_comfyui, "torch_sees_a_gpu", lambda: None)  # a torch whose devices cannot be told
+    root = fake_comfyui(tmp_path, "no cuda")
+    with pytest.raises(http_api.RunError) as raised:
+        with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram"])):
+            pytest.fail("the job must not run")
+    message = str(raised.value)
+    tail = message.split("):\n", 1)[1]
+    assert tail.startswith("log line ") and "Torch not compiled with CUDA enabled" in tail
+    assert message.endswith('run again with --comfyui-args "--cpu --lowvram"')
+    out = capsys.readouterr().out
+    assert "had exited by itself (status 1)" in out and "stopped the ComfyUI" not in out
+
+
+def test_a_comfyui_that_exits_during_the_job_is_not_said_to_be_stopped(tmp_path, capsys, nothing_at_the_default_address):
+    root = fake_comfyui(tmp_path, "pack")
+    with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root)])) as url:
+        pid = started_pid(capsys.readouterr().out)
+        os.killpg(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            pass  # until it is a zombie, which only the runner's wait reaps
+    out = capsys.readouterr().out
+    assert f"(pid {pid}) had exited by itself" in out and "stopped the ComfyUI" not in out
+
+
+def test_a_missing_face_photo_is_reported_before_anything_starts(tmp_path, capsys, nothing_at_the_default_address):
+    root = fake_comfyui(tmp_path, "pack")
+    assert runner.main(["--face", str(tmp_path / "me.jpg"), "--prompt", "a man <|image|>", "--comfyui", str(root)]) == 1
+    assert f"--face: {tmp_path / 'me.jpg'} is not a file (no such file" in capsys.readouterr().err
+    assert not (root / "argv.json").exists()  # no ComfyUI was started
+
+
+def test_default_output_is_never_inside_the_pack(tmp_path, monkeypatch):
+    root = fake_comfyui(tmp_path, "pack")
+    monkeypatch.chdir(api_workflow.PACK_ROOT / "scripts")
+    assert runner.parse_args(["--comfyui", str(root)]).output == root / "output"
+    monkeypatch.chdir(tmp_path)
+    assert runner.parse_args(["--comfyui", str(root)]).output == Path("facediffuser_output")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_running(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    if http_api.comfyui_answers(http_api.DEFAULT_SERVER):
+        pytest.skip(f"a ComfyUI already answers at {http_api.DEFAULT_SERVER}: the runner would use it instead of starting one")
+    root = fake_comfyui(tmp_path, "slow")
+    (tmp_path / "me.png").write_bytes(b"png")
+    env = {**os.environ, "PYTHONPATH": str(pack_scripts.SCRIPTS_DIR)}
+    runner_process = subprocess.Popen(
+        [sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_run.py"), "--face", "me.png", "--prompt", "a man <|image|>",
+         "--comfyui", str(root), "--timeout", "60"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not (root / "argv.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    runner_process.send_signal(signal.SIGINT)
+    out, err = runner_process.communicate(timeout=60)
+    assert runner_process.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("interrupted: nothing of this run is left running") and "run the same command again" in line
+    assert f"stopped the ComfyUI started for this job (pid {started_pid(out)})" in out and gone(started_pid(out))
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
+    import io
+
+    from facediffuser_client.progress import ProgressDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    workflow = {"8": {"class_type": "FaceDiffuserSNFSampler", "inputs": {}}}
+    for stream in (io.StringIO(), Terminal()):
+        display = ProgressDisplay(workflow, stream)
+        display.state("running")
+        for step in range(1, 51):
+            display.step((step, 50, "8"))
+        display.state("finishing")
+        display.close()
+        text = stream.getvalue()
+        if stream.isatty():
+            assert text.count("\r") == 50 and "\r  node 8 (FaceDiffuserSNFSampler) [" + "#" * 30 + "] 50/50\n  finishing\n" in text
+        else:
+            lines = text.splitlines()
+            assert lines[0] == "  running" and lines[-1] == "  finishing" and "\r" not in text
+            assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50" for step in (1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50)]

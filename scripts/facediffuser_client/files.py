@@ -21,12 +21,18 @@ def unused_path(output_dir: Path, name: str) -> Path:
 
 
 def save_images(client: ComfyClient, entry: dict, output_dir: Path) -> list[Path]:
-    """Download every picture of output_images(entry), in its order, one path each; never overwriting."""
+    """Download every picture of output_images(entry), in its order, one path each; never overwriting. A file of the
+    same name and content is that picture (the output folder of a ComfyUI on this machine), not written twice."""
     output_dir.mkdir(parents=True, exist_ok=True)
     saved = []
     for _, image in output_images(entry):
-        target = unused_path(output_dir, Path(image["filename"]).name)
-        target.write_bytes(client.download(image))
+        content = client.download(image)
+        same = output_dir / Path(image["filename"]).name
+        if same.is_file() and same.read_bytes() == content:  # the server's own output folder: already there
+            saved.append(same)
+            continue
+        target = unused_path(output_dir, same.name)
+        target.write_bytes(content)
         saved.append(target)
     return saved
 

@@ -12,6 +12,7 @@ from .best_of_n import (SCORES_FILE, describe_candidate, identity_score_node, ra
                         scored_pictures_saver)
 from .http_api import ComfyClient, RunError, describe_failure
 from .files import save_images, unused_path
+from .progress import ProgressDisplay, ProgressListener
 from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, load_api_workflow, reference_image_loaders,
                        set_override, shipped_workflow, use_installed_checkpoints)
 
@@ -35,15 +36,35 @@ def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
     return workflow
 
 
+def cancel_quietly(client: ComfyClient, prompt_id: str) -> None:
+    """Ctrl-C: the job leaves the server's queue, or stops if it runs (a server of the runner's own stops anyway)."""
+    try:
+        client.cancel(prompt_id)
+    except (RunError, OSError):
+        pass  # the server is gone or refuses: nothing of the job is left to stop there
+
+
 def run(args: argparse.Namespace, client: ComfyClient) -> int:
     if args.keep_best is not None:
         for path in run_best_of_n(args, client):
             print(f"saved {path}")
         return 0
     workflow = prepare_workflow(args, client)
-    prompt_id = client.submit(workflow, client_id=uuid.uuid4().hex)
-    print(f"submitted to {client.server} as job {prompt_id}")
-    entry = client.wait(prompt_id, args.timeout, report=lambda state: print(f"  {state}"))
+    client_id = uuid.uuid4().hex
+    listener = ProgressListener(client.server, client_id)  # before the job: its progress goes to this client id
+    display = ProgressDisplay(workflow, sys.stdout)
+    try:
+        prompt_id = client.submit(workflow, client_id=client_id)
+        print(f"submitted to {client.server} as job {prompt_id}")
+        try:
+            entry = client.wait(prompt_id, args.timeout, report=display.state, tick=lambda: display.step(listener.progress(prompt_id)))
+        except KeyboardInterrupt:
+            display.close()
+            cancel_quietly(client, prompt_id)
+            raise
+    finally:
+        display.close()
+        listener.close()
     if entry.get("status", {}).get("status_str") != "success":
         raise RunError(describe_failure(entry))
     saved = save_images(client, entry, args.output)

@@ -26,8 +26,10 @@ class ServerUnreachable(RunError):
     """No answer from the server (refused, reset, timed out): it may come back, or another server can do the job."""
 
     def __init__(self, server: str, reason):
+        address = urllib.parse.urlsplit(server)
+        port = address.port or (443 if address.scheme == "https" else 80)
         super().__init__(f"no ComfyUI server answers at {server} ({reason}): start it with `python main.py --listen "
-                         f"127.0.0.1 --port 8188` in your ComfyUI folder, or point --server at the one you run")
+                         f"{address.hostname or '127.0.0.1'} --port {port}` in your ComfyUI folder, or point --server at the one you run")
         self.reason = str(reason)
 
 
@@ -99,11 +101,13 @@ class ComfyClient:
         self.post_json("/queue", {"delete": [prompt_id]})
         self.post_json("/interrupt", {"prompt_id": prompt_id})
 
-    def wait(self, prompt_id: str, timeout_s: float, poll_s: float = 0.5, report=print) -> dict:
-        """Poll until the job leaves the queue; report its place in the queue when it changes."""
+    def wait(self, prompt_id: str, timeout_s: float, poll_s: float = 0.5, report=print, tick=None) -> dict:
+        """Poll until the job leaves the queue; report its place in the queue when it changes, call `tick` at each poll."""
         deadline = time.monotonic() + timeout_s
         last_state = None
         while True:
+            if tick is not None:
+                tick()  # first: the job's last steps are shown even when it ends between two polls
             history = self.get_json(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 return history[prompt_id]
