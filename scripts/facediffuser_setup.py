@@ -54,6 +54,7 @@ WEIGHTS_LICENCE = (
 )
 CHUNK_BYTES = 8 * 2**20
 INTERRUPTED = "interrupted: what was downloaded is kept (hidden .partial files beside the targets); run the set-up again to resume"
+SOURCE_VARIABLE = "FACEDIFFUSER_INSIGHTFACE_SOURCE"  # --insightface-source set once, as HF_ENDPOINT names a hub mirror
 HASH_LENGTHS = {64: "sha256", 40: "git-sha1"}  # the hub's ETag: sha256 for LFS files, the git blob sha1 otherwise
 
 
@@ -432,9 +433,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--convert", action="store_true", help="also convert both models to fp16 .safetensors (smaller, faster to load)")
     parser.add_argument("--insightface-pack", choices=sorted(KNOWN_PACK_FILES),
                         help=f"the insightface pack to install (default: {DEFAULT_PACK}, unless a known pack is already installed)")
-    parser.add_argument("--insightface-source", metavar="URL_OR_ZIP",
-                        help=f"where the pack's zip comes from: an address or a local file (default for {DEFAULT_PACK}: "
-                             f"{PACK_SOURCES[DEFAULT_PACK]}; antelopev2 needs one)")
+    parser.add_argument("--insightface-source", metavar="URL_OR_ZIP", default=os.environ.get(SOURCE_VARIABLE) or None,
+                        help=f"where the pack's zip comes from: an address or a local file (default: ${SOURCE_VARIABLE}, "
+                             f"else for {DEFAULT_PACK} {PACK_SOURCES[DEFAULT_PACK]}; antelopev2 needs one)")
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, and do nothing")
     return parser.parse_args(argv)
 
