@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     own = parser.add_argument_group("the ComfyUI the runner starts when none answers (no --server)")
     own.add_argument("--comfyui", type=Path, help="its folder (default: the ComfyUI this pack is installed in, or $COMFYUI_PATH)")
     own.add_argument("--comfyui-args", metavar="ARGS",
-                     help='more arguments for its main.py, e.g. "--lowvram" or "--cpu --base-directory /data/comfy"')
+                     help='more arguments for its main.py, e.g. "--lowvram" or "--base-directory /data/comfy" (--cpu is added by itself when torch has no GPU)')
     own.add_argument("--keep-server", action="store_true", help="leave it running after the job, for the next ones")
     args = parser.parse_args(attach_command_line_values(sys.argv[1:] if argv is None else argv))
     if args.output is None:

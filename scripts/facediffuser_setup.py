@@ -12,7 +12,8 @@ under their canonical names, facediffuser_sdm.bin and facediffuser_tdm.bin, and 
 models/insightface/models/<pack>/, whatever the layout inside its zip. Downloads go to a hidden `.partial`
 file beside the target, resume where an interrupted one stopped (in the same run and in the next one), are
 checked against the size and hash the hub publishes, and only then take the final name. What is already in
-place and valid is skipped; a file that is in place but broken is reported, never overwritten. Folders
+place and valid is skipped (a model placed by hand is compared with the hub's sha256 once, remembered by size
+and mtime); a file that is in place but broken is reported, never overwritten. Ctrl-C keeps what arrived. Folders
 marked `is_default` in extra_model_paths.yaml receive the files. It ends with the first-run check's verdict;
 exit status 0 when everything is in place.
 """
