@@ -39,9 +39,10 @@ def install_hint() -> str:
     python = sys.executable
     return (
         f"{NODE_NAME} needs the insightface and onnxruntime packages, which ComfyUI's Python ({python}) cannot import. "
-        f"Install them into that Python: `\"{python}\" -m pip install insightface onnxruntime-gpu` on a machine with an "
-        "NVIDIA GPU, or `... insightface onnxruntime` otherwise (the portable Windows build: "
-        "`python_embeded\\python.exe -m pip install ...`). Install only one of onnxruntime and onnxruntime-gpu: both "
+        f"Install them into that Python: `\"{python}\" -m pip install insightface onnxruntime`, and on a machine with an "
+        f"NVIDIA GPU then swap in the GPU build: `\"{python}\" -m pip uninstall -y onnxruntime && \"{python}\" -m pip install "
+        "onnxruntime-gpu` (the portable Windows build: `python_embeded\\python.exe -m pip install ...`; README 'Install'). "
+        "Install only one of onnxruntime and onnxruntime-gpu: both "
         "provide the same `onnxruntime` module, so whichever is installed last overwrites the other (a later "
         "`pip install onnxruntime`, often pulled in by another package, silently removes GPU support); if the CUDA "
         "provider is missing, uninstall both and reinstall onnxruntime-gpu alone. Then restart ComfyUI. "

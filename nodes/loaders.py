@@ -41,14 +41,42 @@ OPTIONAL_CLIP_KEYS = ("clip_l.logit_scale", "clip_l.transformer.text_projection.
 ALL_KINDS = (CheckpointKind.SDM, CheckpointKind.TDM, CheckpointKind.SD15)
 
 
+# A model's two formats: the official download (renamed .bin) and its conversion. The shipped templates name the
+# conversion, the set-up leaves the .bin unless asked to convert, so a loader takes either for the other's name.
+CHECKPOINT_FORMATS = (".safetensors", ".bin")
+
+
+def installed_name(ckpt_name: str) -> str | None:
+    """The file ckpt_name names in the model folders, else the same model in its other format, else None."""
+    names = folder_paths.get_filename_list(MODEL_FOLDER)
+    if ckpt_name in names:
+        return ckpt_name
+    stem, suffix = os.path.splitext(ckpt_name)
+    if suffix in CHECKPOINT_FORMATS:
+        return next((stem + other for other in CHECKPOINT_FORMATS if stem + other in names), None)
+    return None
+
+
+def missing_checkpoint(node: str, ckpt_name: str) -> str:
+    folders = folder_paths.get_folder_paths(MODEL_FOLDER)
+    return (f"{node}: checkpoint '{ckpt_name}' not found; expected it at {os.path.join(folders[0], ckpt_name)} "
+            f"(searched: {', '.join(folders)}). Run `python scripts/facediffuser_setup.py` from the pack's folder, "
+            f"or pick one of the files there in the loader")
+
+
+def validate_checkpoint(node: str, ckpt_name: str) -> bool | str:
+    """Replaces ComfyUI's check of the combo value, which refuses a template's .safetensors name when only the .bin
+    is in place."""
+    return True if installed_name(ckpt_name) is not None else missing_checkpoint(node, ckpt_name)
+
+
 def resolve_path(node: str, ckpt_name: str) -> str:
-    path = folder_paths.get_full_path(MODEL_FOLDER, ckpt_name)
+    installed = installed_name(ckpt_name)
+    if installed is not None and installed != ckpt_name:
+        logging.info("%s: %s is not installed; loading the same model from %s", node, ckpt_name, installed)
+    path = folder_paths.get_full_path(MODEL_FOLDER, installed or ckpt_name)
     if path is None:
-        folders = folder_paths.get_folder_paths(MODEL_FOLDER)
-        raise FileNotFoundError(
-            f"{node}: checkpoint '{ckpt_name}' not found; expected it at {os.path.join(folders[0], ckpt_name)} "
-            f"(searched: {', '.join(folders)})"
-        )
+        raise FileNotFoundError(missing_checkpoint(node, ckpt_name))
     return path
 
 
@@ -217,7 +245,8 @@ def rebuild_patcher(node: str, path: str, part: str, weight_dtype: str, disable_
         return build_vae(parts.vae).patcher
 
 
-CKPT_TOOLTIP = "A file in models/facediffuser: the official pytorch_model.bin (renamed) or its .safetensors conversion."
+CKPT_TOOLTIP = ("A file in models/facediffuser: the official pytorch_model.bin (renamed) or its .safetensors conversion. "
+                "A name whose file is missing loads the same model in the other format (.bin or .safetensors) when that is there.")
 DTYPE_TOOLTIP = (
     "Weight dtype of the UNet, text encoder and (SDM) vision tower. 'default' lets ComfyUI choose for your "
     "device, as its checkpoint loader does; the VAE always uses ComfyUI's choice (VAEs overflow in fp16)."
@@ -232,7 +261,15 @@ def dtype_input() -> io.Combo.Input:
     return io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", tooltip=DTYPE_TOOLTIP)
 
 
-class FaceDiffuserSDMLoader(io.ComfyNode):
+class CheckpointLoader(io.ComfyNode):
+    DISPLAY = ""
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name: str) -> bool | str:
+        return validate_checkpoint(cls.DISPLAY, ckpt_name)
+
+
+class FaceDiffuserSDMLoader(CheckpointLoader):
     DISPLAY = "Face-diffuser SDM Loader"
 
     @classmethod
@@ -268,7 +305,7 @@ class FaceDiffuserSDMLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae, encoder)
 
 
-class FaceDiffuserTDMLoader(io.ComfyNode):
+class FaceDiffuserTDMLoader(CheckpointLoader):
     DISPLAY = "Face-diffuser TDM Loader"
 
     @classmethod

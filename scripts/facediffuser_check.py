@@ -29,7 +29,13 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 # facediffuser_core's modules used here import nothing beyond the standard library until torch is needed.
 sys.path.insert(0, str(PACK_ROOT))
 
-from facediffuser_core.insightface_packs import DEFAULT_PACK, KNOWN_PACK_FILES, PACK_SOURCES, detector_file  # noqa: E402
+from facediffuser_core.insightface_packs import (  # noqa: E402
+    DEFAULT_PACK,
+    KNOWN_PACK_FILES,
+    PACK_SOURCES,
+    detector_file,
+    recognition_file,
+)
 from facediffuser_core.model_folders import ExtraModelPathsError, ModelFolders, find_comfyui  # noqa: E402
 MIN_COMFYUI = (0, 17, 0)
 MIN_PYTHON = (3, 10)
@@ -50,6 +56,14 @@ ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-dire
                              "onnxruntime-silicon", "onnxruntime-rocm", "onnxruntime-qnn")
 
 OK, MISSING, PROBLEM, INFO = "ok", "missing", "problem", "info"
+
+# What each node of the shipped workflows needs in place, by the subject of the finding that reports it.
+NODE_NEEDS = {
+    "FaceDiffuserSDMLoader": ("SDM model",),
+    "FaceDiffuserTDMLoader": ("TDM model",),
+    "FaceDiffuserInsightFaceLoader": ("insightface", "onnxruntime", "insightface models"),
+    "FaceDiffuserIdentityScore": ("insightface recognition model",),
+}
 
 
 @dataclass
@@ -117,11 +131,26 @@ def check_torch() -> tuple[Finding, bool]:
                    "CPU works but takes minutes per image; with an NVIDIA GPU install a CUDA build of torch"), False
 
 
-def check_insightface() -> Finding:
+def onnxruntime_build(cuda_gpu: bool) -> str:
+    """The onnxruntime distribution for this machine: the GPU build only where torch sees a CUDA GPU; elsewhere
+    it runs on the CPU too, but prints provider errors (CUDA, TensorRT libraries not found) at every start."""
+    return "onnxruntime-gpu" if cuda_gpu else "onnxruntime"
+
+
+def insightface_install_command(cuda_gpu: bool) -> str:
+    """insightface and the one onnxruntime build this machine wants. insightface's own requirements may pull the
+    CPU build, so on a CUDA machine it is swapped for the GPU build afterwards rather than installed beside it."""
+    pip = f"{sys.executable} -m pip"
+    if cuda_gpu:
+        return f"{pip} install insightface && {pip} uninstall -y onnxruntime && {pip} install onnxruntime-gpu"
+    return f"{pip} install insightface onnxruntime"
+
+
+def check_insightface(cuda_gpu: bool) -> Finding:
     version = installed_version("insightface")
     if version is None:
-        return Finding(MISSING, "insightface", "not installed",
-                       f"{sys.executable} -m pip install -r {PACK_ROOT / 'requirements.txt'}")
+        return Finding(MISSING, "insightface", "not installed (a second step after requirements.txt, README 'Install')",
+                       insightface_install_command(cuda_gpu))
     try:
         import insightface  # noqa: F401
     except Exception as error:
@@ -130,13 +159,13 @@ def check_insightface() -> Finding:
     return Finding(OK, "insightface", version)
 
 
-def onnxruntime_conflict() -> Finding | None:
+def onnxruntime_conflict(cuda_gpu: bool) -> Finding | None:
     installed = [(name, installed_version(name)) for name in ONNXRUNTIME_DISTRIBUTIONS]
     installed = [(name, version) for name, version in installed if version]
     if len(installed) < 2:
         return None
     names = [name for name, _ in installed]
-    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names else names[0]
+    keep = onnxruntime_build(cuda_gpu)
     return Finding(
         PROBLEM, "onnxruntime",
         "several builds installed at once: " + ", ".join(f"{name} {version}" for name, version in installed)
@@ -197,10 +226,10 @@ def working_providers(onnxruntime) -> dict[str, str]:
 def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
     """Conflicting builds, then whether onnxruntime imports and which providers run; with a CUDA GPU, whether
     insightface can use it."""
-    findings = [conflict] if (conflict := onnxruntime_conflict()) else []
+    findings = [conflict] if (conflict := onnxruntime_conflict(cuda_gpu)) else []
     if not any(installed_version(name) for name in ONNXRUNTIME_DISTRIBUTIONS):
         return findings + [Finding(MISSING, "onnxruntime", "not installed (insightface's face detector runs on it)",
-                                   f"{sys.executable} -m pip install -r {PACK_ROOT / 'requirements.txt'}")]
+                                   f"{sys.executable} -m pip install {onnxruntime_build(cuda_gpu)}")]
     try:
         import onnxruntime
     except Exception as error:
@@ -219,6 +248,11 @@ def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
             INFO, "onnxruntime", detail,
             "face detection will run on the CPU (slower, same result). For the GPU: install onnxruntime-gpu built for "
             "your CUDA and cuDNN versions (README 'Troubleshooting': CUDA provider not found)")]
+    if not cuda_gpu and not conflict and installed_version("onnxruntime-gpu"):
+        return findings + [Finding(
+            INFO, "onnxruntime", detail + "; the GPU build, on a machine where torch sees no CUDA GPU",
+            "it runs on the CPU but prints provider errors at every start; the CPU build is the one for this machine: "
+            f"{sys.executable} -m pip uninstall -y onnxruntime-gpu && {sys.executable} -m pip install onnxruntime")]
     return findings + [Finding(OK, "onnxruntime", detail)]
 
 
@@ -262,6 +296,26 @@ def classify_file(path: Path):
 
 
 SETUP_COMMAND = "python scripts/facediffuser_setup.py"
+# Written by the set-up beside the models: the files whose content matched the hub's hash, by name, with the
+# size and mtime they had then, so that each is read in full once.
+VERIFIED_RECORD = ".facediffuser-setup-verified.json"
+
+
+def verified_records(folder: Path) -> dict:
+    try:
+        return json.loads((folder / VERIFIED_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def file_stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def changed_since_verified(path: Path) -> bool:
+    record = verified_records(path.parent).get(path.name)
+    return record is not None and record.get("stamp") != file_stamp(path)
 
 
 def find_checkpoint(folders: list[Path], names: tuple[str, ...]) -> Path | None:
@@ -287,12 +341,18 @@ def check_checkpoint(folders: list[Path], role: str, names: tuple[str, ...], sou
     except (OSError, ValueError, struct.error, zipfile.BadZipFile) as error:
         return Finding(PROBLEM, subject, f"{path} cannot be read ({type(error).__name__}: {error})",
                        f"the file is damaged or incomplete: download it again: {source}")
-    if classification is None:
-        return Finding(OK, subject, f"{path} ({size:.2f} GiB; {unchecked})")
-    if classification.kind.name not in accepted_kinds:
+    if classification is not None and classification.kind.name not in accepted_kinds:
         return Finding(PROBLEM, subject, f"{path} is {classification.description}, not the {role}",
                        f"put the {role} there: {source}")
-    return Finding(OK, subject, f"{path} ({size:.2f} GiB, {classification.kind.value})")
+    what = unchecked if classification is None else classification.kind.value
+    if path.name != names[-1]:  # a conversion: the converter compared it with its source
+        return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what})")
+    if changed_since_verified(path):
+        return Finding(PROBLEM, subject, f"{path} changed since the set-up verified its content",
+                       f"run `{SETUP_COMMAND}`: it checks the file against the hub's sha256 and says what to do")
+    verified = "content verified by the set-up" if path.name in verified_records(path.parent) else (
+        f"content not verified: `{SETUP_COMMAND}` checks it against the hub's sha256")
+    return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what}; {verified})")
 
 
 def insightface_pack_fix(root: Path) -> str:
@@ -330,6 +390,64 @@ def check_insightface_pack(roots: list[Path]) -> Finding:
     return Finding(MISSING, "insightface models", detail, fix)
 
 
+def auto_pack(roots: list[Path]) -> tuple[str, Path] | None:
+    """The pack the InsightFace Loader's `auto` takes: the first known pack, in KNOWN_PACK_FILES order, with .onnx
+    files in its folder (nodes/insightface_loader.py resolve_auto_pack)."""
+    for pack in KNOWN_PACK_FILES:
+        for root in roots:
+            folder = root / "models" / pack
+            if any(folder.glob("*.onnx")):
+                return pack, folder
+    return None
+
+
+def check_recognition_model(roots: list[Path]) -> Finding | None:
+    """The Identity Score node's face recognition model in the pack `auto` takes; None when there is no pack (the
+    pack's own finding says what to do)."""
+    chosen = auto_pack(roots)
+    if chosen is None:
+        return None
+    pack, folder = chosen
+    subject = "insightface recognition model"
+    name = recognition_file(pack)
+    if (folder / name).is_file():
+        return Finding(OK, subject, f"{folder / name} (the Identity Score node's)")
+    if pack == DEFAULT_PACK:
+        fix = (f"run `{SETUP_COMMAND}`, which completes {pack}, or download {PACK_SOURCES[pack]} and unzip its {name} "
+               f"into {folder}")
+    else:
+        fix = (f"put {name} from the {pack} zip into {folder} (`{SETUP_COMMAND} --insightface-pack {pack} "
+               f"--insightface-source <the zip>` does it)")
+    return Finding(MISSING, subject, f"{pack} in {folder} has no {name}: only face detection works, the Identity "
+                                     f"Score node cannot run", fix)
+
+
+def shipped_workflows() -> dict[str, set[str]]:
+    """Each shipped API workflow -> the subjects of the findings it needs to be OK (by its node types)."""
+    needs = {}
+    for path in sorted((PACK_ROOT / "workflows" / "api").glob("*.json")):
+        nodes = json.loads(path.read_text(encoding="utf-8")).values()
+        needs[path.stem] = {subject for node in nodes for subject in NODE_NEEDS.get(node["class_type"], ())}
+    return needs
+
+
+def blocked_workflows(findings: list[Finding]) -> dict[str, list[str]]:
+    """Each shipped workflow that cannot run yet -> the subjects it lacks."""
+    lacking = {f.subject for f in findings if f.status in (MISSING, PROBLEM)}
+    blocked = {}
+    for name, needs in shipped_workflows().items():
+        if lacking & needs:
+            blocked[name] = sorted(lacking & needs)
+    return blocked
+
+
+def runner_command(findings: list[Finding]) -> str:
+    """The first-picture command; on a CPU-only torch it says --cpu, as ComfyUI needs it there."""
+    cpu_only = any(f.subject == "torch" and "CPU only" in f.detail for f in findings)
+    cpu = ' --comfyui-args "--cpu"' if cpu_only else ""
+    return f'python scripts/facediffuser_run.py --face <photo> --prompt "a photo of a man <|image|> hiking in the alps"{cpu}'
+
+
 # --- the report --------------------------------------------------------------------------------------------
 
 
@@ -337,7 +455,7 @@ def run_checks(comfyui: Path | None, models_dir: Path | None, extra_model_paths:
     root = find_comfyui(comfyui)
     findings = [check_python(), check_comfyui(root, comfyui)]
     torch_finding, cuda_gpu = check_torch()
-    findings += [torch_finding, check_insightface(), *check_onnxruntime(cuda_gpu)]
+    findings += [torch_finding, check_insightface(cuda_gpu), *check_onnxruntime(cuda_gpu)]
     if models_dir is None and root is None:
         findings.append(Finding(MISSING, "model files", "no models folder: ComfyUI was not found",
                                 "pass --models-dir <ComfyUI>/models (or --comfyui) to check the model files"))
@@ -351,6 +469,8 @@ def run_checks(comfyui: Path | None, models_dir: Path | None, extra_model_paths:
     findings.append(check_checkpoint(facediffuser, "SDM", SDM_FILES, SDM_SOURCE, SDM_KINDS))
     findings.append(check_checkpoint(facediffuser, "TDM", TDM_FILES, TDM_SOURCE, TDM_KINDS))
     findings.append(check_insightface_pack(folders.search("insightface")))
+    if (recognition := check_recognition_model(folders.search("insightface"))) is not None:
+        findings.append(recognition)
     return findings
 
 
@@ -366,10 +486,15 @@ def render(findings: list[Finding]) -> str:
         lines.append("What to do next:")
         lines += [f"  {number}. {f.subject}: {f.fix}" for number, f in enumerate(to_do, 1)]
         lines.append("  Then run this check again.")
+        blocked = blocked_workflows(findings)
+        ready = [name for name in shipped_workflows() if name not in blocked]
+        lines += ["", "Shipped workflows:"] + [f"  {name}: needs {', '.join(lacks)}" for name, lacks in blocked.items()]
+        if ready:
+            lines.append(f"  ready: {', '.join(ready)}")
     else:
-        lines.append("All set. Make a first picture: python scripts/facediffuser_run.py --face <photo> --prompt \"a photo of a "
-                     "man <|image|> hiking in the alps\" (it starts ComfyUI if none runs). Or start ComfyUI and open the template "
-                     "browser (Workflow > Browse Templates > Face-diffuser): facediffuser_single_subject.")
+        lines.append(f"All set. Every shipped workflow can run; make a first picture: {runner_command(findings)} (it starts "
+                     "ComfyUI if none runs). Or start ComfyUI and open the template browser (Workflow > Browse Templates > "
+                     "Face-diffuser): facediffuser_single_subject.")
     notes = [f for f in findings if f.status == INFO and f.fix]
     if notes:
         lines += ["", "Notes:"] + [f"  - {f.subject}: {f.fix}" for f in notes]

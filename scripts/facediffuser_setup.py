@@ -12,7 +12,8 @@ under their canonical names, facediffuser_sdm.bin and facediffuser_tdm.bin, and 
 models/insightface/models/<pack>/, whatever the layout inside its zip. Downloads go to a hidden `.partial`
 file beside the target, resume where an interrupted one stopped (in the same run and in the next one), are
 checked against the size and hash the hub publishes, and only then take the final name. What is already in
-place and valid is skipped; a file that is in place but broken is reported, never overwritten. Folders
+place and valid is skipped (a model placed by hand is compared with the hub's sha256 once, remembered by size
+and mtime); a file that is in place but broken is reported, never overwritten. Ctrl-C keeps what arrived. Folders
 marked `is_default` in extra_model_paths.yaml receive the files. It ends with the first-run check's verdict;
 exit status 0 when everything is in place.
 """
@@ -20,7 +21,9 @@ exit status 0 when everything is in place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -51,6 +54,8 @@ WEIGHTS_LICENCE = (
     "See https://github.com/CodeGoat24/Face-diffuser#-license"
 )
 CHUNK_BYTES = 8 * 2**20
+INTERRUPTED = "interrupted: what was downloaded is kept (hidden .partial files beside the targets); run the set-up again to resume"
+SOURCE_VARIABLE = "FACEDIFFUSER_INSIGHTFACE_SOURCE"  # --insightface-source set once, as HF_ENDPOINT names a hub mirror
 HASH_LENGTHS = {64: "sha256", 40: "git-sha1"}  # the hub's ETag: sha256 for LFS files, the git blob sha1 otherwise
 
 
@@ -134,6 +139,25 @@ def partial_path(target: Path, tag: str) -> Path:
     return target.with_name(f".{target.name}.{tag}.partial")
 
 
+class _QuietRetries(logging.Filter):
+    """huggingface_hub logs each of its retries ("Error while downloading ... Trying to resume"): offline, six of
+    them for one file. The set-up's own message says what failed and what was kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Error while downloading from" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_retries():
+    logger = logging.getLogger("huggingface_hub.file_download")
+    quiet = _QuietRetries()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def fetch(url: str, partial: Path, expected_size: int | None, headers: dict | None, label: str) -> None:
     """Download `url` into `partial`, resuming from what is already there; huggingface_hub's http_get retries
     with a Range request when the connection drops and shows a progress bar."""
@@ -152,16 +176,22 @@ def fetch(url: str, partial: Path, expected_size: int | None, headers: dict | No
                              f"{free / 1e9:.2f} GB are free; make room and run the set-up again")
     if have:
         print(f"  resuming {label} at {have / 1e6:.1f} MB")
-    with open(partial, "ab") as file:
+    with open(partial, "ab") as file, quiet_retries():
         try:
             http_get(url, file, resume_size=have, headers=headers, expected_size=expected_size, displayed_filename=label)
-        except Exception as error:  # httpx or requests errors, depending on the huggingface_hub version
+        except BaseException as error:  # httpx or requests errors, depending on the huggingface_hub version; Ctrl-C
             file.close()
             kept = partial.stat().st_size if partial.exists() else 0
+            if kept == 0:
+                partial.unlink(missing_ok=True)  # nothing to resume from
+            if isinstance(error, KeyboardInterrupt):
+                raise
             if expected_size is not None and kept > expected_size:
                 partial.unlink()
                 raise SetupError(f"{label}: the server sent more than the {expected_size} bytes announced; the partial "
                                  f"file was removed: run the set-up again") from None
+            if kept == 0:
+                raise SetupError(f"{label}: the download did not start ({describe_network_error(error)})") from None
             raise SetupError(f"{label}: the download stopped ({describe_network_error(error)}); {kept / 1e6:.1f} MB are kept "
                              f"in {partial} and the next run resumes from there") from None
 
@@ -200,7 +230,49 @@ def download_hub_file(repository_file: str, target: Path) -> None:
                              f"{actual}); it was removed, nothing was installed. Run the set-up again; if this "
                              f"repeats, something between you and the hub alters the download (a proxy?): {manual}")
     os.replace(partial, target)
+    if promised is not None:
+        remember_verified(target, promised[1])
     print(f"  saved {target}")
+
+
+def remember_verified(path: Path, digest: str) -> None:
+    records = check.verified_records(path.parent)
+    records[path.name] = {"stamp": check.file_stamp(path), "hash": digest}
+    record = path.parent / check.VERIFIED_RECORD
+    record.with_name(record.name + ".tmp").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    os.replace(record.with_name(record.name + ".tmp"), record)
+
+
+def was_verified(path: Path) -> bool:
+    """Whether the file is unchanged (size and mtime) since its content was checked against the hub's hash."""
+    record = check.verified_records(path.parent).get(path.name)
+    return bool(record) and record.get("stamp") == check.file_stamp(path)
+
+
+def verify_in_place(repository_file: str, path: Path) -> None:
+    """Check a file already in place against the hub's hash; a damaged file is a SetupError with the fix."""
+    huggingface_hub, _ = hub()
+    try:
+        metadata = huggingface_hub.get_hf_file_metadata(hub_url(repository_file))
+    except Exception as error:
+        print(f"  not verified: the hub does not answer ({describe_network_error(error)}); the next run with a connection does it")
+        return
+    promised = expected_hash(metadata.etag)
+    if promised is None:
+        print("  not verified: the hub gives no content hash")
+        return
+    if metadata.size is not None and metadata.size != path.stat().st_size:  # another checkpoint of the layout (FastComposer's)
+        print(f"  not the hub's file ({path.stat().st_size} bytes, the hub's has {metadata.size}); kept as it is")
+        return
+    algorithm, digest = promised
+    print(f"  verifying {path.name} ({algorithm}, once)")
+    actual = file_hash(path, algorithm)
+    if actual != digest:
+        raise SetupError(f"{path} is damaged: it has the size of the hub's {repository_file} but not its content ({algorithm} "
+                         f"{actual}, the hub's {digest}), so it would load wrong weights. Delete it and run the set-up "
+                         f"again, which downloads it anew")
+    remember_verified(path, digest)
+    print(f"  {path.name} matches the hub's {algorithm}")
 
 
 # --- insightface packs -------------------------------------------------------------------------------------
@@ -255,7 +327,8 @@ def install_pack(archive: Path, pack: str, pack_dir: Path) -> None:
 
 
 def install_pack_from(source: str, pack: str, pack_dir: Path) -> None:
-    manual = f"download {source} and unzip its .onnx files directly into {pack_dir}"
+    manual = (f"download {source} and unzip its .onnx files directly into {pack_dir}, or give the zip you have to the set-up: "
+              f"--insightface-source <path of the zip>")
     if "://" not in source:
         install_pack(Path(source).expanduser(), pack, pack_dir)
         return
@@ -283,11 +356,14 @@ def model_steps(model: HubModel, folders: ModelFolders, convert: bool) -> list[S
     existing = check.find_checkpoint(search, model.names)
     if existing is not None:
         finding = check.check_checkpoint(search, model.role, model.names, model.source, model.kinds)
-        if finding.status != check.OK:
+        if finding.status != check.OK and not check.changed_since_verified(existing):  # changed: verified below
             raise SetupError(f"{finding.detail}. The set-up does not overwrite files it did not make: move it away or "
                              f"delete it and run the set-up again ({finding.fix})")
-        steps = [Step(f"{model.role} in place: {finding.detail}")]
         bin_file = existing
+        steps = [Step(f"{model.role} in place: {finding.detail}")]
+        if existing.name == model.names[-1] and not was_verified(existing):  # the download itself: the hub has its hash
+            steps.append(Step(f"verify {existing} against the hub's sha256 (once)",
+                              lambda: verify_in_place(model.repository_file, existing)))
     else:
         bin_file = folders.target("facediffuser") / model.names[-1]
         url = hub_url(model.repository_file)
@@ -358,15 +434,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--convert", action="store_true", help="also convert both models to fp16 .safetensors (smaller, faster to load)")
     parser.add_argument("--insightface-pack", choices=sorted(KNOWN_PACK_FILES),
                         help=f"the insightface pack to install (default: {DEFAULT_PACK}, unless a known pack is already installed)")
-    parser.add_argument("--insightface-source", metavar="URL_OR_ZIP",
-                        help=f"where the pack's zip comes from: an address or a local file (default for {DEFAULT_PACK}: "
-                             f"{PACK_SOURCES[DEFAULT_PACK]}; antelopev2 needs one)")
+    parser.add_argument("--insightface-source", metavar="URL_OR_ZIP", default=os.environ.get(SOURCE_VARIABLE) or None,
+                        help=f"where the pack's zip comes from: an address or a local file (default: ${SOURCE_VARIABLE}, "
+                             f"else for {DEFAULT_PACK} {PACK_SOURCES[DEFAULT_PACK]}; antelopev2 needs one)")
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, and do nothing")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return set_up(parse_args(argv))
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 130
+
+
+def set_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="  %(message)s", stream=sys.stdout)
     comfyui = find_comfyui(args.comfyui)
     if comfyui is None and args.models_dir is None:

@@ -22,7 +22,8 @@ from PIL import Image
 
 import comfy_harness
 
-sys.path.insert(0, str(comfy_harness.REPO_ROOT))  # facediffuser_core, as pytest.ini gives the tests
+for path in (comfy_harness.REPO_ROOT, comfy_harness.REPO_ROOT / "scripts"):  # facediffuser_core and the client, as pytest.ini gives the tests
+    sys.path.insert(0, str(path))
 import comfy_server  # noqa: E402
 import pack_scripts  # noqa: E402
 import workflow_builder  # noqa: E402
@@ -50,6 +51,8 @@ def annotated_picture(comfyui) -> Image.Image:
 def sweep_grid_picture(scratch: Path) -> Image.Image:
     import tiny_install
 
+    from facediffuser_client import api_workflow
+
     runner = pack_scripts.load("facediffuser_run")
     with comfy_server.running_server(scratch / "comfyui") as server:
         tiny_install.install_models(server.models_dir)
@@ -57,7 +60,7 @@ def sweep_grid_picture(scratch: Path) -> Image.Image:
         for node in workflow.values():
             if node["class_type"] == "EmptyLatentImage":
                 node["inputs"].update(width=128, height=128)
-        runner.set_override(workflow, "steps", 10)
+        api_workflow.set_override(workflow, "steps", 10)
         (photo,) = tiny_install.write_face_photos(scratch / "photos", names=("sweep_subject.png",))
         path = scratch / "sweep.json"
         path.write_text(json.dumps(workflow))

@@ -4,8 +4,8 @@ huggingface_hub honours HF_ENDPOINT, so the set-up talks to this instead of the 
 /<repository>/resolve/main/<path> answer as the hub does for an LFS file: X-Repo-Commit, the sha256 in
 X-Linked-Etag and ETag, the size in X-Linked-Size and Content-Length, and Range requests (206). Other paths
 serve plain files, as a release server does (the insightface zip). Faults on demand: drop the connection
-after some bytes of the first GET, announce a hash or a size other than the content's. Every request is
-recorded, so a test can tell what was downloaded.
+after some bytes of the first GET, stall after some bytes (for Ctrl-C mid-download), announce a hash or a
+size other than the content's. Every request is recorded, so a test can tell what was downloaded.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Served:
     announced_size: int | None = None  # default: the content's
     drop_after: int | None = None  # the first GET stops after this many bytes, mid-file
     dropped: bool = False
+    stall_after: int | None = None  # every GET sends this many bytes, then nothing more until the stand-in stops
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Request:
 
 class HubStandIn:
     def __init__(self):
+        self.stopping = threading.Event()
         self.files: dict[str, Served] = {}
         self.requests: list[Request] = []
         self.url = ""
@@ -105,6 +107,11 @@ def _handler(stand_in: HubStandIn):
                 self.connection.shutdown(socket.SHUT_RDWR)  # the connection breaks mid-file
                 self.close_connection = True
                 return
+            if served.stall_after is not None:
+                self.wfile.write(body[:served.stall_after])
+                self.wfile.flush()
+                stand_in.stopping.wait()
+                return
             self.wfile.write(body)
 
         def do_HEAD(self):
@@ -127,6 +134,7 @@ def running() -> HubStandIn:
     try:
         yield stand_in
     finally:
+        stand_in.stopping.set()
         server.shutdown()
         server.server_close()
         thread.join(10)

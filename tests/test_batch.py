@@ -23,9 +23,11 @@ from PIL import Image
 import comfy_harness
 import comfy_server
 import pack_scripts
+from facediffuser_client import api_workflow, http_api, scheduler
+from facediffuser_client.jobs import JobsFileError, load_jobs
+from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest
 
 batch = pack_scripts.load("facediffuser_batch")
-runner = pack_scripts.load("facediffuser_run")
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_batch.py"
 EXAMPLE = pack_scripts.SCRIPTS_DIR.parent / "workflows" / "jobs_example.jsonl"
 
@@ -83,14 +85,14 @@ def test_the_example_jobs_file_prepares_every_job(tmp_path):
             for face in json.loads(line).get("faces", []):
                 (tmp_path / face).parent.mkdir(parents=True, exist_ok=True)
                 (tmp_path / face).write_bytes(b"photo " + face.encode())
-    jobs = batch.load_jobs(tmp_path / EXAMPLE.name)
+    jobs = load_jobs(tmp_path / EXAMPLE.name)
     assert [job.problem for job in jobs] == [None] * len(jobs)
     assert all(job.workflow and job.seeds for job in jobs)
 
 
 def test_seeds_counts_ids_and_overrides(tmp_path):
     (tmp_path / "a.png").write_bytes(b"a")
-    jobs = batch.load_jobs(write_jobs(tmp_path / "jobs.jsonl", [
+    jobs = load_jobs(write_jobs(tmp_path / "jobs.jsonl", [
         {"id": "anna", "faces": ["a.png"], "prompt": "a woman <|image|>", "seeds": [5, 9], "steps": 20, "cfg": 4.5},
         {"faces": ["a.png"], "prompt": "a woman <|image|> skiing", "count": 3, "seed": 100},
         {"faces": ["a.png"], "prompt": "a woman <|image|> sailing"},
@@ -102,7 +104,7 @@ def test_seeds_counts_ids_and_overrides(tmp_path):
     assert counted.seeds == [100, 101, 102] and re.fullmatch(r"job-[0-9a-f]{10}", counted.id)
     assert plain.run_keys() == ["seed-workflow"]  # the workflow's own seed
     # The derived id depends on the line's content only, not on its place in the file.
-    again = batch.load_jobs(write_jobs(tmp_path / "reordered.jsonl", [plain.spec, counted.spec]))
+    again = load_jobs(write_jobs(tmp_path / "reordered.jsonl", [plain.spec, counted.spec]))
     assert [job.id for job in again] == [plain.id, counted.id]
 
 
@@ -119,49 +121,49 @@ def test_seeds_counts_ids_and_overrides(tmp_path):
 ])
 def test_a_job_that_cannot_run_carries_its_problem(tmp_path, spec, problem):
     (tmp_path / "a.png").write_bytes(b"a")
-    shipped = runner.load_api_workflow(runner.shipped_workflow(1))
+    shipped = api_workflow.load_api_workflow(api_workflow.shipped_workflow(1))
     (tmp_path / "wf.json").write_text(json.dumps(shipped))
     (tmp_path / "no_latent.json").write_text(json.dumps({k: v for k, v in shipped.items() if v["class_type"] != "EmptyLatentImage"}))
-    (job,) = batch.load_jobs(write_jobs(tmp_path / "jobs.jsonl", [spec]))
+    (job,) = load_jobs(write_jobs(tmp_path / "jobs.jsonl", [spec]))
     assert problem in job.problem and job.seeds
 
 
 def test_a_broken_jobs_file_is_refused_whole(tmp_path):
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"id": "a"}\n{"id": \n')
-    with pytest.raises(batch.JobsFileError, match=r"line 2: not a JSON object"):
-        batch.load_jobs(path)
+    with pytest.raises(JobsFileError, match=r"line 2: not a JSON object"):
+        load_jobs(path)
     path.write_text('{"id": "a"}\n# a comment\n\n{"id": "a", "count": 2}\n')
-    with pytest.raises(batch.JobsFileError, match=r"lines 1 and 4: both are job 'a'"):
-        batch.load_jobs(path)
+    with pytest.raises(JobsFileError, match=r"lines 1 and 4: both are job 'a'"):
+        load_jobs(path)
 
 
 def test_the_manifest_is_replaced_whole_and_failed_runs_come_back_on_request(tmp_path):
     (tmp_path / "a.png").write_bytes(b"a")
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "faces": ["a.png"], "seeds": [1, 2]}])
-    jobs = batch.load_jobs(jobs_file)
-    manifest = batch.Manifest(tmp_path, jobs_file)
+    jobs = load_jobs(jobs_file)
+    manifest = Manifest(tmp_path, jobs_file)
     manifest.add_jobs(jobs, retry_failed=False)
-    manifest.run("a", "seed-1").update(state=batch.FAILED, error="boom", attempts=3)
+    manifest.run("a", "seed-1").update(state=FAILED, error="boom", attempts=3)
     manifest.save()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
-    reread = batch.Manifest(tmp_path, jobs_file)
+    reread = Manifest(tmp_path, jobs_file)
     reread.add_jobs(jobs, retry_failed=False)
-    assert reread.run("a", "seed-1")["state"] == batch.FAILED
+    assert reread.run("a", "seed-1")["state"] == FAILED
     reread.add_jobs(jobs, retry_failed=True)
-    assert reread.run("a", "seed-1")["state"] == batch.PENDING and reread.run("a", "seed-1")["attempts"] == 0
+    assert reread.run("a", "seed-1")["state"] == PENDING and reread.run("a", "seed-1")["attempts"] == 0
 
 
 def test_best_of_n_without_an_identity_score_node_fails_the_job_with_the_fix(tmp_path):
     (tmp_path / "a.png").write_bytes(b"a")
-    (tmp_path / "scored.json").write_text(json.dumps(with_identity_score(runner.load_api_workflow(runner.shipped_workflow(1)))))
+    (tmp_path / "scored.json").write_text(json.dumps(with_identity_score(api_workflow.load_api_workflow(api_workflow.shipped_workflow(1)))))
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
         {"id": "asks", "faces": ["a.png"], "count": 2, "keep_best": 1},
         {"id": "by-default", "faces": ["a.png"]},
         {"id": "opts-out", "faces": ["a.png"], "keep_best": 0},
         {"id": "scored", "faces": ["a.png"], "workflow": "scored.json", "keep_best": -1},
     ])
-    asks, by_default, opts_out, scored = batch.load_jobs(jobs_file, keep_best=2)
+    asks, by_default, opts_out, scored = load_jobs(jobs_file, keep_best=2)
     assert asks.problem.startswith('"keep_best": best-of-N ranks the pictures by the workflow\'s FaceDiffuserIdentityScore node, '
                                    "but it has no such node. Add one Face-diffuser Identity Score")
     assert asks.problem.endswith('; or take "keep_best" out of this job')
@@ -169,7 +171,7 @@ def test_best_of_n_without_an_identity_score_node_fails_the_job_with_the_fix(tmp
     assert by_default.problem.endswith('; or give this job "keep_best": 0')
     assert opts_out.problem is None and opts_out.keep_best == 0
     assert scored.problem == '"keep_best" must be an integer: the pictures to keep across the job\'s seeds (0: no best-of-N)'
-    (scored,) = batch.load_jobs(write_jobs(tmp_path / "scored.jsonl", [{"faces": ["a.png"], "workflow": "scored.json"}]), keep_best=2)
+    (scored,) = load_jobs(write_jobs(tmp_path / "scored.jsonl", [{"faces": ["a.png"], "workflow": "scored.json"}]), keep_best=2)
     assert scored.problem is None and scored.keep_best == 2 and scored.best_node == "101" and scored.scorers == {"101": "13"}
     # Nothing is queued: the job fails before the batch starts, named with its line and the fix.
     code, out, err = finish(start_batch(write_jobs(tmp_path / "one.jsonl", [asks.spec]), [f"http://127.0.0.1:{comfy_server.free_port()}"]),
@@ -181,18 +183,18 @@ def test_best_of_n_without_an_identity_score_node_fails_the_job_with_the_fix(tmp
 
 def scored_run(batch_index_scores: list[float], key: str) -> dict:
     """A done run as the manifest keeps it, with its pictures' scores (one subject each)."""
-    return {"state": batch.DONE, "files": [f"outputs/j/{key}/p{i}.png" for i in range(len(batch_index_scores))],
+    return {"state": DONE, "files": [f"outputs/j/{key}/p{i}.png" for i in range(len(batch_index_scores))],
             "scores": [{"batch_index": i, "score": score, "node": "101", "file": f"outputs/j/{key}/p{i}.png",
                         "subjects": [{"subject": 0, "similarity": score}]} for i, score in enumerate(batch_index_scores)]}
 
 
 def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwrites(tmp_path):
     (tmp_path / "a.png").write_bytes(b"a")
-    (tmp_path / "scored.json").write_text(json.dumps(with_identity_score(runner.load_api_workflow(runner.shipped_workflow(1)))))
+    (tmp_path / "scored.json").write_text(json.dumps(with_identity_score(api_workflow.load_api_workflow(api_workflow.shipped_workflow(1)))))
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "j", "faces": ["a.png"], "workflow": "scored.json", "seeds": [9, 3, 5],
                                                       "keep_best": 3}])
-    jobs = batch.load_jobs(jobs_file)
-    manifest = batch.Manifest(tmp_path, jobs_file)
+    jobs = load_jobs(jobs_file)
+    manifest = Manifest(tmp_path, jobs_file)
     manifest.add_jobs(jobs, retry_failed=False)
     scores = {"seed-9": [0.5, 0.8], "seed-3": [0.8, 0.9], "seed-5": [-1.0, 0.8]}
     for key, run_scores in scores.items():
@@ -205,7 +207,7 @@ def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwr
     (best / "best01_seed-3_1.png").write_bytes(b"seed-3 picture 1")  # the same picture: a copy from a stopped invocation
     (best / "best02_seed-9_1.png").write_bytes(b"the user's own file")
     said = []
-    the_batch = batch.Batch(batch.parse_args([str(jobs_file)]), jobs, manifest, tmp_path, say=said.append)
+    the_batch = scheduler.Batch(batch.parse_args([str(jobs_file)]), jobs, manifest, tmp_path, say=said.append)
     the_batch.decide_best("j")
     decided = manifest.data["jobs"]["j"]["best"]
     # 0.9 first; then the three 0.8s in the order the job lists its seeds (9, 3, 5), whatever their numbers
@@ -218,7 +220,7 @@ def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwr
         picture = manifest.run("j", kept["run"])["scores"][kept["batch_index"]]
         assert picture["kept_as"] == kept["kept_as"]
     assert sum("kept_as" in p for run in scores for p in manifest.run("j", run)["scores"]) == 3
-    assert batch.Manifest(tmp_path, jobs_file).data["jobs"]["j"]["best"] == decided  # saved
+    assert Manifest(tmp_path, jobs_file).data["jobs"]["j"]["best"] == decided  # saved
     assert said == ["best    j: best01_seed-3_1.png (0.900), best02_seed-9_1-1.png (0.800), best03_seed-3_0.png (0.800)"]
     the_batch.decide_best("j")  # decided once
     assert manifest.data["jobs"]["j"]["best"] == decided and len(list(best.iterdir())) == 4
@@ -228,9 +230,9 @@ def test_which_failures_another_server_may_not_have():
     def entry(event, data):
         return {"status": {"status_str": "error", "messages": [["execution_start", {}], [event, data]]}}
 
-    assert batch.transient_failure(entry("execution_interrupted", {"node_id": "3"}))
-    assert batch.transient_failure(entry("execution_error", {"exception_type": "torch.OutOfMemoryError"}))
-    assert not batch.transient_failure(entry("execution_error", {"exception_type": "ValueError"}))
+    assert http_api.transient_failure(entry("execution_interrupted", {"node_id": "3"}))
+    assert http_api.transient_failure(entry("execution_error", {"exception_type": "torch.OutOfMemoryError"}))
+    assert not http_api.transient_failure(entry("execution_error", {"exception_type": "ValueError"}))
 
 
 def test_without_any_server_the_batch_gives_up_in_time_and_keeps_its_runs(tmp_path):
@@ -240,7 +242,7 @@ def test_without_any_server_the_batch_gives_up_in_time_and_keeps_its_runs(tmp_pa
     code, out, err = finish(start_batch(jobs_file, [closed], "--give-up-after", "1"), timeout=60)
     assert code == 3 and "no server has answered for 1 s" in err and "Run the same command again to resume" in err
     assert f"server  {closed} stopped answering" in out
-    assert all_runs(manifest_of(jobs_file))[("a", "seed-workflow")]["state"] == batch.PENDING
+    assert all_runs(manifest_of(jobs_file))[("a", "seed-workflow")]["state"] == PENDING
 
 
 # --- against two real ComfyUI servers ----------------------------------------------------------------------
@@ -304,14 +306,14 @@ def wait_for(condition, timeout: float = 300, what: str = "the condition"):
 
 
 def history_ids(server) -> set[str]:
-    return set(runner.ComfyClient(server.url).get_json("/history"))
+    return set(http_api.ComfyClient(server.url).get_json("/history"))
 
 
 def assert_each_run_done_once(jobs_file: Path, manifest: dict, images_per_run: int) -> None:
     """Every run done, with its own folder holding exactly its pictures, and nothing else in the outputs."""
     run_dir = jobs_file.with_name(f"{jobs_file.stem}_run")
     runs = all_runs(manifest)
-    assert {run["state"] for run in runs.values()} == {batch.DONE}, {k: r["state"] for k, r in runs.items() if r["state"] != batch.DONE}
+    assert {run["state"] for run in runs.values()} == {DONE}, {k: r["state"] for k, r in runs.items() if r["state"] != DONE}
     folders = sorted(p for p in (run_dir / "outputs").glob("*/*"))
     assert [p.relative_to(run_dir / "outputs").as_posix() for p in folders] == sorted(f"{j}/{k}" for j, k in runs)
     for (job_id, key), run in runs.items():
@@ -332,9 +334,9 @@ def test_jobs_spread_over_both_servers_photos_go_once_and_bad_jobs_fail_alone(tw
     assert code == 1, out + err  # some runs failed
     manifest = manifest_of(jobs_file)
     runs = all_runs(manifest)
-    assert {k: r["state"] for k, r in runs.items()} == {**{(f"me-{i}", f"seed-{10 * i + s}"): batch.DONE for i in range(3) for s in (0, 1)},
-                                                      ("blank", "seed-workflow"): batch.FAILED, ("zero-steps", "seed-workflow"): batch.FAILED}
-    assert {run["done_on"] for run in runs.values() if run["state"] == batch.DONE} == {s.url for s in two_servers}
+    assert {k: r["state"] for k, r in runs.items()} == {**{(f"me-{i}", f"seed-{10 * i + s}"): DONE for i in range(3) for s in (0, 1)},
+                                                      ("blank", "seed-workflow"): FAILED, ("zero-steps", "seed-workflow"): FAILED}
+    assert {run["done_on"] for run in runs.values() if run["state"] == DONE} == {s.url for s in two_servers}
     blank = runs[("blank", "seed-workflow")]["error"]
     assert "ComfyUI failed in node" in blank and "FaceDiffuserEncodeReferenceFaces" in blank and "no face" in blank
     rejected = runs[("zero-steps", "seed-workflow")]["error"]
@@ -355,8 +357,8 @@ def test_a_server_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path_f
         jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "me", "workflow": workflow.name, "faces": ["me.png"],
                                                           "prompt": "a woman <|image|> in a garden", "count": 8}])
         process = start_batch(jobs_file, [steady.url, doomed.url], "--max-in-flight", "1")
-        on_doomed = lambda: any(r["state"] == batch.RUNNING and r["server"] == doomed.url for r in all_runs(manifest_of(jobs_file)).values())
-        wait_for(lambda: on_doomed() and sum(r["state"] == batch.DONE for r in all_runs(manifest_of(jobs_file)).values()) >= 1,
+        on_doomed = lambda: any(r["state"] == RUNNING and r["server"] == doomed.url for r in all_runs(manifest_of(jobs_file)).values())
+        wait_for(lambda: on_doomed() and sum(r["state"] == DONE for r in all_runs(manifest_of(jobs_file)).values()) >= 1,
                  what="a run on the second server after a first run was done")
         doomed.process.kill()
         code, out, err = finish(process)
@@ -376,13 +378,13 @@ def test_a_stopped_client_resumes_and_reattaches_to_its_runs(two_servers, tmp_pa
                                                       "prompt": f"a woman <|image|> number {i}", "count": 2} for i in range(4)])
     before = set().union(*(history_ids(s) for s in two_servers))
     process = start_batch(jobs_file, [s.url for s in two_servers], "--max-in-flight", "1")
-    wait_for(lambda: sum(r["state"] == batch.DONE for r in all_runs(manifest_of(jobs_file)).values()) >= 2
-             and any(r["state"] == batch.RUNNING for r in all_runs(manifest_of(jobs_file)).values()), what="two runs done, one running")
+    wait_for(lambda: sum(r["state"] == DONE for r in all_runs(manifest_of(jobs_file)).values()) >= 2
+             and any(r["state"] == RUNNING for r in all_runs(manifest_of(jobs_file)).values()), what="two runs done, one running")
     process.send_signal(signal.SIGINT)
     code, out, err = finish(process, timeout=60)
     assert code == 130 and "run the same command again to resume" in err, out + err
     stopped = all_runs(manifest_of(jobs_file))  # valid JSON: the manifest survived Ctrl-C
-    running = {key: run["prompt_id"] for key, run in stopped.items() if run["state"] == batch.RUNNING}
+    running = {key: run["prompt_id"] for key, run in stopped.items() if run["state"] == RUNNING}
     code, out, err = finish(start_batch(jobs_file, [s.url for s in two_servers], "--max-in-flight", "1"))
     assert code == 0, out + err
     manifest = manifest_of(jobs_file)
@@ -403,9 +405,9 @@ def test_a_run_over_its_time_is_cancelled_and_tried_again_then_fails(two_servers
     code, out, err = finish(start_batch(jobs_file, [s.url for s in two_servers], "--job-timeout", "0.05", "--max-attempts", "2"))
     assert code == 1, out + err
     run = all_runs(manifest_of(jobs_file))[("slow", "seed-90210")]
-    assert run["state"] == batch.FAILED and run["error"] == "2 attempts failed; the last: no result within --job-timeout 0.05 s"
+    assert run["state"] == FAILED and run["error"] == "2 attempts failed; the last: no result within --job-timeout 0.05 s"
     assert {error.split(": ", 1)[0] for error in run["errors"]} == {s.url for s in two_servers}  # the retry went to the other server
-    wait_for(lambda: all(not runner.ComfyClient(s.url).get_json("/queue")["queue_running"] for s in two_servers), 60,
+    wait_for(lambda: all(not http_api.ComfyClient(s.url).get_json("/queue")["queue_running"] for s in two_servers), 60,
              "the cancelled runs to stop")
 
 
@@ -506,7 +508,7 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
     job = stopped["jobs"]["one-best"]
     del job["best"]
     run = job["runs"]["seed-8"]
-    run.update(state=batch.RUNNING, server=run.pop("done_on"), submitted=time.time())
+    run.update(state=RUNNING, server=run.pop("done_on"), submitted=time.time())
     for name in ("files", "scores", "finished"):
         del run[name]
     for picture in job["runs"]["seed-4"]["scores"]:

@@ -1,20 +1,29 @@
-"""From a ComfyUI with the pack and no models to the first picture in the README's two commands, end to end:
-scripts/facediffuser_setup.py against the hub stand-in (tiny official-layout SDM and TDM, a zipped tiny
-insightface pack), then scripts/facediffuser_run.py with only --face and --prompt, which finds no server,
-starts the ComfyUI from COMFYUI_PATH itself, makes the picture and stops it, leaving no process behind.
+"""A newcomer's walk, as the README's quick start prints it, on this machine without a GPU: a fresh copy of
+ComfyUI, the install commands, then the two commands, each typed exactly as README.md shows it (read from
+README.md, so the README and this test cannot drift apart).
 
-The shared ComfyUI tree is read-only, so the pack is "installed" in a base directory whose custom_nodes/ links
-to it (tests/comfy_server.py), and the runner starts ComfyUI with `--comfyui-args "... --base-directory"`.
-tests/comfy_startup/ on PYTHONPATH gives that ComfyUI the CPU shims the other test servers get."""
+What stands in for the outside world, and nothing else: `git clone` of the pack's address clones this
+working tree (git's url.<base>.insteadOf), pip finds every requirement installed and is pointed at a closed
+loopback index (so it cannot download), HF_ENDPOINT and FACEDIFFUSER_INSIGHTFACE_SOURCE point the set-up at
+the hub stand-in (tiny official-layout SDM and TDM, a zipped tiny insightface pack with a detector and a
+recognition model), and tests/comfy_startup/ on PYTHONPATH gives the ComfyUI that the runner starts the CPU
+shims every test server gets. The runner itself finds that torch has no GPU and passes --cpu.
+
+At the end: a 512 x 512 picture in ComfyUI's output folder and nothing in the pack's checkout, every shipped
+template accepted by that ComfyUI's own validation with the files the set-up left (.bin, no conversion), no
+traceback printed, and no process left running."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
-import shlex
+import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -25,10 +34,21 @@ import comfy_harness
 import comfy_server
 import hub_stand_in
 import pack_scripts
+from facediffuser_client import http_api
 
-runner = pack_scripts.load("facediffuser_run")
 setup = pack_scripts.load("facediffuser_setup")
 STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"
+README = comfy_harness.REPO_ROOT / "README.md"
+PACK_ADDRESS = "https://github.com/facediffuser/comfyui-facediffuser"
+
+
+def quick_start_blocks() -> tuple[list[str], list[str]]:
+    """The command lines of the quick start's step 1 (install) and step 2 (the two commands), as printed."""
+    text = README.read_text(encoding="utf-8")
+    install = text.split("1. **Install the pack**", 1)[1].split("2. **Two commands**", 1)[0]
+    commands = text.split("2. **Two commands**", 1)[1].split("\n\n", 2)[1]
+    lines = lambda block: [line.strip() for line in block.splitlines() if line.startswith("       ") and line.strip()]
+    return lines(install), lines(commands)
 
 
 def official_bin(refs) -> bytes:
@@ -41,15 +61,33 @@ def official_bin(refs) -> bytes:
     return buffer.getvalue()
 
 
-def zipped_detector_pack(scratch: Path) -> bytes:
-    """The tests' tiny detector as buffalo_l's detector file, one folder deep in the zip as some zips have it."""
-    from insightface_test_pack import write_detector_pack
+def zipped_pack(scratch: Path) -> bytes:
+    """The tests' tiny detector and recognition model as buffalo_l's two files, one folder deep as in its zip."""
+    from insightface_test_pack import write_detector_pack, write_recognition_model
 
-    detector = write_detector_pack(scratch / "pack") / "det.onnx"
+    pack = write_detector_pack(scratch / "pack")
+    recognition = write_recognition_model(pack)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.write(detector, "buffalo_l/det_10g.onnx")
+        archive.write(pack / "det.onnx", "buffalo_l/det_10g.onnx")
+        archive.write(recognition, "buffalo_l/w600k_r50.onnx")
     return buffer.getvalue()
+
+
+def pack_origin(scratch: Path) -> Path:
+    """A git repository holding this working tree as it is (committed or not): what the pack's address serves."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=comfy_harness.REPO_ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    origin = scratch / "origin"
+    for name in filter(None, files):
+        source = comfy_harness.REPO_ROOT / name
+        if source.is_file():
+            (origin / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, origin / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "the pack"]):
+        subprocess.run([*git, *command], cwd=origin, check=True, capture_output=True)
+    return origin
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -64,55 +102,120 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_setup_then_runner_make_the_first_picture(tmp_path):
-    comfyui = comfy_harness.comfyui_path()
-    if comfyui is None:
-        pytest.skip(comfy_harness.SKIP_REASON)
-    if runner.comfyui_answers(runner.DEFAULT_SERVER):
-        pytest.skip(f"a ComfyUI already answers at {runner.DEFAULT_SERVER}: the runner would use it instead of starting one")
+def typed(line: str, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """A command line as a user types it into a shell."""
+    result = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in result.stdout + result.stderr, f"{line}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def newcomer_environment(scratch: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMFYUI_", "HF_", "PIP_", "GIT_"))}
+    closed = f"http://127.0.0.1:{comfy_server.free_port()}/simple"
+    return {
+        **env,
+        "HOME": str(scratch / "home"),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),  # `python`: ComfyUI's Python
+        "PIP_INDEX_URL": closed, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_RETRIES": "0",
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"url.{pack_origin(scratch)}.insteadOf", "GIT_CONFIG_VALUE_0": PACK_ADDRESS,
+    }
+
+
+def validate_templates(comfyui: Path, env: dict) -> None:
+    """Every shipped API workflow passes the validation of /prompt on that ComfyUI; each job is then cancelled."""
+    import tiny_install
+    import workflow_builder
+
+    tiny_install.write_face_photos(comfyui / "input")
+    port = comfy_server.free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = comfyui.parent / "validation.log"
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu"],
+                                  cwd=comfyui, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not http_api.comfyui_answers(url):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        client = http_api.ComfyClient(url)
+        for path in sorted(workflow_builder.API_DIR.glob("*.json")):
+            answer = json.loads(client.post_json("/prompt", {"prompt": json.loads(path.read_text())}))  # raises on 400
+            assert not answer.get("node_errors"), (path.name, answer)
+            client.post_json("/queue", {"clear": True})
+            client.post_json("/interrupt", {})
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def test_the_readmes_quick_start_as_printed_reaches_a_picture_on_a_cpu_only_machine(tmp_path):
+    import torch
+
     import official_checkpoints
+
+    shared = comfy_harness.comfyui_path()
+    if shared is None:
+        pytest.skip(comfy_harness.SKIP_REASON)
+    if http_api.comfyui_answers(http_api.DEFAULT_SERVER):
+        pytest.skip(f"a ComfyUI already answers at {http_api.DEFAULT_SERVER}: the runner would use it instead of starting one")
+    assert not torch.cuda.is_available()
+    install, (setup_command, run_command) = quick_start_blocks()
+    assert setup_command == "python scripts/facediffuser_setup.py"
+    assert run_command.startswith("python scripts/facediffuser_run.py --face me.jpg --prompt ")
+
+    comfyui = tmp_path / "ComfyUI"
+    shutil.copytree(shared, comfyui, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    env = newcomer_environment(tmp_path)
+
+    # Step 1: the install, every line as printed (pip finds everything installed: nothing is downloaded).
+    installed = typed("set -e\n" + "\n".join(install), tmp_path, env, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    pack = comfyui / "custom_nodes" / "comfyui-facediffuser"
+    assert (pack / "scripts" / "facediffuser_run.py").is_file()
+
+    # Step 2, first command: the set-up, against the hub stand-in.
+    with hub_stand_in.running() as hub:
+        # The shipped workflows run at 512 px, 50 steps: tiny models with no attention at full size keep that quick.
+        sdm, tdm = (build(attention_at_full_size=False) for build in (official_checkpoints.build_sdm, official_checkpoints.build_tdm))
+        hub.add_hub_file(setup.HUB_REPOSITORY, "SDM/pytorch_model.bin", official_bin(sdm))
+        hub.add_hub_file(setup.HUB_REPOSITORY, "TDM/pytorch_model.bin", official_bin(tdm))
+        zip_url = hub.add_file("/buffalo_l.zip", zipped_pack(tmp_path))
+        setup_env = {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                     setup.SOURCE_VARIABLE: zip_url}
+        configured = typed(setup_command, pack, setup_env, timeout=300)
+    assert configured.returncode == 0, configured.stdout + configured.stderr
+    assert "All set. Every shipped workflow can run" in configured.stdout
+    models = comfyui / "models"
+    assert sorted(p.name for p in (models / "facediffuser").glob("facediffuser_*")) == ["facediffuser_sdm.bin", "facediffuser_tdm.bin"]
+    assert sorted(p.name for p in (models / "insightface" / "models" / "buffalo_l").iterdir()) == ["det_10g.onnx", "w600k_r50.onnx"]
+
+    # Step 2, second command: the runner, with the photo the README names.
     import tiny_install
 
-    base = comfy_server.install_pack(tmp_path / "ComfyUI base")
-    models = base / "models"
-
-    # Command 1: the set-up, against the hub stand-in.
-    with hub_stand_in.running() as hub:
-        hub.add_hub_file(setup.HUB_REPOSITORY, "SDM/pytorch_model.bin", official_bin(official_checkpoints.build_sdm()))
-        hub.add_hub_file(setup.HUB_REPOSITORY, "TDM/pytorch_model.bin", official_bin(official_checkpoints.build_tdm()))
-        zip_url = hub.add_file("/buffalo_l.zip", zipped_detector_pack(tmp_path))
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        configured = subprocess.run(
-            [sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_setup.py"), "--comfyui", str(comfyui),
-             "--models-dir", str(models), "--insightface-source", zip_url],
-            capture_output=True, text=True, timeout=300, env=env)
-    assert configured.returncode == 0, configured.stdout + configured.stderr
-    assert "All set." in configured.stdout
-    assert (models / "insightface" / "models" / "buffalo_l" / "det_10g.onnx").is_file()
-
-    # Command 2: the runner, with no workflow and no server.
-    (photo,) = tiny_install.write_face_photos(tmp_path / "photos", names=("me.png",))
-    output = tmp_path / "pictures"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(STARTUP_SHIMS), os.environ.get("PYTHONPATH")]))}
-    ran = subprocess.run(
-        [sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_run.py"), "--face", str(photo),
-         "--prompt", "a photo of a woman <|image|> in a garden", "--steps", "3", "--output", str(output),
-         "--comfyui", str(comfyui), "--comfyui-args", shlex.join(comfy_server.server_options(base))],
-        capture_output=True, text=True, timeout=900, env=env)
+    tiny_install.write_face_photos(pack, names=("me.jpg",))
+    run_env = {**env, "PYTHONPATH": str(STARTUP_SHIMS)}
+    ran = typed(run_command, pack, run_env, timeout=1200)
     out = ran.stdout
     assert ran.returncode == 0, out + ran.stderr
-    assert f"no ComfyUI answers at {runner.DEFAULT_SERVER}: starting one for this job" in out
-    # The set-up left the .bin files; the shipped workflow names the .safetensors conversions.
-    assert "the server has no facediffuser_sdm.safetensors; using facediffuser_sdm.bin" in out
-    (picture,) = output.glob("facediffuser_0*.png")
+    assert f"no ComfyUI answers at {http_api.DEFAULT_SERVER}: starting one for this job" in out
+    assert "has no GPU (a CPU-only build): starting ComfyUI with --cpu" in out
+    assert re.search(r"^  node \d+ \(FaceDiffuserSNFSampler\): step 50/50$", out, re.M), out  # piped: plain lines
+    (picture,) = (comfyui / "output").glob("facediffuser_0*.png")
+    assert f"saved {picture}" in out
     assert Image.open(picture).size == (512, 512)
-    assert (base / "input" / "me.png").is_file()
+    assert not (pack / "facediffuser_output").exists()
+    assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=pack, capture_output=True, text=True,
+                          env=env).stdout.splitlines() == ["?? me.jpg"]  # the pack's checkout holds only the user's photo
 
-    # Stopped afterwards, nothing left running.
     started = re.search(r"started ComfyUI from .* \(pid (\d+)\) at (http://127\.0\.0\.1:\d+)", out)
     pid, url = int(started.group(1)), started.group(2)
     assert f"stopped the ComfyUI started for this job (pid {pid})" in out
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert not runner.comfyui_answers(url)
-    assert processes_mentioning(str(base)) == []
+    assert not http_api.comfyui_answers(url)
+
+    # The canvas: the templates name the .safetensors conversions; only the .bin files are in place.
+    validate_templates(comfyui, run_env)
+    assert processes_mentioning(str(comfyui)) == []

@@ -67,7 +67,7 @@ def test_bare_python_reports_everything_missing_without_crashing(tmp_path):
     assert "[missing] torch: cannot import torch" in out
     assert "[missing] insightface: not installed" in out
     assert "[missing] onnxruntime: not installed" in out
-    assert "What to do next:" in out and "pip install -r" in out
+    assert "What to do next:" in out and "-m pip install insightface onnxruntime" in out
 
 
 def test_bare_python_still_checks_the_model_files(tmp_path):
@@ -193,7 +193,57 @@ def test_onnxruntime_and_onnxruntime_gpu_installed_together_are_detected(tmp_pat
     assert "Traceback" not in result.stderr, result.stderr
     assert "[problem] onnxruntime: several builds installed at once: onnxruntime 1.20.1, onnxruntime-gpu 1.19.2" in result.stdout
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in result.stdout
-    assert "-m pip install onnxruntime-gpu" in result.stdout
+    # This machine's torch has no CUDA: the fix keeps the CPU build, never reinstalls the GPU one.
+    assert "-m pip install onnxruntime\n" in result.stdout and "install onnxruntime-gpu" not in result.stdout
+
+
+@pytest.mark.parametrize("cuda_gpu, keep", [(False, "onnxruntime"), (True, "onnxruntime-gpu")])
+def test_the_onnxruntime_build_to_keep_is_the_one_for_this_machine(monkeypatch, cuda_gpu, keep):
+    versions = {"onnxruntime": "1.20.1", "onnxruntime-gpu": "1.19.2"}
+    monkeypatch.setattr(check, "installed_version", versions.get)
+    conflict = check.onnxruntime_conflict(cuda_gpu)
+    assert conflict.fix.endswith(f"-m pip install {keep}")
+    assert ("onnxruntime-gpu" in check.insightface_install_command(cuda_gpu)) == cuda_gpu
+
+
+def test_the_gpu_build_on_a_machine_without_cuda_is_named_with_the_swap(monkeypatch):
+    monkeypatch.setattr(check, "installed_version", {"onnxruntime-gpu": "1.19.2"}.get)
+    (finding,) = check.check_onnxruntime(cuda_gpu=False)
+    assert finding.status == check.INFO and "the GPU build, on a machine where torch sees no CUDA GPU" in finding.detail
+    assert "pip uninstall -y onnxruntime-gpu" in finding.fix and finding.fix.endswith("-m pip install onnxruntime")
+
+
+def test_insightface_and_onnxruntime_are_not_requirements_of_the_pack():
+    """A failed insightface build must not take the pack's install down with it (README 'Install': a second step),
+    and requirements.txt never asks for an onnxruntime build beside the one a machine has."""
+    import tomllib
+
+    root = pack_scripts.SCRIPTS_DIR.parent
+    required = [line.split(";")[0].strip() for line in (root / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not [r for r in required if r.startswith(("insightface", "onnxruntime"))], required
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == required
+    assert project["optional-dependencies"]["insightface"] == ["insightface>=0.7.3", "onnxruntime"]
+
+
+def test_all_set_only_when_every_shipped_workflow_can_run(tmp_path, capsys):
+    comfyui, models = complete_install(tmp_path)
+    pack = models / "insightface" / "models" / "antelopev2"
+    (pack / "glintr100.onnx").unlink()  # detection works, recognition does not
+    assert check.main(["--comfyui", str(comfyui)]) == 1
+    out = capsys.readouterr().out
+    assert "All set" not in out
+    assert f"[missing] insightface recognition model: antelopev2 in {pack} has no glintr100.onnx" in out
+    assert "  facediffuser_stage_sweep: needs insightface recognition model" in out
+    assert "ready: facediffuser_custom_sampling, facediffuser_official_pndm, facediffuser_single_subject" in out
+
+
+def test_all_set_suggests_cpu_for_a_cpu_only_torch(tmp_path, capsys):
+    comfyui, _ = complete_install(tmp_path)
+    assert not torch.cuda.is_available()
+    assert check.main(["--comfyui", str(comfyui)]) == 0
+    assert '--comfyui-args "--cpu"' in capsys.readouterr().out
 
 
 def test_extra_model_paths_are_read_as_comfyui_reads_them(comfyui, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 import comfy_harness
 import comfy_server
 import pack_scripts
+from facediffuser_client import api_workflow, best_of_n, headless, http_api, own_comfyui
 
 runner = pack_scripts.load("facediffuser_run")
 
@@ -42,67 +44,67 @@ CUSTOM_SAMPLING_WORKFLOW = {
 
 def test_overrides_find_their_nodes_by_type_in_either_sampling_style():
     workflow = copy.deepcopy(SNF_WORKFLOW)
-    assert runner.set_override(workflow, "seed", 42) == ["8"]
-    assert runner.set_override(workflow, "alpha", 0.25) == ["8"]
-    assert runner.set_override(workflow, "prompt", "a woman <|image|>") == ["6"]
-    assert runner.set_override(workflow, "batch_size", 3) == ["7"]
+    assert api_workflow.set_override(workflow, "seed", 42) == ["8"]
+    assert api_workflow.set_override(workflow, "alpha", 0.25) == ["8"]
+    assert api_workflow.set_override(workflow, "prompt", "a woman <|image|>") == ["6"]
+    assert api_workflow.set_override(workflow, "batch_size", 3) == ["7"]
     assert workflow["8"]["inputs"]["seed"] == 42 and workflow["8"]["inputs"]["alpha"] == 0.25
     assert workflow["6"]["inputs"]["text"] == "a woman <|image|>" and workflow["7"]["inputs"]["batch_size"] == 3
 
     custom = copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW)
-    runner.set_override(custom, "seed", 9)
-    runner.set_override(custom, "steps", 20)
-    runner.set_override(custom, "beta", 0.7)
+    api_workflow.set_override(custom, "seed", 9)
+    api_workflow.set_override(custom, "steps", 20)
+    api_workflow.set_override(custom, "beta", 0.7)
     assert custom["2"]["inputs"]["noise_seed"] == 9 and custom["3"]["inputs"]["steps"] == 20
     assert custom["1"]["inputs"]["beta"] == 0.7
 
 
 def test_an_override_without_its_node_is_an_error_not_ignored():
-    with pytest.raises(runner.RunError, match="--batch-size: the workflow has no EmptyLatentImage.batch_size"):
-        runner.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "batch_size", 2)
-    with pytest.raises(runner.RunError, match="no FaceDiffuserSubjectPrompt.text"):
-        runner.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "prompt", "x")
+    with pytest.raises(http_api.RunError, match="--batch-size: the workflow has no EmptyLatentImage.batch_size"):
+        api_workflow.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "batch_size", 2)
+    with pytest.raises(http_api.RunError, match="no FaceDiffuserSubjectPrompt.text"):
+        api_workflow.set_override(copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW), "prompt", "x")
 
 
 def test_an_override_refuses_to_cut_a_wired_input():
     workflow = copy.deepcopy(SNF_WORKFLOW)
     workflow["8"]["inputs"]["seed"] = ["2", 0]
-    with pytest.raises(runner.RunError, match=r"input 'seed' of node 8 \(FaceDiffuserSNFSampler\) is wired to node 2"):
-        runner.set_override(workflow, "seed", 1)
+    with pytest.raises(http_api.RunError, match=r"input 'seed' of node 8 \(FaceDiffuserSNFSampler\) is wired to node 2"):
+        api_workflow.set_override(workflow, "seed", 1)
 
 
 def test_an_override_refuses_a_node_without_that_input():
     workflow = copy.deepcopy(CUSTOM_SAMPLING_WORKFLOW)
     del workflow["1"]["inputs"]["alpha"]
-    with pytest.raises(runner.RunError, match=r"node 1 \(FaceDiffuserGuider\) has no input 'alpha'.*Export \(API\)"):
-        runner.set_override(workflow, "alpha", 0.5)
+    with pytest.raises(http_api.RunError, match=r"node 1 \(FaceDiffuserGuider\) has no input 'alpha'.*Export \(API\)"):
+        api_workflow.set_override(workflow, "alpha", 0.5)
 
 
 def test_reference_photos_are_the_loaders_feeding_the_encoder_in_input_order():
-    assert runner.reference_image_loaders(SNF_WORKFLOW) == ["3", "2"]
-    with pytest.raises(runner.RunError, match="no FaceDiffuserEncodeReferenceFaces"):
-        runner.reference_image_loaders(CUSTOM_SAMPLING_WORKFLOW)
+    assert api_workflow.reference_image_loaders(SNF_WORKFLOW) == ["3", "2"]
+    with pytest.raises(http_api.RunError, match="no FaceDiffuserEncodeReferenceFaces"):
+        api_workflow.reference_image_loaders(CUSTOM_SAMPLING_WORKFLOW)
 
 
 def test_face_count_must_match_the_workflow(tmp_path):
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(SNF_WORKFLOW))
     args = runner.parse_args([str(path), "--face", "a.png"])
-    with pytest.raises(runner.RunError, match=r"--face given 1 time\(s\) but the workflow loads 2 reference photo\(s\) \(LoadImage nodes 3, 2"):
-        runner.prepare_workflow(args, runner.ComfyClient("http://127.0.0.1:9"))
+    with pytest.raises(http_api.RunError, match=r"--face given 1 time\(s\) but the workflow loads 2 reference photo\(s\) \(LoadImage nodes 3, 2"):
+        headless.prepare_workflow(args, http_api.ComfyClient("http://127.0.0.1:9"))
 
 
 def test_ui_format_and_malformed_files_are_refused_with_the_fix(tmp_path):
     ui = tmp_path / "ui.json"
     ui.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}))
-    with pytest.raises(runner.RunError, match="UI-format workflow.*Export \\(API\\)"):
-        runner.load_api_workflow(ui)
+    with pytest.raises(http_api.RunError, match="UI-format workflow.*Export \\(API\\)"):
+        api_workflow.load_api_workflow(ui)
     broken = tmp_path / "broken.json"
     broken.write_text("{")
-    with pytest.raises(runner.RunError, match="not valid JSON"):
-        runner.load_api_workflow(broken)
-    with pytest.raises(runner.RunError, match="workflow file not found"):
-        runner.load_api_workflow(tmp_path / "missing.json")
+    with pytest.raises(http_api.RunError, match="not valid JSON"):
+        api_workflow.load_api_workflow(broken)
+    with pytest.raises(http_api.RunError, match="workflow file not found"):
+        api_workflow.load_api_workflow(tmp_path / "missing.json")
 
 
 def test_server_down_is_a_clear_error(tmp_path, capsys):
@@ -112,18 +114,18 @@ def test_server_down_is_a_clear_error(tmp_path, capsys):
     assert runner.main([str(path), "--server", f"http://127.0.0.1:{port}"]) == 1
     message = capsys.readouterr().err
     assert f"no ComfyUI server answers at http://127.0.0.1:{port}" in message
-    assert "python main.py" in message
+    assert f"python main.py --listen 127.0.0.1 --port {port}`" in message  # the port the user gave, not 8188
 
 
 @pytest.mark.parametrize("faces", [1, 2])
 def test_without_a_workflow_the_shipped_one_for_the_face_count_runs(faces):
-    workflow = runner.load_api_workflow(runner.shipped_workflow(faces))
-    assert len(runner.reference_image_loaders(workflow)) == faces
+    workflow = api_workflow.load_api_workflow(api_workflow.shipped_workflow(faces))
+    assert len(api_workflow.reference_image_loaders(workflow)) == faces
 
 
 def test_three_faces_without_a_workflow_ask_for_one():
-    with pytest.raises(runner.RunError, match=r"--face given 3 time\(s\): without a workflow file .* one or two people"):
-        runner.shipped_workflow(3)
+    with pytest.raises(http_api.RunError, match=r"--face given 3 time\(s\): without a workflow file .* one or two people"):
+        api_workflow.shipped_workflow(3)
 
 
 class ObjectInfo:
@@ -144,12 +146,12 @@ def test_a_checkpoint_the_server_lacks_is_taken_in_its_other_format():
         "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "facediffuser_tdm.safetensors"}},
     }
     notes = []
-    runner.use_installed_checkpoints(workflow, ObjectInfo(["facediffuser_sdm.bin", "facediffuser_tdm.safetensors", "x.bin"]), notes.append)
+    api_workflow.use_installed_checkpoints(workflow, ObjectInfo(["facediffuser_sdm.bin", "facediffuser_tdm.safetensors", "x.bin"]), notes.append)
     assert workflow["1"]["inputs"]["ckpt_name"] == "facediffuser_sdm.bin"
     assert workflow["2"]["inputs"]["ckpt_name"] == "facediffuser_tdm.safetensors"
     assert notes == ["node 1 (FaceDiffuserSDMLoader): the server has no facediffuser_sdm.safetensors; using facediffuser_sdm.bin"]
     # Neither format there: left as it is, for ComfyUI's own "value not in list" error.
-    runner.use_installed_checkpoints(workflow, ObjectInfo(["other.bin"]), notes.append)
+    api_workflow.use_installed_checkpoints(workflow, ObjectInfo(["other.bin"]), notes.append)
     assert workflow["1"]["inputs"]["ckpt_name"] == "facediffuser_sdm.bin" and len(notes) == 1
 
 
@@ -160,6 +162,13 @@ mode = pathlib.Path("mode").read_text()
 if mode == "crash":
     print("boom: the fake ComfyUI cannot start")
     sys.exit(3)
+if mode == "no cuda":  # what ComfyUI prints when started without --cpu on a CPU-only torch
+    print("\\n".join(f"log line {number} " + "x" * 60 for number in range(100)))
+    print("AssertionError: Torch not compiled with CUDA enabled")
+    sys.exit(1)
+if mode == "slow":
+    import time
+    time.sleep(120)
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int)
 args, _ = parser.parse_known_args()
@@ -193,7 +202,7 @@ def fake_comfyui(tmp_path, mode: str):
 
 @pytest.fixture
 def nothing_at_the_default_address(monkeypatch):
-    monkeypatch.setattr(runner, "DEFAULT_SERVER", f"http://127.0.0.1:{comfy_server.free_port()}")
+    monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", f"http://127.0.0.1:{comfy_server.free_port()}")
 
 
 def started_pid(output: str) -> int:
@@ -213,18 +222,18 @@ def test_with_no_server_the_runner_starts_comfyui_and_stops_it_unless_kept(tmp_p
     root = fake_comfyui(tmp_path, "pack")
     args = runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram --base-directory '/data/my comfy'",
                               *(["--keep-server"] if keep else [])])
-    with runner.server_for(args) as url:
-        assert runner.comfyui_answers(url) and url != runner.DEFAULT_SERVER
+    with own_comfyui.server_for(args) as url:
+        assert http_api.comfyui_answers(url) and url != own_comfyui.DEFAULT_SERVER
     out = capsys.readouterr().out
     pid = started_pid(out)
     argv = json.loads((root / "argv.json").read_text())
     assert argv[:3] == ["--listen", "127.0.0.1", "--port"] and argv[-3:] == ["--lowvram", "--base-directory", "/data/my comfy"]
     if keep:
-        assert runner.comfyui_answers(url) and f"ComfyUI keeps running at {url} (pid {pid}" in out
+        assert http_api.comfyui_answers(url) and f"ComfyUI keeps running at {url} (pid {pid}" in out
         os.killpg(pid, signal.SIGTERM)
         return
     assert f"stopped the ComfyUI started for this job (pid {pid})" in out
-    assert gone(pid) and not runner.comfyui_answers(url)
+    assert gone(pid) and not http_api.comfyui_answers(url)
 
 
 @pytest.mark.parametrize("mode, message", [
@@ -234,8 +243,8 @@ def test_with_no_server_the_runner_starts_comfyui_and_stops_it_unless_kept(tmp_p
 def test_a_comfyui_that_does_not_start_well_is_reported_and_stopped(tmp_path, capsys, nothing_at_the_default_address, mode, message):
     root = fake_comfyui(tmp_path, mode)
     args = runner.parse_args(["--comfyui", str(root)])
-    with pytest.raises(runner.RunError, match=message):
-        with runner.server_for(args):
+    with pytest.raises(http_api.RunError, match=message):
+        with own_comfyui.server_for(args):
             pytest.fail("the job must not run")
     assert gone(started_pid(capsys.readouterr().out))
 
@@ -245,7 +254,7 @@ def test_with_no_server_and_no_comfyui_to_start_the_error_says_what_to_pass(tmp_
     path.write_text(json.dumps(CUSTOM_SAMPLING_WORKFLOW))
     assert runner.main([str(path), "--comfyui", str(tmp_path / "nowhere")]) == 1
     message = capsys.readouterr().err
-    assert f"no ComfyUI server answers at {runner.DEFAULT_SERVER}, and none can be started" in message
+    assert f"no ComfyUI server answers at {own_comfyui.DEFAULT_SERVER}, and none can be started" in message
     assert "is not a ComfyUI folder" in message and "--server" in message
 
 
@@ -286,7 +295,7 @@ def test_uploaded_photo_reaches_load_image(server, tmp_path):
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)
     Image.fromarray(original).save(photo)
-    name = runner.ComfyClient(server.url).upload_image(photo)
+    name = http_api.ComfyClient(server.url).upload_image(photo)
     assert (server.input_dir / name).is_file()
     workflow = {
         "1": {"class_type": "LoadImage", "inputs": {"image": name}},
@@ -329,9 +338,9 @@ def test_a_node_that_fails_while_running_is_reported(server, tmp_path, capsys):
 
 def test_waiting_is_bounded(server):
     # A job the server never finishes (here: one it never heard of) makes the runner give up at the deadline.
-    client = runner.ComfyClient(server.url)
+    client = http_api.ComfyClient(server.url)
     states = []
-    with pytest.raises(runner.RunError, match="gave up after 0.2 s: job no-such-job is still finishing"):
+    with pytest.raises(http_api.RunError, match="gave up after 0.2 s: job no-such-job is still finishing"):
         client.wait("no-such-job", timeout_s=0.2, poll_s=0.05, report=states.append)
     assert states == ["finishing"]
 
@@ -362,6 +371,9 @@ def test_runs_each_shipped_workflow_with_uploaded_faces_and_overrides(server, tm
     assert len(generated) == 2 and all(Image.open(p).size == (64, 64) for p in generated)
     assert all((server.input_dir / photo.name).is_file() for photo in photos)
     assert "submitted to" in captured.out and "saved" in captured.out
+    # ComfyUI's step progress, relayed from its websocket; plain lines, as capsys is no terminal.
+    sampler = "SamplerCustomAdvanced" if name == "facediffuser_custom_sampling" else "FaceDiffuserSNFSampler"
+    assert re.search(rf"^  node \d+ \({sampler}\): step 3/3$", captured.out, re.M), captured.out
     if name == "facediffuser_custom_sampling":
         # The saliency preview's pictures come back too: 4 panels per image of the batch.
         assert len([p for p in output.glob("*.png") if p not in generated and "temp" in p.name.lower()]) >= 8
@@ -398,23 +410,23 @@ def picture(batch_index: int, score: float) -> dict:
 
 def test_best_of_n_finds_the_identity_node_and_the_save_image_of_its_pictures():
     workflow = copy.deepcopy(IDENTITY_WORKFLOW)
-    assert runner.identity_score_node(workflow) == "12"
-    assert runner.scored_pictures_saver(workflow, "12") == "13"  # not node 10, which saves another image
-    assert runner.current_value(workflow, "seed") == 0
-    with pytest.raises(runner.RunError, match="has no such node.*Add one Face-diffuser Identity Score"):
-        runner.identity_score_node(SNF_WORKFLOW)
+    assert best_of_n.identity_score_node(workflow) == "12"
+    assert best_of_n.scored_pictures_saver(workflow, "12") == "13"  # not node 10, which saves another image
+    assert api_workflow.current_value(workflow, "seed") == 0
+    with pytest.raises(http_api.RunError, match="has no such node.*Add one Face-diffuser Identity Score"):
+        best_of_n.identity_score_node(SNF_WORKFLOW)
     workflow["14"] = copy.deepcopy(workflow["12"])
-    with pytest.raises(runner.RunError, match=r"has 2 such nodes \(12, 14\)"):
-        runner.identity_score_node(workflow)
+    with pytest.raises(http_api.RunError, match=r"has 2 such nodes \(12, 14\)"):
+        best_of_n.identity_score_node(workflow)
     del workflow["13"]
-    with pytest.raises(runner.RunError, match=r"no SaveImage node saves the pictures that node 12 .* comes from \['11', 0\]"):
-        runner.scored_pictures_saver(workflow, "12")
+    with pytest.raises(http_api.RunError, match=r"no SaveImage node saves the pictures that node 12 .* comes from \['11', 0\]"):
+        best_of_n.scored_pictures_saver(workflow, "12")
 
 
 def test_pictures_are_ranked_by_score_then_seed_then_batch_order():
     candidates = [{"pictures": [picture(0, 0.5), picture(1, 0.9)]}, {"pictures": [picture(0, 0.9), picture(1, -1.0)]},
                   {"pictures": [picture(0, 0.7), picture(1, 0.5)]}]
-    assert runner.rank_pictures(candidates) == [(0, 1), (1, 0), (2, 0), (0, 0), (2, 1), (1, 1)]
+    assert best_of_n.rank_pictures(candidates) == [(0, 1), (1, 0), (2, 0), (0, 0), (2, 1), (1, 1)]
 
 
 def test_candidates_imply_keeping_the_best_one():
@@ -452,3 +464,118 @@ def test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores(server,
     assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed5_1.png"
     assert sorted(p.name for p in output.iterdir()) == ["best01_seed5_0.png", "best02_seed5_1.png", "identity_scores.json"]
     assert Image.open(output / "best01_seed5_0.png").size == (64, 64)
+
+
+# --- the README's spellings, CPU-only machines, Ctrl-C, inputs and outputs ------------------------------------
+
+
+@pytest.mark.parametrize("value", ["--cpu", "--lowvram", "--cpu --base-directory /data/comfy"])
+def test_comfyui_args_take_the_readmes_spelling(value):
+    assert runner.parse_args(["--face", "me.jpg", "--comfyui-args", value]).comfyui_args == value
+    assert runner.parse_args([f"--comfyui-args={value}"]).comfyui_args == value
+
+
+def test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so(tmp_path, capsys, nothing_at_the_default_address):
+    import torch
+
+    assert not torch.cuda.is_available()
+    root = fake_comfyui(tmp_path, "pack")
+    with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram"])):
+        pass
+    argv = json.loads((root / "argv.json").read_text())
+    assert argv[-2:] == ["--cpu", "--lowvram"]
+    assert "has no GPU (a CPU-only build): starting ComfyUI with --cpu" in capsys.readouterr().out
+
+
+def test_a_comfyui_that_needs_cpu_gets_a_hint_with_the_users_arguments_and_a_tail_from_a_line_start(
+        tmp_path, capsys, nothing_at_the_default_address, monkeypatch):
+    monkeypatch.setattr(own_comfyui, "torch_sees_a_gpu", lambda: None)  # a torch whose devices cannot be told
+    root = fake_comfyui(tmp_path, "no cuda")
+    with pytest.raises(http_api.RunError) as raised:
+        with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram"])):
+            pytest.fail("the job must not run")
+    message = str(raised.value)
+    tail = message.split("):\n", 1)[1]
+    assert tail.startswith("log line ") and "Torch not compiled with CUDA enabled" in tail
+    assert message.endswith('run again with --comfyui-args "--cpu --lowvram"')
+    out = capsys.readouterr().out
+    assert "had exited by itself (status 1)" in out and "stopped the ComfyUI" not in out
+
+
+def test_a_comfyui_that_exits_during_the_job_is_not_said_to_be_stopped(tmp_path, capsys, nothing_at_the_default_address):
+    root = fake_comfyui(tmp_path, "pack")
+    with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root)])) as url:
+        pid = started_pid(capsys.readouterr().out)
+        os.killpg(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            pass  # until it is a zombie, which only the runner's wait reaps
+    out = capsys.readouterr().out
+    assert f"(pid {pid}) had exited by itself" in out and "stopped the ComfyUI" not in out
+
+
+def test_a_missing_face_photo_is_reported_before_anything_starts(tmp_path, capsys, nothing_at_the_default_address):
+    root = fake_comfyui(tmp_path, "pack")
+    assert runner.main(["--face", str(tmp_path / "me.jpg"), "--prompt", "a man <|image|>", "--comfyui", str(root)]) == 1
+    assert f"--face: {tmp_path / 'me.jpg'} is not a file (no such file" in capsys.readouterr().err
+    assert not (root / "argv.json").exists()  # no ComfyUI was started
+
+
+def test_default_output_is_never_inside_the_pack(tmp_path, monkeypatch):
+    root = fake_comfyui(tmp_path, "pack")
+    monkeypatch.chdir(api_workflow.PACK_ROOT / "scripts")
+    assert runner.parse_args(["--comfyui", str(root)]).output == root / "output"
+    monkeypatch.chdir(tmp_path)
+    assert runner.parse_args(["--comfyui", str(root)]).output == Path("facediffuser_output")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_running(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    if http_api.comfyui_answers(http_api.DEFAULT_SERVER):
+        pytest.skip(f"a ComfyUI already answers at {http_api.DEFAULT_SERVER}: the runner would use it instead of starting one")
+    root = fake_comfyui(tmp_path, "slow")
+    (tmp_path / "me.png").write_bytes(b"png")
+    env = {**os.environ, "PYTHONPATH": str(pack_scripts.SCRIPTS_DIR)}
+    runner_process = subprocess.Popen(
+        [sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_run.py"), "--face", "me.png", "--prompt", "a man <|image|>",
+         "--comfyui", str(root), "--timeout", "60"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not (root / "argv.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    runner_process.send_signal(signal.SIGINT)
+    out, err = runner_process.communicate(timeout=60)
+    assert runner_process.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("interrupted: nothing of this run is left running") and "run the same command again" in line
+    assert f"stopped the ComfyUI started for this job (pid {started_pid(out)})" in out and gone(started_pid(out))
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
+    import io
+
+    from facediffuser_client.progress import ProgressDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    workflow = {"8": {"class_type": "FaceDiffuserSNFSampler", "inputs": {}}}
+    for stream in (io.StringIO(), Terminal()):
+        display = ProgressDisplay(workflow, stream)
+        display.state("running")
+        for step in range(1, 51):
+            display.step((step, 50, "8"))
+        display.state("finishing")
+        display.close()
+        text = stream.getvalue()
+        if stream.isatty():
+            assert text.count("\r") == 50 and "\r  node 8 (FaceDiffuserSNFSampler) [" + "#" * 30 + "] 50/50\n  finishing\n" in text
+        else:
+            lines = text.splitlines()
+            assert lines[0] == "  running" and lines[-1] == "  finishing" and "\r" not in text
+            assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50" for step in (1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50)]

@@ -225,7 +225,8 @@ def test_missing_insightface_explains_the_install(comfyui, insightface_models, m
     with pytest.raises(RuntimeError) as error:
         comfyui.run("FaceDiffuserInsightFaceLoader", pack=PACK, provider="auto", det_size=640)
     message = str(error.value)
-    assert "pip install insightface onnxruntime-gpu" in message and sys.executable in message
+    assert "pip install insightface onnxruntime`" in message and sys.executable in message
+    assert "pip uninstall -y onnxruntime && " in message and "pip install onnxruntime-gpu" in message  # one build, never both
     assert "overwrites the other" in message
 
 

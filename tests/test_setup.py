@@ -167,7 +167,65 @@ def test_offline_names_the_manual_steps(tmp_path):
     assert f"download {closed}/{REPOSITORY}/resolve/main/SDM/pytorch_model.bin in a browser and save it as {sdm}" in err
     pack = comfyui / "models" / "insightface" / "models" / "buffalo_l"
     assert f"To do it by hand: download {closed}/buffalo_l.zip and unzip its .onnx files directly into {pack}" in err
+    assert "or give the zip you have to the set-up: --insightface-source <path of the zip>" in err
     assert not sdm.exists() and not pack.exists()
+    # huggingface_hub's retries are not echoed, and nothing is left to resume from.
+    assert "Trying to resume" not in result.stdout + err and "Error while downloading" not in result.stdout + err
+    assert "buffalo_l.zip: the download did not start" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_keeps_what_arrived_says_how_to_resume_and_exits_130(hub, tmp_path):
+    import signal
+    import time
+
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    sdm = checkpoint_bytes(SDM_KEYS, extra_floats=4 * 2**20)
+    serve_everything(hub, sdm=sdm, stall_after=11 * 2**20)  # huggingface_hub writes in chunks of 10 MiB
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    setup_run = subprocess.Popen([sys.executable, str(SCRIPT), *install_args(comfyui, hub.url + "/none.zip")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not [p for p in leftovers(tmp_path) if p.stat().st_size] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    setup_run.send_signal(signal.SIGINT)
+    out, err = setup_run.communicate(timeout=60)
+    assert setup_run.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines() == [setup.INTERRUPTED]
+    (kept,) = leftovers(tmp_path)
+    assert kept.stat().st_size > 0
+
+
+def test_a_file_in_place_is_verified_against_the_hub_once_and_a_damaged_one_is_reported(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    zip_url = serve_everything(hub, sdm=checkpoint_bytes(SDM_KEYS, extra_floats=2**16))  # mostly tensor data
+    folder = comfyui / "models" / "facediffuser"
+    folder.mkdir(parents=True)
+    (folder / "facediffuser_tdm.bin").write_bytes(TDM_BYTES)  # downloaded by hand
+    first = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "facediffuser_tdm.bin matches the hub's sha256" in first.stdout
+    hub.requests.clear()
+    again = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert again.returncode == 0 and "verifying" not in again.stdout
+    assert [r for r in hub.requests if not r.path.startswith("/api/")] == []
+
+    # 4 KB overwritten mid-file: same size, readable keys, wrong weights.
+    sdm = folder / "facediffuser_sdm.bin"
+    content = bytearray(sdm.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 4096] = bytes(4096)
+    sdm.write_bytes(bytes(content))
+    checked = subprocess.run([sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"), "--comfyui", str(comfyui)],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 1
+    assert f"[problem] SDM model: {sdm} changed since the set-up verified its content" in checked.stdout
+    damaged = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert damaged.returncode == 1
+    assert f"{sdm} is damaged: it has the size of the hub's SDM/pytorch_model.bin but not its content" in damaged.stderr
+    assert "Delete it and run the set-up again" in damaged.stderr
+    assert sdm.read_bytes() == bytes(content)
 
 
 def test_extra_model_paths_default_folders_receive_the_files_and_other_folders_count(hub, tmp_path):

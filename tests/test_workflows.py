@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import pack_scripts
 import workflow_builder
+from facediffuser_client.api_workflow import is_link, reference_image_loaders, set_override
 
-runner = pack_scripts.load("facediffuser_run")
 
 OUR_NODES = {
     "FaceDiffuserSDMLoader", "FaceDiffuserTDMLoader", "FaceDiffuserInsightFaceLoader", "FaceDiffuserEncodeReferenceFaces",
@@ -61,7 +60,7 @@ def test_ui_and_api_formats_describe_the_same_graph(name):
     links = {link[0]: link for link in ui["links"]}
     assert len(links) == len(ui["links"]) and ui["last_link_id"] == max(links)
     api_links = {(node_id, name_): tuple(value) for node_id, node in api.items()
-                 for name_, value in node["inputs"].items() if runner.is_link(value)}
+                 for name_, value in node["inputs"].items() if is_link(value)}
     ui_links = set()
     for link_id, source, source_slot, target, target_slot, _ in ui["links"]:
         target_input = nodes[target]["inputs"][target_slot]
@@ -80,12 +79,12 @@ def test_ui_and_api_formats_describe_the_same_graph(name):
 def test_the_runners_overrides_find_their_nodes(name):
     workflow = api_workflow(name)
     for option, value in (("prompt", "a man <|image|>"), ("seed", 7), ("steps", 20), ("cfg", 4.0)):
-        assert runner.set_override(workflow, option, value)
+        assert set_override(workflow, option, value)
     if name != SWEEP:  # the sweep's alphas and betas are lists, and it samples one picture per cell
-        assert runner.set_override(workflow, "alpha", 0.2) and runner.set_override(workflow, "beta", 0.5)
+        assert set_override(workflow, "alpha", 0.2) and set_override(workflow, "beta", 0.5)
     if name not in ("facediffuser_custom_sampling", SWEEP):
-        assert runner.set_override(workflow, "batch_size", 2)
-    loaders = runner.reference_image_loaders(workflow)
+        assert set_override(workflow, "batch_size", 2)
+    loaders = reference_image_loaders(workflow)
     assert len(loaders) == REFERENCE_PHOTOS[name]
     assert [workflow[i]["inputs"]["image"] for i in loaders] == list(workflow_builder.SUBJECT_PHOTOS[:len(loaders)])
 
@@ -242,3 +241,31 @@ def test_each_api_workflow_runs_on_tiny_models(comfyui, installed, name):
     if name == SWEEP:  # the Identity Score's results for the two cells
         (identity,) = [output["facediffuser_identity"] for output in outputs.values() if "facediffuser_identity" in output]
         assert [entry["batch_index"] for entry in identity] == [0, 1] and all(len(entry["subjects"]) == 1 for entry in identity)
+
+
+def test_right_after_the_setup_without_convert_the_templates_take_the_bin_files(comfyui, installed, monkeypatch):
+    """The templates name the .safetensors conversions; the set-up without --convert leaves the .bin downloads. ComfyUI's
+    own check refused the templates ("value not in list") on both loaders; the loaders take either format."""
+    import execution
+    import folder_paths
+    import safetensors.torch
+    import torch
+
+    models = Path(installed) / "models" / "facediffuser"
+    only_bin = Path(installed) / "only_bin"
+    only_bin.mkdir(exist_ok=True)
+    for name in (workflow_builder.SDM_FILE, workflow_builder.TDM_FILE):
+        torch.save(safetensors.torch.load_file(str(models / name)), only_bin / Path(name).with_suffix(".bin").name)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "facediffuser", ([str(only_bin)], {".bin", ".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    for name in NAMES:
+        valid, error, _, node_errors = asyncio.run(execution.validate_prompt("check", api_workflow(name), None))
+        assert valid, (name, error, node_errors)
+    assert comfyui.run("FaceDiffuserTDMLoader", ckpt_name=workflow_builder.TDM_FILE)[0] is not None
+
+    missing = api_workflow(NAMES[0])
+    missing["2"]["inputs"]["ckpt_name"] = "someone_else.safetensors"
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("check", missing, None))
+    assert not valid
+    assert "Face-diffuser SDM Loader: checkpoint 'someone_else.safetensors' not found" in json.dumps(node_errors)
+    assert "python scripts/facediffuser_setup.py" in json.dumps(node_errors)

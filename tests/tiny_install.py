@@ -41,18 +41,17 @@ def small_api_workflow(name: str, steps: int = 3) -> dict:
     """A shipped API workflow at a size a CPU runs in seconds: 64 px, three steps, one per stage."""
     import json
 
-    import pack_scripts
+    from facediffuser_client import api_workflow
 
-    runner = pack_scripts.load("facediffuser_run")
     workflow = json.loads((workflow_builder.API_DIR / f"{name}.json").read_text())
     for node in workflow.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
-    runner.set_override(workflow, "steps", steps)
+    api_workflow.set_override(workflow, "steps", steps)
     sweeps = [node for node in workflow.values() if node["class_type"] == "FaceDiffuserStageSweep"]
     for node in sweeps:  # two cells: one with a fusion step, one without
         node["inputs"].update(alphas="0.34", betas="0.34, 0.67")
     if not sweeps:
-        runner.set_override(workflow, "alpha", 0.34)
-        runner.set_override(workflow, "beta", 0.67)
+        api_workflow.set_override(workflow, "alpha", 0.34)
+        api_workflow.set_override(workflow, "beta", 0.67)
     return workflow

@@ -1,0 +1,125 @@
+"""One workflow on one server, the headless runner's work: overrides, photos, the run, its pictures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from .best_of_n import (SCORES_FILE, describe_candidate, identity_score_node, rank_pictures, scored_pictures,
+                        scored_pictures_saver)
+from .http_api import ComfyClient, RunError, describe_failure
+from .files import save_images, unused_path
+from .progress import ProgressDisplay, ProgressListener
+from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, load_api_workflow, reference_image_loaders,
+                       set_override, shipped_workflow, use_installed_checkpoints)
+
+
+def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
+    workflow = load_api_workflow(args.workflow or shipped_workflow(len(args.face)))
+    for option in OVERRIDE_TARGETS:
+        value = getattr(args, option)
+        if value is not None:
+            set_override(workflow, option, value)
+    if args.face:
+        loaders = reference_image_loaders(workflow)
+        if len(loaders) != len(args.face):
+            raise RunError(
+                f"--face given {len(args.face)} time(s) but the workflow loads {len(loaders)} reference photo(s) "
+                f"(LoadImage nodes {', '.join(loaders) or 'none'} feeding {REFERENCE_ENCODER}); give one --face per photo"
+            )
+        for node_id, photo in zip(loaders, args.face):
+            workflow[node_id]["inputs"]["image"] = client.upload_image(photo)
+    use_installed_checkpoints(workflow, client)
+    return workflow
+
+
+def cancel_quietly(client: ComfyClient, prompt_id: str) -> None:
+    """Ctrl-C: the job leaves the server's queue, or stops if it runs (a server of the runner's own stops anyway)."""
+    try:
+        client.cancel(prompt_id)
+    except (RunError, OSError):
+        pass  # the server is gone or refuses: nothing of the job is left to stop there
+
+
+def run(args: argparse.Namespace, client: ComfyClient) -> int:
+    if args.keep_best is not None:
+        for path in run_best_of_n(args, client):
+            print(f"saved {path}")
+        return 0
+    workflow = prepare_workflow(args, client)
+    client_id = uuid.uuid4().hex
+    listener = ProgressListener(client.server, client_id)  # before the job: its progress goes to this client id
+    display = ProgressDisplay(workflow, sys.stdout)
+    try:
+        prompt_id = client.submit(workflow, client_id=client_id)
+        print(f"submitted to {client.server} as job {prompt_id}")
+        try:
+            entry = client.wait(prompt_id, args.timeout, report=display.state, tick=lambda: display.step(listener.progress(prompt_id)))
+        except KeyboardInterrupt:
+            display.close()
+            cancel_quietly(client, prompt_id)
+            raise
+    finally:
+        display.close()
+        listener.close()
+    if entry.get("status", {}).get("status_str") != "success":
+        raise RunError(describe_failure(entry))
+    saved = save_images(client, entry, args.output)
+    if not saved:
+        print("the workflow finished but produced no images (does it end in a SaveImage node?)", file=sys.stderr)
+        return 1
+    for path in saved:
+        print(f"saved {path}")
+    return 0
+
+
+def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
+    """Queue one job per seed, rank every picture by the Identity Score node, download the best
+    --keep-best and write every seed's per-subject scores to identity_scores.json beside them."""
+    candidates_count = 1 if args.candidates is None else args.candidates
+    if candidates_count < 1 or args.keep_best < 1:
+        raise RunError("--candidates and --keep-best must be 1 or more")
+    workflow = prepare_workflow(args, client)
+    identity_node = identity_score_node(workflow)
+    saver = scored_pictures_saver(workflow, identity_node)
+    first_seed = args.seed if args.seed is not None else current_value(workflow, "seed")
+    client_id = uuid.uuid4().hex
+    jobs = []
+    for seed in range(first_seed, first_seed + candidates_count):
+        set_override(workflow, "seed", seed)
+        jobs.append((seed, client.submit(workflow, client_id=client_id)))
+    print(f"submitted {len(jobs)} job(s) to {client.server}, seeds {first_seed} to {first_seed + len(jobs) - 1}")
+    candidates = []
+    for seed, prompt_id in jobs:
+        entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
+        if entry.get("status", {}).get("status_str") != "success":
+            raise RunError(f"seed {seed}: {describe_failure(entry)}")
+        try:
+            pictures, images = scored_pictures(entry, identity_node, saver)
+        except RunError as error:
+            raise RunError(f"seed {seed}: {error}") from None
+        pictures = [{**picture, "kept_as": None} for picture in pictures]
+        candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
+        print(f"  {describe_candidate(seed, pictures)}")
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    kept, saved = [], []
+    for rank, (index, batch_index) in enumerate(rank_pictures(candidates)[:args.keep_best], start=1):
+        candidate = candidates[index]
+        picture = candidate["pictures"][batch_index]
+        target = unused_path(args.output, f"best{rank:02d}_seed{candidate['seed']}_{batch_index}.png")
+        target.write_bytes(client.download(candidate["images"][batch_index]))
+        picture["kept_as"] = target.name
+        kept.append({"rank": rank, "seed": candidate["seed"], "batch_index": batch_index, "score": picture["score"], "file": target.name})
+        saved.append(target)
+    report = {
+        "workflow": str(args.workflow), "server": client.server, "identity_node": identity_node, "keep_best": args.keep_best,
+        "candidates": [{"seed": c["seed"], "prompt_id": c["prompt_id"], "pictures": c["pictures"]} for c in candidates],
+        "kept": kept,
+    }
+    scores_file = unused_path(args.output, SCORES_FILE)
+    scores_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return [*saved, scores_file]

@@ -1,0 +1,153 @@
+"""The batch client's jobs file: one job per line, each seed of a job one run."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .best_of_n import best_of_n_node, identity_scorers
+from .http_api import RunError
+from .api_workflow import (OVERRIDE_TARGETS, load_api_workflow, reference_image_loaders, set_override, shipped_workflow)
+
+
+# Runner overrides a job may set, besides the prompt and the seed, which jobs set in their own way.
+OVERRIDES = tuple(option for option in OVERRIDE_TARGETS if option not in ("prompt", "seed"))
+
+JOB_KEYS = {"id", "workflow", "faces", "prompt", "seeds", "count", "seed", "keep_best", *OVERRIDES}
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class JobsFileError(Exception):
+    """The jobs file cannot be read as a whole (a line that is not JSON, two jobs with one id)."""
+
+
+@dataclass
+class Job:
+    id: str
+    line: int
+    spec: dict
+    workflow: dict | None = None  # with the job's prompt and overrides set; None when the job cannot run
+    faces: list[Path] = field(default_factory=list)
+    face_hashes: list[str] = field(default_factory=list)
+    loaders: list[str] = field(default_factory=list)  # LoadImage node ids taking the faces, in order
+    seeds: list[int | None] = field(default_factory=list)  # None: the workflow's own seed
+    scorers: dict[str, str | None] = field(default_factory=dict)  # Identity Score node id -> Save Image node of its pictures
+    keep_best: int = 0  # best-of-N: pictures kept across the job's seeds; 0 keeps no selection
+    best_node: str | None = None  # the Identity Score node best-of-N ranks by
+    problem: str | None = None  # why the job fails without running
+
+    def run_keys(self) -> list[str]:
+        return [run_key(seed) for seed in self.seeds]
+
+
+def run_key(seed: int | None) -> str:
+    return "seed-workflow" if seed is None else f"seed-{seed}"
+
+
+def job_id(spec: dict) -> str:
+    """The job's "id", else one derived from the line's content, so that it survives reordering the file."""
+    if "id" in spec:
+        return str(spec["id"])
+    return "job-" + hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def job_seeds(spec: dict) -> list[int | None]:
+    if "seeds" in spec and ("count" in spec or "seed" in spec):
+        raise RunError('give either "seeds" or "count" (with an optional first "seed"), not both')
+    if "seeds" in spec:
+        seeds = spec["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise RunError('"seeds" must be a non-empty list of integers')
+        if len(set(seeds)) != len(seeds):
+            raise RunError('"seeds" lists a seed twice')
+        return list(seeds)
+    count, first = spec.get("count", 1), spec.get("seed")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise RunError('"count" must be an integer of 1 or more')
+    if first is not None and (not isinstance(first, int) or isinstance(first, bool)):
+        raise RunError('"seed" must be an integer')
+    if first is None:
+        return [None] if count == 1 else list(range(count))
+    return list(range(first, first + count))
+
+
+def prepare_job(job: Job, base: Path, keep_best: int = 0) -> None:
+    """Read the job's workflow and photos and set its prompt and overrides; a problem is kept on the job.
+    `keep_best` is the best-of-N of the jobs that set no "keep_best"."""
+    spec = job.spec
+    try:
+        unknown = sorted(set(spec) - JOB_KEYS)
+        if unknown:
+            raise RunError(f"unknown key(s) {', '.join(unknown)}; a job takes {', '.join(sorted(JOB_KEYS))}")
+        if not JOB_ID.fullmatch(job.id):
+            raise RunError(f'"id" {job.id!r} must be letters, digits, ".", "_" or "-" (it names the job\'s output folder)')
+        faces = spec.get("faces", [])
+        if not isinstance(faces, list) or not all(isinstance(face, str) for face in faces):
+            raise RunError('"faces" must be a list of photo paths, in the order of the prompt\'s <|image|> markers')
+        job.faces = [(base / face).expanduser() for face in faces]
+        job.seeds = job_seeds(spec)
+        keep_best = spec.get("keep_best", keep_best)
+        if not isinstance(keep_best, int) or isinstance(keep_best, bool) or keep_best < 0:
+            raise RunError('"keep_best" must be an integer: the pictures to keep across the job\'s seeds (0: no best-of-N)')
+        workflow_path = base / spec["workflow"] if "workflow" in spec else shipped_workflow(len(job.faces))
+        workflow = load_api_workflow(Path(workflow_path))
+        if "prompt" in spec:
+            set_override(workflow, "prompt", spec["prompt"])
+        for option in OVERRIDES:
+            if option in spec:
+                set_override(workflow, option, spec[option])
+        if job.seeds != [None]:
+            set_override(copy.deepcopy(workflow), "seed", 0)  # the workflow must take a seed
+        if job.faces:
+            job.loaders = reference_image_loaders(workflow)
+            if len(job.loaders) != len(job.faces):
+                raise RunError(f'"faces" lists {len(job.faces)} photo(s) but the workflow loads {len(job.loaders)} reference '
+                                      f"photo(s) (LoadImage nodes {', '.join(job.loaders) or 'none'})")
+        for face in job.faces:
+            try:
+                job.face_hashes.append(file_hash(face))
+            except OSError as error:
+                raise RunError(f"cannot read the photo {face}: {error.strerror}") from None
+        job.scorers = identity_scorers(workflow)
+        if keep_best:
+            job.best_node = best_of_n_node(workflow, from_command_line="keep_best" not in spec)
+        job.keep_best = keep_best
+        job.workflow = workflow
+    except RunError as error:
+        job.problem = str(error)
+        job.seeds = job.seeds or [None]  # one run to carry the failure into the manifest and the summary
+
+
+def load_jobs(path: Path, keep_best: int = 0) -> list[Job]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise JobsFileError(f"cannot read the jobs file {path}: {error.strerror}") from None
+    jobs, seen = [], {}
+    for number, text in enumerate(lines, 1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise JobsFileError(f"{path}, line {number}: not a JSON object ({error})") from None
+        if not isinstance(spec, dict):
+            raise JobsFileError(f"{path}, line {number}: a job is a JSON object ({{...}}), got {type(spec).__name__}")
+        job = Job(job_id(spec), number, spec)
+        if job.id in seen:
+            raise JobsFileError(f"{path}, lines {seen[job.id]} and {number}: both are job {job.id!r}; give each job its own \"id\"")
+        seen[job.id] = number
+        prepare_job(job, path.parent, keep_best)
+        jobs.append(job)
+    if not jobs:
+        raise JobsFileError(f"{path} has no jobs (one JSON object per line)")
+    return jobs

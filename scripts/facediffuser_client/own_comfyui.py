@@ -1,0 +1,149 @@
+"""A ComfyUI of the client's own: started headless on a free loopback port when none answers, stopped after."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .http_api import DEFAULT_SERVER, ComfyClient, RunError, comfyui_answers
+from .api_workflow import PACK_ROOT
+
+sys.path.insert(0, str(PACK_ROOT))
+from facediffuser_core.model_folders import find_comfyui  # noqa: E402  (standard library only)
+
+
+OWN_SERVER_START_TIMEOUT_S = 600.0
+
+OWN_SERVER_STOP_TIMEOUT_S = 30.0
+GPU_PROBE_TIMEOUT_S = 120.0
+# What the ComfyUI that is started prints when it was asked for a GPU that its torch lacks.
+NO_GPU_SIGNS = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available")
+# Read in the Python that runs ComfyUI (this one), in a child so that the client itself never imports torch.
+GPU_PROBE = ("import torch; mps = getattr(torch.backends, 'mps', None); xpu = getattr(torch, 'xpu', None); "
+             "print(int(torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())))")
+
+
+def torch_sees_a_gpu() -> bool | None:
+    """Whether this Python's torch has a GPU to run on (CUDA or ROCm, MPS, XPU); None when that cannot be told."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    answer = probe.stdout.strip().splitlines()[-1:] if probe.returncode == 0 else []
+    return answer == ["1"] if answer in (["0"], ["1"]) else None
+
+
+def comfyui_arguments(extra_args: list[str], report=print) -> list[str]:
+    """The user's arguments for main.py, with --cpu ahead of them when this torch has no GPU: ComfyUI dies at start
+    without it there ("Torch not compiled with CUDA enabled")."""
+    if "--cpu" in extra_args or torch_sees_a_gpu() is not False:
+        return extra_args
+    report(f"torch in {sys.executable} has no GPU (a CPU-only build): starting ComfyUI with --cpu")
+    return ["--cpu", *extra_args]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class OwnComfyUI:
+    """The ComfyUI in `root`, started by the runner with this Python, headless on 127.0.0.1 and a free port,
+    in a process group of its own so that stopping it ends everything it started."""
+
+    def __init__(self, root: Path, extra_args: list[str], report=print):
+        self.root = root
+        self.extra_args = extra_args
+        self.report = report
+        self.url = f"http://127.0.0.1:{free_loopback_port()}"
+        handle, log = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
+        self.log = Path(log)
+        command = [sys.executable, str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+                   "--disable-auto-launch", *extra_args]
+        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        with os.fdopen(handle, "wb") as log_file:
+            self.process = subprocess.Popen(command, cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, **group)
+        report(f"started ComfyUI from {root} (pid {self.process.pid}) at {self.url}; its log: {self.log}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The log's last `chars` characters, from the start of a line."""
+        text = self.log.read_text(errors="replace")
+        if len(text) <= chars:
+            return text
+        tail = text[-chars:]
+        return tail[tail.index("\n") + 1:] if "\n" in tail else tail
+
+    def wait_until_ready(self, timeout_s: float = OWN_SERVER_START_TIMEOUT_S) -> None:
+        started = time.monotonic()
+        while not comfyui_answers(self.url):
+            if self.process.poll() is not None:
+                tail = self.log_tail()
+                with_cpu = shlex.join(["--cpu", *self.extra_args])
+                hint = (f'\nThis torch has no usable GPU: run again with --comfyui-args "{with_cpu}"'
+                        if any(sign in tail for sign in NO_GPU_SIGNS) else "")
+                raise RunError(f"the ComfyUI started from {self.root} exited with status {self.process.returncode} before "
+                               f"answering; the end of its log ({self.log}):\n{tail}{hint}")
+            if time.monotonic() - started > timeout_s:
+                raise RunError(f"the ComfyUI started from {self.root} did not answer within {timeout_s:g} s; see its log {self.log}")
+            time.sleep(0.5)
+        if not ComfyClient(self.url).get_json("/object_info/FaceDiffuserSNFSampler"):
+            raise RunError(f"the ComfyUI started from {self.root} has not loaded the Face-diffuser nodes (is the pack in its "
+                           f"custom_nodes folder?); look for 'Cannot import' in its log {self.log}")
+        self.report(f"ComfyUI is ready ({time.monotonic() - started:.0f} s)")
+
+    def stop(self) -> bool:
+        """End the process group; False when the process had already exited by itself (its log then tells why)."""
+        if self.process.poll() is not None:
+            self.report(f"the ComfyUI started for this job (pid {self.process.pid}) had exited by itself (status "
+                        f"{self.process.returncode}); its log: {self.log}")
+            return False
+        if os.name == "posix":
+            os.killpg(self.process.pid, signal.SIGTERM)
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(OWN_SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL) if os.name == "posix" else self.process.kill()
+            self.process.wait(OWN_SERVER_STOP_TIMEOUT_S)
+        self.report(f"stopped the ComfyUI started for this job (pid {self.process.pid})")
+        return True
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace):
+    """The address to send the job to: --server; else the default address when a ComfyUI answers there; else a
+    ComfyUI of the runner's own, stopped afterwards (also on errors and Ctrl-C) unless --keep-server."""
+    if args.server or comfyui_answers(DEFAULT_SERVER):
+        yield args.server or DEFAULT_SERVER
+        return
+    root = find_comfyui(args.comfyui)
+    if root is None or not (root / "main.py").is_file():
+        where = f"{args.comfyui} is not a ComfyUI folder" if args.comfyui else (
+            f"this pack ({PACK_ROOT}) is not inside ComfyUI/custom_nodes and COMFYUI_PATH is not set")
+        raise RunError(f"no ComfyUI server answers at {DEFAULT_SERVER}, and none can be started: {where}. Pass --comfyui "
+                       f"<ComfyUI folder> to start that one, or start ComfyUI yourself and pass --server")
+    print(f"no ComfyUI answers at {DEFAULT_SERVER}: starting one for this job")
+    own = OwnComfyUI(root, comfyui_arguments(shlex.split(args.comfyui_args or "")))
+    ready = False
+    try:
+        own.wait_until_ready()
+        ready = True
+        yield own.url
+    finally:
+        if ready and args.keep_server and own.process.poll() is None:
+            print(f"ComfyUI keeps running at {own.url} (pid {own.process.pid}; log {own.log}); stop it with `kill {own.process.pid}`")
+        elif own.stop() and ready:  # a failed start or a crash keeps its log, which the messages name
+            own.log.unlink(missing_ok=True)
