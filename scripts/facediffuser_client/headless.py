@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import uuid
@@ -55,6 +56,15 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
     return 0
 
 
+def cancel_queued(client: ComfyClient, prompt_ids: list[str]) -> None:
+    """Best-of-N without one of its seeds cannot rank them all: the seeds still queued would only take the GPU."""
+    for prompt_id in prompt_ids:
+        with contextlib.suppress(RunError):  # a server that went away has dropped them anyway
+            client.cancel(prompt_id)
+    if prompt_ids:
+        print(f"cancelled the {len(prompt_ids)} later seed(s) on {client.server}", file=sys.stderr)
+
+
 def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
     """Queue one job per seed, rank every picture by the Identity Score node, download the best
     --keep-best and write every seed's per-subject scores to identity_scores.json beside them."""
@@ -72,14 +82,18 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
         jobs.append((seed, client.submit(workflow, client_id=client_id)))
     print(f"submitted {len(jobs)} job(s) to {client.server}, seeds {first_seed} to {first_seed + len(jobs) - 1}")
     candidates = []
-    for seed, prompt_id in jobs:
-        entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
-        if entry.get("status", {}).get("status_str") != "success":
-            raise RunError(f"seed {seed}: {describe_failure(entry)}")
+    for waited, (seed, prompt_id) in enumerate(jobs, start=1):
         try:
-            pictures, images = scored_pictures(entry, identity_node, saver)
-        except RunError as error:
-            raise RunError(f"seed {seed}: {error}") from None
+            entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
+            if entry.get("status", {}).get("status_str") != "success":
+                raise RunError(f"seed {seed}: {describe_failure(entry)}")
+            try:
+                pictures, images = scored_pictures(entry, identity_node, saver)
+            except RunError as error:
+                raise RunError(f"seed {seed}: {error}") from None
+        except RunError:
+            cancel_queued(client, [later for _, later in jobs[waited:]])
+            raise
         pictures = [{**picture, "kept_as": None} for picture in pictures]
         candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
         print(f"  {describe_candidate(seed, pictures)}")
