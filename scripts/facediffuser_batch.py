@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-attempts", type=int, default=3, metavar="N",
                         help="a run that failed this often for reasons that may pass (a vanished server, a lost run) fails (default 3)")
     parser.add_argument("--job-timeout", type=float, default=3600.0, metavar="S",
-                        help="seconds a run may take on a server before it is cancelled and tried again (default 3600)")
+                        help="seconds a run may take once it has started on a server (not counting its time in the queue) before it "
+                             "is cancelled and tried again (default 3600)")
     parser.add_argument("--give-up-after", type=float, default=600.0, metavar="S",
                         help="stop when no server has answered for this long; run again to resume (default 600)")
     parser.add_argument("--retry-failed", action="store_true", help="run the failed runs of an earlier invocation again")

@@ -37,6 +37,7 @@ class Server:
     uploads: dict = field(default_factory=dict)  # photo sha256 -> its name in the server's input folder
     runs_done: int = 0
     retries: int = 0
+    settled: bool = False  # the runs abandoned on it were cancelled there or taken back since it last answered
 
     @property
     def up(self) -> bool:
@@ -64,6 +65,7 @@ class Batch:
         self.servers = {url.rstrip("/"): Server(url.rstrip("/"), ComfyClient(url)) for url in args.server}
         self.not_before: dict[tuple[str, str], float] = {}  # back-off of runs to retry
         self.avoid: dict[tuple[str, str], str] = {}  # the server a retried run failed on
+        self.running_since: dict[tuple[str, str], float] = {}  # first seen running on its server, in this invocation
         self.started = time.monotonic()
         self.images_saved = 0
         self.runs_ended_here = 0
@@ -114,6 +116,7 @@ class Batch:
         server = self.servers.get(run.get("server") or "")
         if server is not None:
             server.in_flight.discard((job_id, key))
+        self.running_since.pop((job_id, key), None)
         run.update(server=None, prompt_id=None)
 
     # -- servers --
@@ -125,7 +128,11 @@ class Batch:
             self.say(f"server  {server.url} stopped answering ({why})")
         server.failures += 1
         server.retry_at = now + backoff(server.failures)
+        server.settled = False
         for job_id, key in sorted(server.in_flight):
+            # A server that only missed a timeout still runs it: remembered, to be cancelled or taken back there.
+            run = self.manifest.run(job_id, key)
+            run.setdefault("abandoned", []).append([server.url, run["prompt_id"]])
             self.retry(job_id, key, server, f"the server stopped answering ({why})")
 
     def server_up(self, server: Server) -> None:
@@ -142,7 +149,38 @@ class Batch:
         self.server_up(server)
         server.queue_length = len(queue.get("queue_running", [])) + len(queue.get("queue_pending", []))
         server.queue_read = time.monotonic()
+        if not server.settled:
+            self.settle_abandoned(server, {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])})
         return queue
+
+    def settle_abandoned(self, server: Server, queued: set) -> None:
+        """The prompts left on `server` when it stopped answering (in this invocation or an earlier one): taken back
+        where their run still waits for a server, cancelled where the run went elsewhere (no duplicate work)."""
+        changed = False
+        for job_id, key, run in list(self.runs()):
+            for left in [left for left in run.get("abandoned", []) if left[0] == server.url]:
+                prompt_id = left[1]
+                try:
+                    finished = prompt_id not in queued and prompt_id in server.client.get_json(f"/history/{prompt_id}")
+                except ServerUnreachable as error:
+                    self.server_down(server, error.reason)
+                    return
+                run["abandoned"].remove(left)
+                changed = True
+                if run["state"] == PENDING and (prompt_id in queued or finished):
+                    run.update(state=RUNNING, server=server.url, prompt_id=prompt_id)
+                    server.in_flight.add((job_id, key))
+                    self.not_before.pop((job_id, key), None)
+                    self.say(f"attach  {job_id} {key}: prompt {prompt_id} on {server.url}, which answers again")
+                elif prompt_id in queued:
+                    with contextlib.suppress(RunError):
+                        server.client.cancel(prompt_id)
+                    self.say(f"cancel  {job_id} {key}: prompt {prompt_id} on {server.url}, run elsewhere meanwhile")
+            if not run.get("abandoned", True):
+                del run["abandoned"]
+        server.settled = True
+        if changed:
+            self.manifest.save()
 
     # -- dispatching --
 
@@ -209,6 +247,8 @@ class Batch:
             server = self.choose_server(job_id, key)
             if server is None:
                 break
+            if self.manifest.run(job_id, key)["state"] != PENDING:
+                continue  # taken back by a server that answered again while choose_server read its queue
             self.submit(job_id, key, server)
             submitted = True
         return submitted
@@ -237,14 +277,18 @@ class Batch:
             queue = self.read_queue(server)  # read before /history: a prompt leaves the queue only once its history exists
             if queue is None:
                 continue
-            waiting = {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])}
+            running = {item[1] for item in queue.get("queue_running", [])}
+            waiting = running | {item[1] for item in queue.get("queue_pending", [])}
             for job_id, key in sorted(server.in_flight):
-                ended |= self.check_run(server, job_id, key, waiting)
+                if (job_id, key) in server.in_flight:  # not requeued by a failure of the server earlier in this loop
+                    ended |= self.check_run(server, job_id, key, waiting, running)
         return ended
 
-    def check_run(self, server: Server, job_id: str, key: str, waiting: set) -> bool:
+    def check_run(self, server: Server, job_id: str, key: str, waiting: set, running: set) -> bool:
         run = self.manifest.run(job_id, key)
         prompt_id = run["prompt_id"]
+        if prompt_id in running:
+            self.running_since.setdefault((job_id, key), time.monotonic())
         try:
             entry = server.client.get_json(f"/history/{prompt_id}").get(prompt_id)
         except ServerUnreachable as error:
@@ -255,7 +299,8 @@ class Batch:
         if prompt_id not in waiting and entry is None:
             self.retry(job_id, key, server, f"prompt {prompt_id} is gone from the server (it restarted?)")
             return True
-        if time.time() - run["submitted"] > self.args.job_timeout:
+        # From its start: time queued behind other users' prompts, or while this client was stopped, is no sign of a hang.
+        if time.monotonic() - self.running_since.get((job_id, key), float("inf")) > self.args.job_timeout:
             with contextlib.suppress(RunError):  # gone or refusing: either way the run is tried again
                 server.client.cancel(prompt_id)
             self.retry(job_id, key, server, f"no result within --job-timeout {self.args.job_timeout:g} s")
