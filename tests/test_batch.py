@@ -245,6 +245,44 @@ def test_without_any_server_the_batch_gives_up_in_time_and_keeps_its_runs(tmp_pa
     assert all_runs(manifest_of(jobs_file))[("a", "seed-workflow")]["state"] == PENDING
 
 
+RAY_PROBE = """
+import sys
+sys.path[:0] = {paths!r}
+{before}
+import facediffuser_batch
+code = facediffuser_batch.main(sys.argv[1:])
+print("ray imported" if sys.modules.get("ray") else "ray not imported", code)
+"""
+
+
+def run_probe(tmp_path: Path, *options: str, before: str = "") -> subprocess.CompletedProcess:
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_WORKFLOW))
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "workflow": "tiny.json"}])
+    probe = RAY_PROBE.format(paths=[str(pack_scripts.SCRIPTS_DIR)], before=before)
+    return subprocess.run([sys.executable, "-c", probe, str(jobs_file), *options], capture_output=True, text=True, timeout=120)
+
+
+def test_without_ray_the_batch_never_imports_it(tmp_path):
+    closed = f"http://127.0.0.1:{comfy_server.free_port()}"
+    ran = run_probe(tmp_path, "--server", closed, "--give-up-after", "0")
+    assert ran.stdout.splitlines()[-1] == "ray not imported 3", ran.stdout + ran.stderr
+
+
+def test_ray_asked_for_but_not_installed_is_an_error_with_the_install_command(tmp_path):
+    ran = run_probe(tmp_path, "--ray", before='sys.modules["ray"] = None  # as if Ray were not installed')
+    assert ran.stdout.splitlines()[-1] == "ray not imported 1", ran.stdout + ran.stderr
+    assert "error: --ray needs Ray on this machine and on every node of the cluster: pip install ray==2.60.0" in ran.stderr
+
+
+def test_ray_and_server_options_do_not_mix(capsys):
+    with pytest.raises(SystemExit):
+        batch.parse_args(["jobs.jsonl", "--ray", "--server", "http://127.0.0.1:8188"])
+    assert "give either --server" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        batch.parse_args(["jobs.jsonl", "--ray-workers", "2"])
+    assert "go with --ray" in capsys.readouterr().err
+
+
 # --- the scheduler's rules, against scripted servers ---------------------------------------------------------
 
 
@@ -300,7 +338,7 @@ def scripted_batch(tmp_path: Path, job_ids: list[str], ports: list[int], *option
                                 jobs, manifest, tmp_path, say=lambda text: None)
     scripted = [ScriptedServer(url) for url in urls]
     for server in scripted:
-        the_batch.servers[server.server].client = server
+        the_batch.executor.servers[server.server].client = server
     return the_batch, scripted
 
 
@@ -327,8 +365,8 @@ def test_runs_requeued_from_a_server_that_comes_back_are_cancelled_there_or_reat
     assert {run_of(the_batch, job)["state"] for job in ("j1", "j2")} == {PENDING}
     spare.down = False
     the_batch.not_before.clear()
-    the_batch.submit("j1", "seed-workflow", the_batch.servers[spare.server])  # j1 goes elsewhere, j2 still waits
-    the_batch.read_queue(the_batch.servers[slow.server])  # the slow server answers again
+    the_batch.executor.submit("j1", "seed-workflow", the_batch.executor.servers[spare.server])  # j1 goes elsewhere, j2 still waits
+    the_batch.executor.read_queue(the_batch.executor.servers[slow.server])  # the slow server answers again
     assert slow.cancelled == [first]  # j1's copy there would be duplicate work
     assert run_of(the_batch, "j2")["state"] == RUNNING and run_of(the_batch, "j2")["prompt_id"] == second  # j2 picked up again
     the_batch.dispatch()
@@ -341,7 +379,7 @@ def test_a_server_answering_again_during_dispatch_takes_its_runs_back_without_a_
     slow.history_misses = 1
     the_batch.poll()
     the_batch.not_before.clear()
-    the_batch.servers[slow.server].retry_at = 0
+    the_batch.executor.servers[slow.server].retry_at = 0
     the_batch.dispatch()
     assert slow.submitted == ["1-0", "1-1"] and slow.cancelled == []
     assert [run_of(the_batch, job)["prompt_id"] for job in ("j1", "j2")] == ["1-0", "1-1"]

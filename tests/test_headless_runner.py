@@ -483,6 +483,6 @@ def test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores(server,
             assert [s["subject"] for s in entry["subjects"]] == [0]
     # tiny random models paint no faces: every picture scores -1 and the ranking keeps seed and batch order
     assert [(k["rank"], k["seed"], k["batch_index"], k["score"]) for k in report["kept"]] == [(1, 5, 0, -1.0), (2, 5, 1, -1.0)]
-    assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed5_1.png"
-    assert sorted(p.name for p in output.iterdir()) == ["best01_seed5_0.png", "best02_seed5_1.png", "identity_scores.json"]
-    assert Image.open(output / "best01_seed5_0.png").size == (64, 64)
+    assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed-5_1.png"
+    assert sorted(p.name for p in output.iterdir()) == ["best01_seed-5_0.png", "best02_seed-5_1.png", "identity_scores.json"]
+    assert Image.open(output / "best01_seed-5_0.png").size == (64, 64)

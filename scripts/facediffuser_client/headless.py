@@ -12,7 +12,7 @@ from pathlib import Path
 from .best_of_n import (SCORES_FILE, describe_candidate, identity_score_node, rank_pictures, scored_pictures,
                         scored_pictures_saver)
 from .http_api import ComfyClient, RunError, describe_failure
-from .files import save_images, unused_path
+from .files import best_file_name, save_images, unused_path
 from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, load_api_workflow, reference_image_loaders,
                        set_override, shipped_workflow, use_installed_checkpoints)
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
     entry = client.wait(prompt_id, args.timeout, report=lambda state: print(f"  {state}"))
     if entry.get("status", {}).get("status_str") != "success":
         raise RunError(describe_failure(entry))
-    saved = save_images(client, entry, args.output)
+    saved = save_images(client.download, entry, args.output)
     if not saved:
         print("the workflow finished but produced no images (does it end in a SaveImage node?)", file=sys.stderr)
         return 1
@@ -103,7 +103,7 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
     for rank, (index, batch_index) in enumerate(rank_pictures(candidates)[:args.keep_best], start=1):
         candidate = candidates[index]
         picture = candidate["pictures"][batch_index]
-        target = unused_path(args.output, f"best{rank:02d}_seed{candidate['seed']}_{batch_index}.png")
+        target = unused_path(args.output, best_file_name(rank, candidate["seed"], batch_index, ".png"))
         target.write_bytes(client.download(candidate["images"][batch_index]))
         picture["kept_as"] = target.name
         kept.append({"rank": rank, "seed": candidate["seed"], "batch_index": batch_index, "score": picture["score"], "file": target.name})
