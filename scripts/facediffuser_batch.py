@@ -19,7 +19,11 @@ the manifest beside its files. Best-of-N ("keep_best" in a job, or --keep-best f
 the job is done, its best pictures across its seeds are copied to outputs/<job>/best/ and marked in the
 manifest; that decision is made once and kept by later invocations.
 
-Like the runner it needs only Python's standard library; both are command lines over scripts/facediffuser_client/.
+With --ray instead of --server it runs on a Ray cluster: one worker per GPU, each starting and owning a ComfyUI on
+its node (scripts/facediffuser_client/ray_workers.py); the manifest, outputs and resume are the same.
+
+Like the runner it needs only Python's standard library (and Ray for --ray); both are command lines over
+scripts/facediffuser_client/.
 """
 
 from __future__ import annotations

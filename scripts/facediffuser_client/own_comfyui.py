@@ -80,6 +80,12 @@ class OwnComfyUI:
         self.report(f"stopped the ComfyUI started for this job (pid {self.process.pid})")
 
 
+def private_folders(scratch: Path) -> list[str]:
+    """ComfyUI's options that give it input, output and temp folders of its own under `scratch`: ComfyUIs started
+    from one folder would otherwise number their pictures from the same files and overwrite each other's."""
+    return [option for name in ("input", "output", "temp") for option in (f"--{name}-directory", str(scratch / name))]
+
+
 def end_with_parent() -> None:
     """In the child, before ComfyUI starts: the kernel sends it SIGTERM when its parent dies, so that a Ray worker
     killed outright (SIGKILL, no chance to stop it) leaves no ComfyUI behind."""

@@ -43,15 +43,14 @@ class ComfyWorker:
     workers on one node never see each other's files)."""
 
     def __init__(self, comfyui: str | None, comfyui_args: list[str]):
-        from .own_comfyui import OwnComfyUI
+        from .own_comfyui import OwnComfyUI, private_folders
 
         root = Path(comfyui or os.environ.get("COMFYUI_PATH", ""))
         if not (root / "main.py").is_file():
             raise RunError(f"--ray: no ComfyUI at {str(root) or '(unset)'} on node {os.uname().nodename}: pass --comfyui <folder> "
                            f"or set COMFYUI_PATH on every node, with this pack in its custom_nodes")
         self.scratch = Path(tempfile.mkdtemp(prefix="facediffuser-ray-worker-"))
-        folders = [option for name in ("output", "input", "temp") for option in (f"--{name}-directory", str(self.scratch / name))]
-        self.comfyui = OwnComfyUI(root, [*comfyui_args, *folders], report=lambda text: None, die_with_parent=True)
+        self.comfyui = OwnComfyUI(root, [*comfyui_args, *private_folders(self.scratch)], report=lambda text: None, die_with_parent=True)
         self.comfyui.wait_until_ready()
         self.client = ComfyClient(self.comfyui.url)
         self.client_id = uuid.uuid4().hex

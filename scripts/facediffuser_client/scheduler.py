@@ -59,7 +59,6 @@ class Batch:
         self.say = say
         self.not_before: dict[tuple[str, str], float] = {}  # back-off of runs to retry
         self.avoid: dict[tuple[str, str], str] = {}  # where a retried run failed
-        self.started_at = time.monotonic()
         self.images_saved = 0
         self.runs_ended_here = 0
         self.last_progress = 0.0
@@ -72,6 +71,7 @@ class Batch:
             from .ray_workers import RayExecutor  # imports Ray: only with --ray
 
             self.executor = RayExecutor(self, args)
+        self.started_at = time.monotonic()  # rates count from here: starting Ray's workers and their ComfyUIs is left out
 
     def dispatch(self) -> bool:
         return self.executor.dispatch()
