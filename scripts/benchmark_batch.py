@@ -6,9 +6,10 @@ jobs file, the same number of ComfyUIs from the same folder (here started for --
     python scripts/benchmark_batch.py jobs.jsonl --workers 2 --comfyui-args "--lowvram"
 
 Each side counts from its first dispatch to its last run's end, so that starting the ComfyUIs (and Ray) is left
-out: the ratio is the engine's overhead per run, which should stay small next to a real run's seconds. On a
-machine without GPUs pass --ray-cpus-per-worker (and --cpu in --comfyui-args). Needs Ray, and Pillow to compare
-the pictures' pixels (their PNG metadata names the uploaded photos, which differ).
+out. The ratio, and the seconds Ray adds to each run on a worker, are the engine's overhead, which should stay
+small next to a real run's seconds. On a machine without GPUs pass --ray-cpus-per-worker (and --cpu in
+--comfyui-args). Needs Ray, and Pillow to compare the pictures' pixels (their PNG metadata names the uploaded
+photos, which differ).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the ComfyUI folder, with this pack in its custom_nodes (default $COMFYUI_PATH)")
     parser.add_argument("--comfyui-args", default="", metavar="ARGS", help="more arguments for each ComfyUI's main.py")
     parser.add_argument("--ray-cpus-per-worker", type=float, metavar="N", help="CPUs per Ray worker, on a machine without GPUs")
-    parser.add_argument("--max-in-flight", default="1", metavar="N", help="runs queued per ComfyUI on both sides (default 1)")
+    parser.add_argument("--max-in-flight", default="2", metavar="N", help="runs queued per ComfyUI on both sides (default 2, the batch's)")
     args = parser.parse_args(argv)
     if args.comfyui is None or not (args.comfyui / "main.py").is_file():
         parser.error("--comfyui (or COMFYUI_PATH) must name a ComfyUI folder")
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"--server: {via_servers:.3f} runs/s with {args.workers} server(s)")
     print(f"--ray:    {via_ray:.3f} runs/s with {args.workers} worker(s)")
     print(f"ratio --ray / --server: {via_ray / via_servers:.3f}")
+    # Per worker, each run takes workers / rate seconds; the difference is what Ray adds to every run.
+    print(f"Ray's time per run on a worker: {args.workers / via_ray - args.workers / via_servers:+.3f} s")
     print(f"same pictures: {'yes' if same else 'NO'}")
     return 0 if same else 1
 

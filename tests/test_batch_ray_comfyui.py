@@ -170,4 +170,5 @@ def test_the_benchmark_gives_runs_per_second_of_ray_against_servers_and_the_same
     rates = [float(re.match(rf"--{side}: +([\d.]+) runs/s with 1 ", line).group(1)) for side, line in zip(("server", "ray"), lines)]
     assert all(rate > 0 for rate in rates)
     assert re.fullmatch(r"ratio --ray / --server: [\d.]+", lines[2])
-    assert lines[3] == "same pictures: yes"
+    assert re.fullmatch(r"Ray's time per run on a worker: [+-][\d.]+ s", lines[3])
+    assert lines[4] == "same pictures: yes"

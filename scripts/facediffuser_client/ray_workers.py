@@ -23,6 +23,7 @@ from .scheduler import interrupts_held
 
 RAY_VERSION = "2.60.0"  # the version the tests run; requirements-test.txt pins the same
 WORKER_NAME = "facediffuser-worker"
+WORKER_POLL_S = 0.05  # a worker asks its own ComfyUI, on its node, whether its run is done: cheap, and short runs stay short
 # The workers' own output stays on their nodes (their errors come back with their runs); the nodes import this
 # package from the copy Ray ships them, so that only ComfyUI with the pack has to be installed there.
 QUIET_WITH_THIS_PACKAGE = {"log_to_driver": False, "logging_level": logging.WARNING,
@@ -68,7 +69,7 @@ class ComfyWorker:
             names = [self.upload(digest, name, content) for digest, name, content in faces]
             prompt_id = self.client.submit(fill_run(workflow, loaders, names, seed, self.client, report=lambda text: None),
                                            self.client_id)
-            entry = self.client.wait(prompt_id, timeout_s, report=lambda state: None)
+            entry = self.client.wait(prompt_id, timeout_s, poll_s=WORKER_POLL_S, report=lambda state: None)
             pictures = [self.client.download(image) for _, image in output_images(entry)] \
                 if entry.get("status", {}).get("status_str") == "success" else []
         except WorkflowRejected as error:
