@@ -19,7 +19,11 @@ the manifest beside its files. Best-of-N ("keep_best" in a job, or --keep-best f
 the job is done, its best pictures across its seeds are copied to outputs/<job>/best/ and marked in the
 manifest; that decision is made once and kept by later invocations.
 
-Like the runner it needs only Python's standard library; both are command lines over scripts/facediffuser_client/.
+With --ray instead of --server it runs on a Ray cluster: one worker per GPU, each starting and owning a ComfyUI on
+its node (scripts/facediffuser_client/ray_workers.py); the manifest, outputs and resume are the same.
+
+Like the runner it needs only Python's standard library (and Ray for --ray); both are command lines over
+scripts/facediffuser_client/.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facediffuser_client.http_api import DEFAULT_SERVER
+from facediffuser_client.http_api import DEFAULT_SERVER, RunError
 from facediffuser_client.jobs import JobsFileError, load_jobs
 from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest
 from facediffuser_client.scheduler import Batch, GiveUp, summary
@@ -44,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-attempts", type=int, default=3, metavar="N",
                         help="a run that failed this often for reasons that may pass (a vanished server, a lost run) fails (default 3)")
     parser.add_argument("--job-timeout", type=float, default=3600.0, metavar="S",
-                        help="seconds a run may take on a server before it is cancelled and tried again (default 3600)")
+                        help="seconds a run may take once it has started on a server (not counting its time in the queue) before it "
+                             "is cancelled and tried again (default 3600)")
     parser.add_argument("--give-up-after", type=float, default=600.0, metavar="S",
                         help="stop when no server has answered for this long; run again to resume (default 600)")
     parser.add_argument("--retry-failed", action="store_true", help="run the failed runs of an earlier invocation again")
@@ -53,8 +58,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "pictures (by its Face-diffuser Identity Score node) to outputs/<job>/best/ (default 0: none)")
     parser.add_argument("--poll", type=float, default=0.5, metavar="S", help="seconds between looks at the servers (default 0.5)")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines (default 10)")
+    ray = parser.add_argument_group("a Ray cluster instead of --server (needs Ray: pip install ray==2.60.0)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="run on Ray workers, one per GPU, each owning a ComfyUI it starts on its node; ADDRESS joins a "
+                          "running cluster (auto: the one `ray start` made on this machine, or host:port), none starts one "
+                          "on this machine for the batch")
+    ray.add_argument("--ray-cpus-per-worker", type=float, metavar="N",
+                     help="for clusters without GPUs: a worker per N CPUs, its ComfyUI on the CPU (pass --comfyui-args --cpu)")
+    ray.add_argument("--ray-workers", type=int, metavar="N",
+                     help="at most N workers (default: one per GPU of the cluster, or per --ray-cpus-per-worker CPUs)")
+    ray.add_argument("--comfyui", metavar="PATH",
+                     help="the ComfyUI folder on every node, with this pack in its custom_nodes (default: $COMFYUI_PATH there)")
+    ray.add_argument("--comfyui-args", metavar="ARGS", default="",
+                     help='more arguments for the workers\' ComfyUI main.py, e.g. "--lowvram"')
     args = parser.parse_args(argv)
-    args.server = args.server or [DEFAULT_SERVER]
+    if args.ray is not None and args.server:
+        parser.error("give either --server (ComfyUI servers you run) or --ray (workers that start their own), not both")
+    if args.ray is None and (args.ray_cpus_per_worker or args.ray_workers or args.comfyui or args.comfyui_args):
+        parser.error("--ray-cpus-per-worker, --ray-workers, --comfyui and --comfyui-args go with --ray")
+    args.server = args.server or ([] if args.ray is not None else [DEFAULT_SERVER])
     if args.max_in_flight < 1 or args.max_attempts < 1:
         parser.error("--max-in-flight and --max-attempts must be 1 or more")
     if args.keep_best < 0:
@@ -73,21 +95,30 @@ def main(argv: list[str] | None = None) -> int:
     except JobsFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    batch = Batch(args, jobs, manifest, run_dir)
+    try:
+        batch = Batch(args, jobs, manifest, run_dir)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped while starting the workers; nothing ran", file=sys.stderr)
+        return 130
     counts = batch.counts()
     print(f"{len(jobs)} job(s), {sum(counts.values())} run(s): {counts[DONE]} done, {counts[FAILED]} failed, "
-          f"{counts[RUNNING]} running, {counts[PENDING]} pending; servers: {', '.join(batch.servers)}; run directory: {run_dir}")
+          f"{counts[RUNNING]} running, {counts[PENDING]} pending; {batch.executor.describe()}; run directory: {run_dir}")
     try:
         batch.run_all()
     except KeyboardInterrupt:
-        print(f"\nstopped. {manifest.path} is up to date: run the same command again to resume (runs still on a server "
-              f"are picked up there).", file=sys.stderr)
+        print(f"\nstopped. {manifest.path} is up to date: run the same command again to resume ({batch.executor.resume_note}).",
+              file=sys.stderr)
         print(summary(batch))
         return 130
     except GiveUp as error:
         print(f"stopped: {error}. Run the same command again to resume.", file=sys.stderr)
         print(summary(batch))
         return 3
+    finally:
+        batch.close()
     print(summary(batch))
     return 1 if batch.counts()[FAILED] else 0
 

@@ -245,6 +245,161 @@ def test_without_any_server_the_batch_gives_up_in_time_and_keeps_its_runs(tmp_pa
     assert all_runs(manifest_of(jobs_file))[("a", "seed-workflow")]["state"] == PENDING
 
 
+RAY_PROBE = """
+import sys
+sys.path[:0] = {paths!r}
+{before}
+import facediffuser_batch
+code = facediffuser_batch.main(sys.argv[1:])
+print("ray imported" if sys.modules.get("ray") else "ray not imported", code)
+"""
+
+
+def run_probe(tmp_path: Path, *options: str, before: str = "") -> subprocess.CompletedProcess:
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_WORKFLOW))
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "workflow": "tiny.json"}])
+    probe = RAY_PROBE.format(paths=[str(pack_scripts.SCRIPTS_DIR)], before=before)
+    return subprocess.run([sys.executable, "-c", probe, str(jobs_file), *options], capture_output=True, text=True, timeout=120)
+
+
+def test_without_ray_the_batch_never_imports_it(tmp_path):
+    closed = f"http://127.0.0.1:{comfy_server.free_port()}"
+    ran = run_probe(tmp_path, "--server", closed, "--give-up-after", "0")
+    assert ran.stdout.splitlines()[-1] == "ray not imported 3", ran.stdout + ran.stderr
+
+
+def test_ray_asked_for_but_not_installed_is_an_error_with_the_install_command(tmp_path):
+    ran = run_probe(tmp_path, "--ray", before='sys.modules["ray"] = None  # as if Ray were not installed')
+    assert ran.stdout.splitlines()[-1] == "ray not imported 1", ran.stdout + ran.stderr
+    assert "error: --ray needs Ray on this machine and on every node of the cluster: pip install ray==2.60.0" in ran.stderr
+
+
+def test_ray_and_server_options_do_not_mix(capsys):
+    with pytest.raises(SystemExit):
+        batch.parse_args(["jobs.jsonl", "--ray", "--server", "http://127.0.0.1:8188"])
+    assert "give either --server" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        batch.parse_args(["jobs.jsonl", "--ray-workers", "2"])
+    assert "go with --ray" in capsys.readouterr().err
+
+
+# --- the scheduler's rules, against scripted servers ---------------------------------------------------------
+
+
+class ScriptedServer:
+    """A ComfyUI client whose server queues what it is given and runs it only when the test says so; it can stop
+    answering, or miss the next /history requests alone (a server busy past the client's timeout)."""
+
+    def __init__(self, url: str):
+        self.server, self.running, self.pending, self.history = url, [], [], {}
+        self.down, self.history_misses, self.submitted, self.cancelled = False, 0, [], []
+
+    def get_json(self, path: str):
+        if self.down:
+            raise http_api.ServerUnreachable(self.server, "connection refused")
+        if path == "/queue":
+            return {"queue_running": [[0, p] for p in self.running], "queue_pending": [[n + 1, p] for n, p in enumerate(self.pending)]}
+        if path.startswith("/history/"):
+            if self.history_misses:
+                self.history_misses -= 1
+                raise http_api.ServerUnreachable(self.server, "timed out")
+            prompt_id = path.rsplit("/", 1)[1]
+            return {prompt_id: self.history[prompt_id]} if prompt_id in self.history else {}
+        return {}
+
+    def submit(self, workflow: dict, client_id: str) -> str:
+        if self.down:
+            raise http_api.ServerUnreachable(self.server, "connection refused")
+        prompt_id = f"{self.server.rsplit(':', 1)[1]}-{len(self.submitted)}"
+        self.submitted.append(prompt_id)
+        self.pending.append(prompt_id)
+        return prompt_id
+
+    def start(self, prompt_id: str) -> None:
+        self.pending.remove(prompt_id)
+        self.running.append(prompt_id)
+
+    def cancel(self, prompt_id: str) -> None:
+        self.cancelled.append(prompt_id)
+        for queue in (self.running, self.pending):
+            if prompt_id in queue:
+                queue.remove(prompt_id)
+
+
+def scripted_batch(tmp_path: Path, job_ids: list[str], ports: list[int], *options: str):
+    """A batch of one-run jobs whose servers are ScriptedServers (returned in the order of `ports`)."""
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_WORKFLOW))
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": job, "workflow": "tiny.json"} for job in job_ids])
+    jobs = load_jobs(jobs_file)
+    manifest = Manifest(tmp_path, jobs_file)
+    manifest.add_jobs(jobs, retry_failed=False)
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    the_batch = scheduler.Batch(batch.parse_args([str(jobs_file), *(a for url in urls for a in ("--server", url)), *options]),
+                                jobs, manifest, tmp_path, say=lambda text: None)
+    scripted = [ScriptedServer(url) for url in urls]
+    for server in scripted:
+        the_batch.executor.servers[server.server].client = server
+    return the_batch, scripted
+
+
+def run_of(the_batch, job_id: str) -> dict:
+    return the_batch.manifest.run(job_id, "seed-workflow")
+
+
+def test_a_server_that_misses_one_poll_costs_each_of_its_runs_one_attempt(tmp_path):
+    the_batch, (server,) = scripted_batch(tmp_path, ["j1", "j2", "j3"], [1], "--max-in-flight", "3")
+    the_batch.dispatch()
+    assert len(server.submitted) == 3
+    server.history_misses = 1  # the first run's /history times out; the server answers again right after
+    the_batch.poll()
+    assert [run_of(the_batch, job)["attempts"] for job in ("j1", "j2", "j3")] == [1, 1, 1]
+
+
+def test_runs_requeued_from_a_server_that_comes_back_are_cancelled_there_or_reattached(tmp_path):
+    the_batch, (slow, spare) = scripted_batch(tmp_path, ["j1", "j2"], [1, 2], "--max-in-flight", "2")
+    spare.down = True
+    the_batch.dispatch()
+    first, second = slow.submitted
+    slow.history_misses = 1  # busy past the client's timeout: both runs go back to pending, yet keep running there
+    the_batch.poll()
+    assert {run_of(the_batch, job)["state"] for job in ("j1", "j2")} == {PENDING}
+    spare.down = False
+    the_batch.not_before.clear()
+    the_batch.executor.submit("j1", "seed-workflow", the_batch.executor.servers[spare.server])  # j1 goes elsewhere, j2 still waits
+    the_batch.executor.read_queue(the_batch.executor.servers[slow.server])  # the slow server answers again
+    assert slow.cancelled == [first]  # j1's copy there would be duplicate work
+    assert run_of(the_batch, "j2")["state"] == RUNNING and run_of(the_batch, "j2")["prompt_id"] == second  # j2 picked up again
+    the_batch.dispatch()
+    assert slow.submitted == [first, second] and spare.submitted == ["2-0"]  # nothing submitted twice
+
+
+def test_a_server_answering_again_during_dispatch_takes_its_runs_back_without_a_second_submission(tmp_path):
+    the_batch, (slow,) = scripted_batch(tmp_path, ["j1", "j2"], [1], "--max-in-flight", "3", "--poll", "0")
+    the_batch.dispatch()
+    slow.history_misses = 1
+    the_batch.poll()
+    the_batch.not_before.clear()
+    the_batch.executor.servers[slow.server].retry_at = 0
+    the_batch.dispatch()
+    assert slow.submitted == ["1-0", "1-1"] and slow.cancelled == []
+    assert [run_of(the_batch, job)["prompt_id"] for job in ("j1", "j2")] == ["1-0", "1-1"]
+
+
+def test_the_job_timeout_counts_from_the_start_of_the_run_not_its_time_in_the_queue(tmp_path):
+    the_batch, (server,) = scripted_batch(tmp_path, ["j1"], [1], "--job-timeout", "0.05")
+    the_batch.dispatch()
+    run_of(the_batch, "j1")["submitted"] = time.time() - 3600  # queued behind other users, or before a resume
+    the_batch.poll()
+    time.sleep(0.1)
+    the_batch.poll()
+    assert server.cancelled == [] and run_of(the_batch, "j1")["attempts"] == 0
+    server.start(server.submitted[0])
+    the_batch.poll()
+    time.sleep(0.1)  # past --job-timeout since it started
+    the_batch.poll()
+    assert server.cancelled == server.submitted and run_of(the_batch, "j1")["attempts"] == 1
+
+
 # --- against two real ComfyUI servers ----------------------------------------------------------------------
 
 

@@ -429,6 +429,39 @@ def test_pictures_are_ranked_by_score_then_seed_then_batch_order():
     assert best_of_n.rank_pictures(candidates) == [(0, 1), (1, 0), (2, 0), (0, 0), (2, 1), (1, 1)]
 
 
+class SeedsServer:
+    """A client whose server fails the run of `failing_seed` and holds the others queued until asked for them."""
+
+    server = "http://127.0.0.1:9"
+
+    def __init__(self, failing_seed: int):
+        self.failing_seed, self.seeds, self.cancelled = failing_seed, {}, []
+
+    def submit(self, workflow, client_id):
+        prompt_id = f"p{len(self.seeds)}"
+        self.seeds[prompt_id] = api_workflow.current_value(workflow, "seed")
+        return prompt_id
+
+    def wait(self, prompt_id, timeout_s, report=print):
+        if self.seeds[prompt_id] == self.failing_seed:
+            return {"status": {"status_str": "error", "completed": False, "messages": [
+                ["execution_error", {"node_id": "8", "node_type": "FaceDiffuserSNFSampler", "exception_type": "ValueError",
+                                     "exception_message": "boom"}]]}}
+        return {"status": {"status_str": "success", "completed": True}, "outputs": {
+            "12": {"facediffuser_identity": [picture(0, 0.5)]}, "13": {"images": [{"filename": f"{prompt_id}.png"}]}}}
+
+    def cancel(self, prompt_id):
+        self.cancelled.append(prompt_id)
+
+
+def test_best_of_n_cancels_the_seeds_still_queued_when_one_fails(tmp_path):
+    client = SeedsServer(failing_seed=11)
+    args = runner.parse_args([write(tmp_path, IDENTITY_WORKFLOW), "--seed", "10", "--candidates", "4", "--output", str(tmp_path / "out")])
+    with pytest.raises(http_api.RunError, match="seed 11: ComfyUI failed in node 8 .*boom"):
+        headless.run_best_of_n(args, client)
+    assert client.cancelled == ["p2", "p3"]  # seeds 12 and 13; seed 10 is done, 11 ended in its error
+
+
 def test_candidates_imply_keeping_the_best_one():
     assert runner.parse_args(["wf.json", "--candidates", "4"]).keep_best == 1
     assert runner.parse_args(["wf.json", "--candidates", "4", "--keep-best", "2"]).keep_best == 2
@@ -461,9 +494,9 @@ def test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores(server,
             assert [s["subject"] for s in entry["subjects"]] == [0]
     # tiny random models paint no faces: every picture scores -1 and the ranking keeps seed and batch order
     assert [(k["rank"], k["seed"], k["batch_index"], k["score"]) for k in report["kept"]] == [(1, 5, 0, -1.0), (2, 5, 1, -1.0)]
-    assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed5_1.png"
-    assert sorted(p.name for p in output.iterdir()) == ["best01_seed5_0.png", "best02_seed5_1.png", "identity_scores.json"]
-    assert Image.open(output / "best01_seed5_0.png").size == (64, 64)
+    assert report["candidates"][0]["pictures"][1]["kept_as"] == "best02_seed-5_1.png"
+    assert sorted(p.name for p in output.iterdir()) == ["best01_seed-5_0.png", "best02_seed-5_1.png", "identity_scores.json"]
+    assert Image.open(output / "best01_seed-5_0.png").size == (64, 64)
 
 
 # --- the README's spellings, CPU-only machines, Ctrl-C, inputs and outputs ------------------------------------

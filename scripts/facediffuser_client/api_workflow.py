@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -151,3 +152,15 @@ def use_installed_checkpoints(workflow: dict, client: "ComfyClient", report=prin
         if same_model:
             node["inputs"]["ckpt_name"] = same_model[0]
             report(f"node {node_id} ({node['class_type']}): the server has no {name}; using {same_model[0]}")
+
+
+def fill_run(workflow: dict, loaders: list[str], face_names: list[str], seed: int | None, client, report=print) -> dict:
+    """A copy of a job's workflow for one run on `client`'s server: the faces under their names there, the run's seed
+    (None keeps the workflow's), the checkpoint files that server has."""
+    workflow = copy.deepcopy(workflow)
+    for node_id, name in zip(loaders, face_names):
+        workflow[node_id]["inputs"]["image"] = name
+    if seed is not None:
+        set_override(workflow, "seed", seed)
+    use_installed_checkpoints(workflow, client, report=report)
+    return workflow

@@ -7,7 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
-from .http_api import ComfyClient, output_images
+from .http_api import output_images
+
+
+def run_key(seed: int | None) -> str:
+    """A run's name: its folder under outputs/<job>/ and its key in the manifest."""
+    return "seed-workflow" if seed is None else f"seed-{seed}"
+
+
+def best_file_name(rank: int, seed: int | None, batch_index: int, suffix: str) -> str:
+    """A best-of-N pick's file name, the runner's and the batch's alike: rank, run, picture in the batch."""
+    return f"best{rank:02d}_{run_key(seed)}_{batch_index}{suffix}"
 
 
 def unused_path(output_dir: Path, name: str) -> Path:
@@ -20,13 +30,13 @@ def unused_path(output_dir: Path, name: str) -> Path:
     return target
 
 
-def save_images(client: ComfyClient, entry: dict, output_dir: Path) -> list[Path]:
+def save_images(download, entry: dict, output_dir: Path) -> list[Path]:
     """Download every picture of output_images(entry), in its order, one path each; never overwriting. A file of the
     same name and content is that picture (the output folder of a ComfyUI on this machine), not written twice."""
     output_dir.mkdir(parents=True, exist_ok=True)
     saved = []
     for _, image in output_images(entry):
-        content = client.download(image)
+        content = download(image)
         same = output_dir / Path(image["filename"]).name
         if same.is_file() and same.read_bytes() == content:  # the server's own output folder: already there
             saved.append(same)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import uuid
@@ -11,7 +12,7 @@ from pathlib import Path
 from .best_of_n import (SCORES_FILE, describe_candidate, identity_score_node, rank_pictures, scored_pictures,
                         scored_pictures_saver)
 from .http_api import ComfyClient, RunError, describe_failure
-from .files import save_images, unused_path
+from .files import best_file_name, save_images, unused_path
 from .progress import ProgressDisplay, ProgressListener
 from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, load_api_workflow, reference_image_loaders,
                        set_override, shipped_workflow, use_installed_checkpoints)
@@ -36,14 +37,6 @@ def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
     return workflow
 
 
-def cancel_quietly(client: ComfyClient, prompt_id: str) -> None:
-    """Ctrl-C: the job leaves the server's queue, or stops if it runs (a server of the runner's own stops anyway)."""
-    try:
-        client.cancel(prompt_id)
-    except (RunError, OSError):
-        pass  # the server is gone or refuses: nothing of the job is left to stop there
-
-
 def run(args: argparse.Namespace, client: ComfyClient) -> int:
     if args.keep_best is not None:
         for path in run_best_of_n(args, client):
@@ -60,20 +53,28 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
             entry = client.wait(prompt_id, args.timeout, report=display.state, tick=lambda: display.step(listener.progress(prompt_id)))
         except KeyboardInterrupt:
             display.close()
-            cancel_quietly(client, prompt_id)
+            cancel(client, [prompt_id])
             raise
     finally:
         display.close()
         listener.close()
     if entry.get("status", {}).get("status_str") != "success":
         raise RunError(describe_failure(entry))
-    saved = save_images(client, entry, args.output)
+    saved = save_images(client.download, entry, args.output)
     if not saved:
         print("the workflow finished but produced no images (does it end in a SaveImage node?)", file=sys.stderr)
         return 1
     for path in saved:
         print(f"saved {path}")
     return 0
+
+
+def cancel(client: ComfyClient, prompt_ids: list[str]) -> None:
+    """Take jobs off the server's queue, or stop the one it runs (Ctrl-C, or best-of-N without one of its seeds:
+    the seeds still queued could no longer be ranked and would only take the GPU)."""
+    for prompt_id in prompt_ids:
+        with contextlib.suppress(RunError, OSError):  # a server that went away has dropped them anyway
+            client.cancel(prompt_id)
 
 
 def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
@@ -93,14 +94,24 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
         jobs.append((seed, client.submit(workflow, client_id=client_id)))
     print(f"submitted {len(jobs)} job(s) to {client.server}, seeds {first_seed} to {first_seed + len(jobs) - 1}")
     candidates = []
-    for seed, prompt_id in jobs:
-        entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
-        if entry.get("status", {}).get("status_str") != "success":
-            raise RunError(f"seed {seed}: {describe_failure(entry)}")
+    for waited, (seed, prompt_id) in enumerate(jobs, start=1):
         try:
-            pictures, images = scored_pictures(entry, identity_node, saver)
-        except RunError as error:
-            raise RunError(f"seed {seed}: {error}") from None
+            entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
+            if entry.get("status", {}).get("status_str") != "success":
+                raise RunError(f"seed {seed}: {describe_failure(entry)}")
+            try:
+                pictures, images = scored_pictures(entry, identity_node, saver)
+            except RunError as error:
+                raise RunError(f"seed {seed}: {error}") from None
+        except KeyboardInterrupt:
+            cancel(client, [unfinished for _, unfinished in jobs[waited - 1:]])
+            raise
+        except RunError:
+            later = [later for _, later in jobs[waited:]]
+            cancel(client, later)
+            if later:
+                print(f"cancelled the {len(later)} later seed(s) on {client.server}", file=sys.stderr)
+            raise
         pictures = [{**picture, "kept_as": None} for picture in pictures]
         candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
         print(f"  {describe_candidate(seed, pictures)}")
@@ -110,7 +121,7 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
     for rank, (index, batch_index) in enumerate(rank_pictures(candidates)[:args.keep_best], start=1):
         candidate = candidates[index]
         picture = candidate["pictures"][batch_index]
-        target = unused_path(args.output, f"best{rank:02d}_seed{candidate['seed']}_{batch_index}.png")
+        target = unused_path(args.output, best_file_name(rank, candidate["seed"], batch_index, ".png"))
         target.write_bytes(client.download(candidate["images"][batch_index]))
         picture["kept_as"] = target.name
         kept.append({"rank": rank, "seed": candidate["seed"], "batch_index": batch_index, "score": picture["score"], "file": target.name})

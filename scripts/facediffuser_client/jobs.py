@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .best_of_n import best_of_n_node, identity_scorers
+from .files import run_key
 from .http_api import RunError
 from .api_workflow import (OVERRIDE_TARGETS, load_api_workflow, reference_image_loaders, set_override, shipped_workflow)
 
@@ -43,10 +44,6 @@ class Job:
 
     def run_keys(self) -> list[str]:
         return [run_key(seed) for seed in self.seeds]
-
-
-def run_key(seed: int | None) -> str:
-    return "seed-workflow" if seed is None else f"seed-{seed}"
 
 
 def job_id(spec: dict) -> str:

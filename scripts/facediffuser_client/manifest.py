@@ -15,6 +15,9 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+# The only moves a run makes. pending -> pending: an attempt that failed before it reached a server, counted.
+# failed -> failed: a job whose line turned bad records its new reason. done is final: a run is never written twice.
+TRANSITIONS = {PENDING: {RUNNING, PENDING, FAILED}, RUNNING: {DONE, PENDING, FAILED}, FAILED: {PENDING, FAILED}, DONE: set()}
 
 
 def now_iso() -> str:
@@ -49,16 +52,29 @@ class Manifest:
             for key, seed in zip(job.run_keys(), job.seeds):
                 run = entry["runs"].setdefault(key, {"seed": seed, "state": PENDING, "attempts": 0, "errors": []})
                 if retry_failed and run["state"] == FAILED:
-                    run.update(state=PENDING, attempts=0)
+                    self.move(job.id, key, PENDING, save=False, attempts=0)
             if job.problem:
                 say(f"failed  {job.id} (line {job.line}): {job.problem}")
-                for run in entry["runs"].values():
+                for key, run in entry["runs"].items():
                     if run["state"] != DONE:
-                        run.update(state=FAILED, error=job.problem, server=None, prompt_id=None)
+                        self.move(job.id, key, FAILED, save=False, error=job.problem)
         self.save()
 
     def run(self, job_id: str, key: str) -> dict:
         return self.data["jobs"][job_id]["runs"][key]
+
+    def move(self, job_id: str, key: str, state: str, save: bool = True, **fields) -> dict:
+        """The one place a run changes state (TRANSITIONS). A run is on a server (`server`, `prompt_id`) only while
+        running; done keeps the prompt id it was done as."""
+        run = self.run(job_id, key)
+        if state not in TRANSITIONS[run["state"]]:
+            raise ValueError(f"run {job_id} {key} cannot go from {run['state']} to {state}")
+        if state != RUNNING:
+            fields = {"server": None, "prompt_id": None, **fields}
+        run.update(state=state, **fields)
+        if save:
+            self.save()
+        return run
 
     def save(self) -> None:
         self.data["updated"] = now_iso()

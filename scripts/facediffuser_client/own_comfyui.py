@@ -17,9 +17,6 @@ from pathlib import Path
 from .http_api import DEFAULT_SERVER, ComfyClient, RunError, comfyui_answers
 from .api_workflow import PACK_ROOT
 
-sys.path.insert(0, str(PACK_ROOT))
-from facediffuser_core.model_folders import find_comfyui  # noqa: E402  (standard library only)
-
 
 OWN_SERVER_START_TIMEOUT_S = 600.0
 
@@ -62,7 +59,7 @@ class OwnComfyUI:
     """The ComfyUI in `root`, started by the runner with this Python, headless on 127.0.0.1 and a free port,
     in a process group of its own so that stopping it ends everything it started."""
 
-    def __init__(self, root: Path, extra_args: list[str], report=print):
+    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False):
         self.root = root
         self.extra_args = extra_args
         self.report = report
@@ -72,6 +69,8 @@ class OwnComfyUI:
         command = [sys.executable, str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
                    "--disable-auto-launch", *extra_args]
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        if die_with_parent and sys.platform == "linux":
+            group["preexec_fn"] = end_with_parent
         with os.fdopen(handle, "wb") as log_file:
             self.process = subprocess.Popen(command, cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, **group)
@@ -122,6 +121,20 @@ class OwnComfyUI:
         return True
 
 
+def private_folders(scratch: Path) -> list[str]:
+    """ComfyUI's options that give it input, output and temp folders of its own under `scratch`: ComfyUIs started
+    from one folder would otherwise number their pictures from the same files and overwrite each other's."""
+    return [option for name in ("input", "output", "temp") for option in (f"--{name}-directory", str(scratch / name))]
+
+
+def end_with_parent() -> None:
+    """In the child, before ComfyUI starts: the kernel sends it SIGTERM when its parent dies, so that a Ray worker
+    killed outright (SIGKILL, no chance to stop it) leaves no ComfyUI behind."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def server_for(args: argparse.Namespace):
     """The address to send the job to: --server; else the default address when a ComfyUI answers there; else a
@@ -129,6 +142,9 @@ def server_for(args: argparse.Namespace):
     if args.server or comfyui_answers(DEFAULT_SERVER):
         yield args.server or DEFAULT_SERVER
         return
+    sys.path.insert(0, str(PACK_ROOT))
+    from facediffuser_core.model_folders import find_comfyui  # standard library only; not needed on Ray's nodes
+
     root = find_comfyui(args.comfyui)
     if root is None or not (root / "main.py").is_file():
         where = f"{args.comfyui} is not a ComfyUI folder" if args.comfyui else (

@@ -1,46 +1,43 @@
-"""The batch client's scheduler: runs dispatched to ComfyUI servers by shortest queue, retried, followed to the end."""
+"""The batch client's scheduler: the runs of the jobs file, their states in the manifest, retries with back-off,
+the pictures and scores of finished runs, best-of-N and progress. Where runs execute is an executor's business:
+ComfyUI servers the user runs (servers.ServerExecutor) or workers on a Ray cluster (ray_workers.RayExecutor);
+either only submits and follows runs, and this scheduler alone writes the manifest and the output folders."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import shutil
+import signal
+import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .best_of_n import rank_pictures, scored_pictures
-from .http_api import (ComfyClient, RunError, ServerUnreachable, WorkflowRejected, describe_failure, output_images,
-                    transient_failure)
-from .files import keep_copy, save_images
+from .files import best_file_name, keep_copy, save_images
+from .http_api import RunError, describe_failure, output_images, transient_failure
 from .jobs import Job
 from .manifest import DONE, FAILED, PENDING, RUNNING, Manifest, now_iso
-from .api_workflow import set_override, use_installed_checkpoints
-
 
 BACKOFF_S = (2.0, 60.0)  # first back-off, longest back-off; doubling per attempt
 
 
-@dataclass
-class Server:
-    url: str
-    client: ComfyClient
-    in_flight: set = field(default_factory=set)  # (job id, run key)
-    queue_length: int = 0
-    queue_read: float = float("-inf")
-    down_since: float | None = None
-    retry_at: float = 0.0
-    failures: int = 0  # in a row
-    uploads: dict = field(default_factory=dict)  # photo sha256 -> its name in the server's input folder
-    runs_done: int = 0
-    retries: int = 0
-
-    @property
-    def up(self) -> bool:
-        return self.down_since is None
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C waits for the end of the block: between a server accepting a run and the manifest recording it, an
+    interrupt would leave a prompt that the next invocation knows nothing of, and queues again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def duration(seconds: float) -> str:
@@ -60,17 +57,32 @@ class Batch:
         self.manifest = manifest
         self.outputs = run_dir / "outputs"
         self.say = say
-        self.client_id = uuid.uuid4().hex
-        self.servers = {url.rstrip("/"): Server(url.rstrip("/"), ComfyClient(url)) for url in args.server}
         self.not_before: dict[tuple[str, str], float] = {}  # back-off of runs to retry
-        self.avoid: dict[tuple[str, str], str] = {}  # the server a retried run failed on
-        self.started = time.monotonic()
+        self.avoid: dict[tuple[str, str], str] = {}  # where a retried run failed
         self.images_saved = 0
         self.runs_ended_here = 0
         self.last_progress = 0.0
         self.notes_said: set[str] = set()
+        if args.ray is None:
+            from .servers import ServerExecutor
 
-    # -- states --
+            self.executor = ServerExecutor(self, args.server)
+        else:
+            from .ray_workers import RayExecutor  # imports Ray: only with --ray
+
+            self.executor = RayExecutor(self, args)
+        self.started_at = time.monotonic()  # rates count from here: starting Ray's workers and their ComfyUIs is left out
+
+    def dispatch(self) -> bool:
+        return self.executor.dispatch()
+
+    def poll(self) -> bool:
+        return self.executor.poll()
+
+    def close(self) -> None:
+        self.executor.close()
+
+    # -- states (the manifest's transitions) --
 
     def runs(self, state: str | None = None):
         for job_id, job in self.jobs.items():
@@ -85,210 +97,74 @@ class Batch:
             counts[run["state"]] += 1
         return counts
 
-    def fail(self, job_id: str, key: str, message: str) -> None:
-        run = self.manifest.run(job_id, key)
-        run.update(state=FAILED, error=message, finished=now_iso())
-        self.release(job_id, key, run)
-        self.runs_ended_here += 1
-        self.manifest.save()
-        self.say(f"failed  {job_id} {key}: " + message.replace("\n", "\n        "))
-
-    def retry(self, job_id: str, key: str, server: Server, message: str) -> None:
-        """A failure another attempt, or another server, may not have; the run fails after --max-attempts."""
-        run = self.manifest.run(job_id, key)
-        run["attempts"] += 1
-        run["errors"].append(f"{server.url}: {message}")
-        server.retries += 1
-        if run["attempts"] >= self.args.max_attempts:
-            self.fail(job_id, key, f"{run['attempts']} attempts failed; the last: {message}")
-            return
-        delay = backoff(run["attempts"])
-        self.release(job_id, key, run)
-        run["state"] = PENDING
-        self.not_before[(job_id, key)] = time.monotonic() + delay
-        self.avoid[(job_id, key)] = server.url
-        self.manifest.save()
-        self.say(f"retry   {job_id} {key} in {delay:.0f} s, on another server if one is free: {message}")
-
-    def release(self, job_id: str, key: str, run: dict) -> None:
-        server = self.servers.get(run.get("server") or "")
-        if server is not None:
-            server.in_flight.discard((job_id, key))
-        run.update(server=None, prompt_id=None)
-
-    # -- servers --
-
-    def server_down(self, server: Server, why: str) -> None:
-        now = time.monotonic()
-        if server.up:
-            server.down_since = now
-            self.say(f"server  {server.url} stopped answering ({why})")
-        server.failures += 1
-        server.retry_at = now + backoff(server.failures)
-        for job_id, key in sorted(server.in_flight):
-            self.retry(job_id, key, server, f"the server stopped answering ({why})")
-
-    def server_up(self, server: Server) -> None:
-        if not server.up:
-            self.say(f"server  {server.url} answers again")
-        server.down_since, server.failures = None, 0
-
-    def read_queue(self, server: Server) -> dict | None:
-        try:
-            queue = server.client.get_json("/queue")
-        except ServerUnreachable as error:
-            self.server_down(server, error.reason)
-            return None
-        self.server_up(server)
-        server.queue_length = len(queue.get("queue_running", [])) + len(queue.get("queue_pending", []))
-        server.queue_read = time.monotonic()
-        return queue
-
-    # -- dispatching --
-
     def ready_runs(self):
         now = time.monotonic()
         for job_id, key, run in self.runs(PENDING):
             if self.not_before.get((job_id, key), 0) <= now:
                 yield job_id, key
 
-    def choose_server(self, job_id: str, key: str) -> Server | None:
-        now = time.monotonic()
-        for server in self.servers.values():
-            if len(server.in_flight) < self.args.max_in_flight and (server.up or now >= server.retry_at) \
-                    and now - server.queue_read > self.args.poll:
-                self.read_queue(server)
-        free = [s for s in self.servers.values() if s.up and len(s.in_flight) < self.args.max_in_flight]
-        if not free:
-            return None
-        others = [s for s in free if s.url != self.avoid.get((job_id, key))]
-        return min(others or free, key=lambda s: (s.queue_length, len(s.in_flight), s.url))
+    def started(self, job_id: str, key: str, where: str, prompt_id: str | None) -> None:
+        self.manifest.move(job_id, key, RUNNING, server=where, prompt_id=prompt_id, submitted=time.time())
 
-    def upload(self, server: Server, job: Job) -> list[str]:
-        names = []
-        for face, digest in zip(job.faces, job.face_hashes):
-            if digest not in server.uploads:
-                server.uploads[digest] = server.client.upload_image(face)
-                self.say(f"upload  {face} to {server.url} as {server.uploads[digest]}")
-            names.append(server.uploads[digest])
-        return names
+    def fail(self, job_id: str, key: str, message: str, **fields) -> None:
+        self.manifest.move(job_id, key, FAILED, error=message, finished=now_iso(), **fields)
+        self.runs_ended_here += 1
+        self.say(f"failed  {job_id} {key}: " + message.replace("\n", "\n        "))
+
+    def retry(self, job_id: str, key: str, where: str, message: str, **fields) -> None:
+        """A failure another attempt, or another server, may not have; the run fails after --max-attempts."""
+        run = self.manifest.run(job_id, key)
+        attempts, errors = run["attempts"] + 1, [*run["errors"], f"{where}: {message}"]
+        if attempts >= self.args.max_attempts:
+            self.fail(job_id, key, f"{attempts} attempts failed; the last: {message}", attempts=attempts, errors=errors, **fields)
+            return
+        delay = backoff(attempts)
+        self.manifest.move(job_id, key, PENDING, attempts=attempts, errors=errors, **fields)
+        self.not_before[(job_id, key)] = time.monotonic() + delay
+        self.avoid[(job_id, key)] = where
+        self.say(f"retry   {job_id} {key} in {delay:.0f} s, on another server if one is free: {message}")
+
+    def requeue(self, job_id: str, key: str, why: str) -> None:
+        """A run in flight when an earlier invocation stopped, which cannot be followed where it went: run again."""
+        self.manifest.move(job_id, key, PENDING)
+        self.say(f"requeue {job_id} {key}: {why}")
 
     def note_once(self, text: str) -> None:
         if text not in self.notes_said:
             self.notes_said.add(text)
             self.say(f"note    {text}")
 
-    def submit(self, job_id: str, key: str, server: Server) -> None:
-        job = self.jobs[job_id]
-        run = self.manifest.run(job_id, key)
-        workflow = copy.deepcopy(job.workflow)
-        try:
-            for node_id, name in zip(job.loaders, self.upload(server, job)):
-                workflow[node_id]["inputs"]["image"] = name
-            if run["seed"] is not None:
-                set_override(workflow, "seed", run["seed"])
-            use_installed_checkpoints(workflow, server.client, report=lambda text: self.note_once(f"{server.url}: {text}"))
-            prompt_id = server.client.submit(workflow, self.client_id)
-        except ServerUnreachable as error:
-            self.server_down(server, error.reason)
-            return  # nothing ran: the run stays pending, for the next free server
-        except WorkflowRejected as error:
-            self.fail(job_id, key, str(error))
-            return
-        except RunError as error:
-            self.retry(job_id, key, server, str(error))
-            return
-        server.in_flight.add((job_id, key))
-        server.queue_length += 1
-        run.update(state=RUNNING, server=server.url, prompt_id=prompt_id, submitted=time.time())
-        self.manifest.save()
+    # -- finished runs --
 
-    def dispatch(self) -> bool:
-        submitted = False
-        for job_id, key in list(self.ready_runs()):
-            server = self.choose_server(job_id, key)
-            if server is None:
-                break
-            self.submit(job_id, key, server)
-            submitted = True
-        return submitted
-
-    # -- following the runs on their servers --
-
-    def adopt_running(self) -> None:
-        """Runs a previous invocation left running: re-attached where their server is still in the list."""
-        for job_id, key, run in list(self.runs(RUNNING)):
-            server = self.servers.get(run.get("server") or "")
-            if server is None:
-                self.say(f"requeue {job_id} {key}: its server {run.get('server')} is not among --server")
-                self.release(job_id, key, run)
-                run["state"] = PENDING
-            else:
-                server.in_flight.add((job_id, key))
-                self.say(f"attach  {job_id} {key}: prompt {run['prompt_id']} on {server.url}")
-        self.manifest.save()
-
-    def poll(self) -> bool:
-        """Check every run in flight; True when one ended."""
-        ended = False
-        for server in self.servers.values():
-            if not server.in_flight or not server.up and time.monotonic() < server.retry_at:
-                continue
-            queue = self.read_queue(server)  # read before /history: a prompt leaves the queue only once its history exists
-            if queue is None:
-                continue
-            waiting = {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])}
-            for job_id, key in sorted(server.in_flight):
-                ended |= self.check_run(server, job_id, key, waiting)
-        return ended
-
-    def check_run(self, server: Server, job_id: str, key: str, waiting: set) -> bool:
-        run = self.manifest.run(job_id, key)
-        prompt_id = run["prompt_id"]
-        try:
-            entry = server.client.get_json(f"/history/{prompt_id}").get(prompt_id)
-        except ServerUnreachable as error:
-            self.server_down(server, error.reason)
-            return True
-        if entry is not None and entry.get("status", {}).get("completed") is not None:
-            return self.finish(server, job_id, key, entry)
-        if prompt_id not in waiting and entry is None:
-            self.retry(job_id, key, server, f"prompt {prompt_id} is gone from the server (it restarted?)")
-            return True
-        if time.time() - run["submitted"] > self.args.job_timeout:
-            with contextlib.suppress(RunError):  # gone or refusing: either way the run is tried again
-                server.client.cancel(prompt_id)
-            self.retry(job_id, key, server, f"no result within --job-timeout {self.args.job_timeout:g} s")
-            return True
-        return False
-
-    def finish(self, server: Server, job_id: str, key: str, entry: dict) -> bool:
+    def finish(self, job_id: str, key: str, where: str, entry: dict, download, prompt_id: str | None = None) -> str:
+        """A run that `where` reports ended (as `prompt_id` there, when the manifest does not know it), from its
+        history `entry`; `download` gives the bytes of one of its image references. Returns the run's new state
+        (pending: retried)."""
         if entry.get("status", {}).get("status_str") != "success":
             message = describe_failure(entry)
             if transient_failure(entry):
-                self.retry(job_id, key, server, message)
-            else:
-                self.fail(job_id, key, message)
-            return True
+                self.retry(job_id, key, where, message)
+                return PENDING
+            self.fail(job_id, key, message)
+            return FAILED
         job = self.jobs[job_id]
         try:
             scored = {node: scored_pictures(entry, node, saver) for node, saver in job.scorers.items()}
         except RunError as error:
             self.fail(job_id, key, str(error))
-            return True
+            return FAILED
         final = self.outputs / job_id / key
         staging = final.with_name(f".{key}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            saved = save_images(server.client, entry, staging)
-        except ServerUnreachable as error:
+            saved = save_images(download, entry, staging)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-            self.server_down(server, error.reason)
-            return True
+            raise
         if not saved:
             shutil.rmtree(staging, ignore_errors=True)
             self.fail(job_id, key, "the workflow finished but produced no images (does it end in a Save Image node?)")
-            return True
+            return FAILED
         # A folder already there holds this run's pictures from an invocation that stopped before writing the
         # manifest: replaced whole, so that the scores below name the files of this very download.
         shutil.rmtree(final, ignore_errors=True)
@@ -297,23 +173,20 @@ class Batch:
         for (node_id, _), path in zip(output_images(entry), saved):
             saved_by.setdefault(node_id, []).append(str((final / path.name).relative_to(self.outputs.parent)))
         files = sorted(str(path.relative_to(self.outputs.parent)) for path in final.iterdir())
-        run = self.manifest.run(job_id, key)
-        prompt_id = run["prompt_id"]
-        self.release(job_id, key, run)
-        run.update(state=DONE, files=files, finished=now_iso(), done_on=server.url, prompt_id=prompt_id)
-        if scored:
-            run["scores"] = [{**picture, "node": node, "file": saved_by[job.scorers[node]][index] if images else None}
-                             for node, (pictures, images) in sorted(scored.items()) for index, picture in enumerate(pictures)]
-        server.runs_done += 1
+        scores = [{**picture, "node": node, "file": saved_by[job.scorers[node]][index] if images else None}
+                  for node, (pictures, images) in sorted(scored.items()) for index, picture in enumerate(pictures)]
+        prompt_id = prompt_id or self.manifest.run(job_id, key)["prompt_id"]
+        self.manifest.move(job_id, key, DONE, files=files, finished=now_iso(), done_on=where, prompt_id=prompt_id,
+                           **({"scores": scores} if scores else {}))
         self.images_saved += len(files)
         self.runs_ended_here += 1
-        self.manifest.save()
-        best = max((picture["score"] for picture in run.get("scores", [])), default=None)
-        self.say(f"done    {job_id} {key} on {server.url}: {len(files)} image(s)" + ("" if best is None else f", best score {best:.3f}"))
+        best = max((picture["score"] for picture in scores), default=None)
+        self.say(f"done    {job_id} {key} on {where}: {len(files)} image(s)" + ("" if best is None else f", best score {best:.3f}"))
         self.decide_best(job_id)
-        return True
+        return DONE
 
     # -- best of N --
+
 
     def decide_best(self, job_id: str) -> None:
         """Once every run of a best-of-N job is done: its best keep_best pictures across its seeds, ranked as the
@@ -347,7 +220,7 @@ class Batch:
             picture = next(p for p in candidates[index]["pictures"] if p["batch_index"] == batch_index)
             source = self.outputs.parent / picture["file"]
             try:
-                target = keep_copy(source, folder / f"best{rank:02d}_{key}_{batch_index}{source.suffix}")
+                target = keep_copy(source, folder / best_file_name(rank, run["seed"], batch_index, source.suffix))
             except OSError as error:
                 self.note_once(f"job {job_id}: no best-of-N: cannot copy {source} ({error.strerror}); run again once it is back")
                 return
@@ -366,27 +239,23 @@ class Batch:
             return
         self.last_progress = now
         counts = self.counts()
-        minutes = max(now - self.started, 1e-9) / 60
+        minutes = max(now - self.started_at, 1e-9) / 60
         rate = self.runs_ended_here / minutes
         left = counts[PENDING] + counts[RUNNING]
         eta = f", about {duration(left / rate * 60)} left" if rate > 0 and left else ""
-        flight = ", ".join(f"{s.url} {len(s.in_flight)}{'' if s.up else ' (down)'}" for s in self.servers.values())
         self.say(f"[{time.strftime('%H:%M:%S')}] {counts[DONE]} done, {counts[FAILED]} failed, {counts[PENDING]} pending of "
-                 f"{sum(counts.values())} runs; in flight: {flight}; {self.images_saved / minutes:.1f} images/min{eta}")
-
-    def all_servers_down_for(self) -> float:
-        downs = [s.down_since for s in self.servers.values()]
-        return 0.0 if any(d is None for d in downs) else time.monotonic() - max(downs)
+                 f"{sum(counts.values())} runs; in flight: {self.executor.in_flight()}; {self.images_saved / minutes:.1f} images/min{eta}")
 
     def run_all(self) -> None:
-        self.adopt_running()
+        self.executor.adopt_running()
+        self.manifest.save()
         for job_id in self.jobs:  # jobs whose runs an earlier invocation finished (or --keep-best given only now)
             self.decide_best(job_id)
         while True:
             counts = self.counts()
             if not counts[PENDING] and not counts[RUNNING]:
                 break
-            if self.all_servers_down_for() > self.args.give_up_after:
+            if self.executor.unreachable_for() > self.args.give_up_after:
                 raise GiveUp(f"no server has answered for {self.args.give_up_after:g} s")
             busy = self.poll()
             busy |= self.dispatch()
@@ -416,13 +285,11 @@ def summary(batch: Batch) -> str:
         rows = [row[:4] + row[5:] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + ("  " + row[-1] if row[-1] else "") for row in rows]
-    elapsed = time.monotonic() - batch.started
+    elapsed = time.monotonic() - batch.started_at
     lines.append("")
     if waiting:
         lines.append(f"best-of-N waits for every run of job(s) {', '.join(waiting)}: run again with --retry-failed to finish them")
-    for server in batch.servers.values():
-        lines.append(f"{server.url}: {server.runs_done} run(s) done here, {server.retries} retried elsewhere, "
-                     f"{len(server.uploads)} photo(s) uploaded")
+    lines.extend(batch.executor.summary_lines())
     lines.append(f"{batch.runs_ended_here} run(s) ended in {elapsed:.1f} s ({batch.runs_ended_here / max(elapsed, 1e-9):.2f} runs/s, "
                  f"{batch.images_saved / max(elapsed, 1e-9) * 60:.1f} images/min)")
     return "\n".join(lines)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Throughput of the batch client through Ray (--ray) against ComfyUI servers (--server) on this machine: the same
+jobs file, the same number of ComfyUIs from the same folder (here started for --server, by the Ray workers for
+--ray), runs per second of each, their ratio, and whether both made the same pictures.
+
+    python scripts/benchmark_batch.py jobs.jsonl --workers 2 --comfyui-args "--lowvram"
+
+Each side counts from its first dispatch to its last run's end, so that starting the ComfyUIs (and Ray) is left
+out. The ratio, and the seconds Ray adds to each run on a worker, are the engine's overhead, which should stay
+small next to a real run's seconds. On a machine without GPUs pass --ray-cpus-per-worker (and --cpu in
+--comfyui-args). Needs Ray, and Pillow to compare the pictures' pixels (their PNG metadata names the uploaded
+photos, which differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from facediffuser_client.http_api import RunError
+from facediffuser_client.own_comfyui import OwnComfyUI, private_folders
+
+BATCH = Path(__file__).resolve().parent / "facediffuser_batch.py"
+ENDED = re.compile(r"^(\d+) run\(s\) ended in ([\d.]+) s", re.M)
+
+
+def run_batch(jobs: Path, run_dir: Path, options: list[str]) -> float:
+    """Runs per second of one batch over `jobs` into `run_dir`."""
+    ran = subprocess.run([sys.executable, str(BATCH), str(jobs), "--run-dir", str(run_dir), "--poll", "0.05", *options],
+                         capture_output=True, text=True)
+    ended = ENDED.search(ran.stdout)
+    if ran.returncode not in (0, 1) or ended is None:
+        raise RunError(f"the batch with {shlex.join(options)} failed (status {ran.returncode}):\n{ran.stdout[-3000:]}{ran.stderr[-3000:]}")
+    return int(ended.group(1)) / max(float(ended.group(2)), 1e-9)
+
+
+def pictures_by_run(run_dir: Path) -> dict[str, list[bytes]]:
+    """Each done run's pictures, by job and run, as their pixels."""
+    from PIL import Image
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {f"{job_id}/{key}": [Image.open(run_dir / file).tobytes() for file in sorted(run["files"])]
+            for job_id, job in manifest["jobs"].items() for key, run in job["runs"].items() if run["state"] == "done"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Runs per second of a jobs file through --ray against --server, on this machine.")
+    parser.add_argument("jobs", type=Path, help="the jobs file (see workflows/jobs_example.jsonl)")
+    parser.add_argument("--workers", type=int, default=1, help="ComfyUIs on each side (default 1)")
+    parser.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_PATH"),
+                        help="the ComfyUI folder, with this pack in its custom_nodes (default $COMFYUI_PATH)")
+    parser.add_argument("--comfyui-args", default="", metavar="ARGS", help="more arguments for each ComfyUI's main.py")
+    parser.add_argument("--ray-cpus-per-worker", type=float, metavar="N", help="CPUs per Ray worker, on a machine without GPUs")
+    parser.add_argument("--max-in-flight", default="2", metavar="N", help="runs queued per ComfyUI on both sides (default 2, the batch's)")
+    args = parser.parse_args(argv)
+    if args.comfyui is None or not (args.comfyui / "main.py").is_file():
+        parser.error("--comfyui (or COMFYUI_PATH) must name a ComfyUI folder")
+    extra = shlex.split(args.comfyui_args)
+    if args.ray_cpus_per_worker:
+        # Ray gives each worker as many threads as CPUs; the servers get the same, for the same sums in the same order.
+        os.environ.setdefault("OMP_NUM_THREADS", f"{max(int(args.ray_cpus_per_worker), 1)}")
+    common = ["--max-in-flight", args.max_in_flight]
+    with tempfile.TemporaryDirectory(prefix="facediffuser-benchmark-batch-") as scratch:
+        scratch = Path(scratch)
+        servers = [OwnComfyUI(args.comfyui, [*extra, *private_folders(scratch / f"server{i}")], report=lambda text: None)
+                   for i in range(args.workers)]
+        try:
+            for server in servers:
+                server.wait_until_ready()
+            via_servers = run_batch(args.jobs, scratch / "servers", [*common, *(a for s in servers for a in ("--server", s.url))])
+        finally:
+            for server in servers:
+                server.stop()
+        ray = ["--ray", "--ray-workers", str(args.workers), "--comfyui", str(args.comfyui), "--comfyui-args", args.comfyui_args,
+               *(["--ray-cpus-per-worker", f"{args.ray_cpus_per_worker:g}"] if args.ray_cpus_per_worker else [])]
+        via_ray = run_batch(args.jobs, scratch / "ray", [*common, *ray])
+        same = pictures_by_run(scratch / "servers") == pictures_by_run(scratch / "ray")
+    print(f"--server: {via_servers:.3f} runs/s with {args.workers} server(s)")
+    print(f"--ray:    {via_ray:.3f} runs/s with {args.workers} worker(s)")
+    print(f"ratio --ray / --server: {via_ray / via_servers:.3f}")
+    # Per worker, each run takes workers / rate seconds; the difference is what Ray adds to every run.
+    print(f"Ray's time per run on a worker: {args.workers / via_ray - args.workers / via_servers:+.3f} s")
+    print(f"same pictures: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
