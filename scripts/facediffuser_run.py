@@ -24,9 +24,8 @@ from pathlib import Path
 
 from facediffuser_client.api_workflow import PACK_ROOT, load_api_workflow, shipped_workflow
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
-from facediffuser_client.own_comfyui import server_for
+from facediffuser_client.own_comfyui import comfyui_root, server_for
 from facediffuser_client.headless import run
-from facediffuser_core.model_folders import find_comfyui  # the client put the pack's root on sys.path
 
 # Options whose value is itself a command line: argparse takes `--comfyui-args "--cpu"` for two options.
 COMMAND_LINE_OPTIONS = ("--comfyui-args",)
@@ -48,7 +47,7 @@ def default_output(comfyui: Path | None) -> Path:
     here = Path.cwd().resolve()
     if here != PACK_ROOT and PACK_ROOT not in here.parents:
         return Path(OUTPUT_FOLDER)
-    root = find_comfyui(comfyui)
+    root = comfyui_root(comfyui)
     return root / "output" if root is not None else Path.home() / OUTPUT_FOLDER
 
 

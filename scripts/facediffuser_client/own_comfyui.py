@@ -135,6 +135,16 @@ def end_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
+def comfyui_root(option: Path | None) -> Path | None:
+    """The ComfyUI this pack is installed in, COMFYUI_PATH, or `option`: facediffuser_core's rule, which the nodes,
+    the check and the set-up share. Imported here, when needed: a Ray worker node gets this package without the pack."""
+    if str(PACK_ROOT) not in sys.path:
+        sys.path.insert(0, str(PACK_ROOT))
+    from facediffuser_core.model_folders import find_comfyui  # standard library only
+
+    return find_comfyui(option)
+
+
 @contextlib.contextmanager
 def server_for(args: argparse.Namespace):
     """The address to send the job to: --server; else the default address when a ComfyUI answers there; else a
@@ -142,10 +152,7 @@ def server_for(args: argparse.Namespace):
     if args.server or comfyui_answers(DEFAULT_SERVER):
         yield args.server or DEFAULT_SERVER
         return
-    sys.path.insert(0, str(PACK_ROOT))
-    from facediffuser_core.model_folders import find_comfyui  # standard library only; not needed on Ray's nodes
-
-    root = find_comfyui(args.comfyui)
+    root = comfyui_root(args.comfyui)
     if root is None or not (root / "main.py").is_file():
         where = f"{args.comfyui} is not a ComfyUI folder" if args.comfyui else (
             f"this pack ({PACK_ROOT}) is not inside ComfyUI/custom_nodes and COMFYUI_PATH is not set")
