@@ -15,6 +15,9 @@ prints a Markdown table per setting:
   similar pair first), the lowest matched similarity, 0 for a subject without a face;
 - mixed: the share of pictures in which some subject's face is closer to another subject's reference;
 - missing: the share of pictures in which some subject got no face;
+- CLIP score: with --clip (a local folder holding a transformers CLIP model and its processor, e.g. a
+  downloaded openai/clip-vit-large-patch14), the mean of 100 * max(cos(image, text), 0) between each picture
+  and its prompt without the markers; "n/a" without one (nothing is downloaded);
 - time: the mean seconds per picture as the server reports them (after one warm-up picture that loads the
   models), and the ratio to the run without regions (the cost of the masked attention).
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import statistics
 import sys
@@ -43,6 +47,7 @@ for path in (PACK_ROOT, PACK_ROOT / "scripts"):
 
 import facediffuser_run as runner  # noqa: E402
 from facediffuser_core.identity import greedy_min_similarity  # noqa: E402
+from facediffuser_core.markers import parse_subject_markers  # noqa: E402
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "facediffuser_two_subjects_regions.json"
 DEFAULT_PROMPTS = (
@@ -66,6 +71,7 @@ class Picture:
     mixed: bool
     missing: bool
     entry: dict = field(repr=False)
+    clip: float | None = None
 
 
 def node_of(workflow: dict, class_type: str) -> str:
@@ -105,19 +111,42 @@ def execution_seconds(entry: dict) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
 
 
-def pictures_of(setting: str, prompt: str, seed: int, entry: dict) -> list[Picture]:
+def pictures_of(setting: str, prompt: str, seed: int, entry: dict, clip_scores: list[float | None]) -> list[Picture]:
     results = entry["outputs"][IDENTITY_NODE][runner.IDENTITY_RESULT]
     seconds = execution_seconds(entry) / max(len(results), 1)
     return [Picture(setting, prompt, seed, seconds, result["score"], greedy_min_similarity(result["similarity"]),
-                    any(s["mixed"] for s in result["subjects"]), any(s["missing"] for s in result["subjects"]), result)
-            for result in results]
+                    any(s["mixed"] for s in result["subjects"]), any(s["missing"] for s in result["subjects"]), result, clip)
+            for result, clip in zip(results, clip_scores)]
+
+
+class ClipScorer:
+    """CLIP text-image score, 100 * max(cosine, 0), with a transformers CLIP model from a local folder."""
+
+    def __init__(self, folder: Path):
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+            self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        except OSError as error:
+            raise runner.RunError(f"--clip: {folder} holds no CLIP model and processor ({error})") from None
+
+    def __call__(self, picture: bytes, prompt: str) -> float:
+        import torch
+        from PIL import Image
+
+        inputs = self.processor(text=[parse_subject_markers(prompt).text], images=Image.open(io.BytesIO(picture)).convert("RGB"),
+                                return_tensors="pt", padding=True)
+        with torch.no_grad():
+            outputs = self.model(**inputs)
+        return 100.0 * max(float(torch.nn.functional.cosine_similarity(outputs.image_embeds, outputs.text_embeds).item()), 0.0)
 
 
 def table(pictures: list[Picture]) -> str:
     """The Markdown table, one row per setting, times as ratios to the first setting's."""
     rows = ["| setting | pictures | weakest subject (Hungarian) | weakest subject (FastComposer greedy) | mixed | missing | "
-            "seconds per picture | time ratio |",
-            "|---|---|---|---|---|---|---|---|"]
+            "CLIP score | seconds per picture | time ratio |",
+            "|---|---|---|---|---|---|---|---|---|"]
     baseline = None
     for setting in SETTINGS:
         chosen = [p for p in pictures if p.setting == setting]
@@ -125,9 +154,11 @@ def table(pictures: list[Picture]) -> str:
             continue
         seconds = statistics.mean(p.seconds for p in chosen)
         baseline = seconds if baseline is None else baseline
+        clip = [p.clip for p in chosen if p.clip is not None]
         rows.append(f"| {setting} | {len(chosen)} | {statistics.mean(p.hungarian for p in chosen):.3f} | "
                     f"{statistics.mean(p.greedy for p in chosen):.3f} | {sum(p.mixed for p in chosen) / len(chosen):.0%} | "
-                    f"{sum(p.missing for p in chosen) / len(chosen):.0%} | {seconds:.2f} | {seconds / baseline:.3f} |")
+                    f"{sum(p.missing for p in chosen) / len(chosen):.0%} | {f'{statistics.mean(clip):.2f}' if clip else 'n/a'} | "
+                    f"{seconds:.2f} | {seconds / baseline:.3f} |")
     return "\n".join(rows)
 
 
@@ -153,6 +184,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, help="picture width and height in pixels (default: the workflow's 512)")
     parser.add_argument("--workflow", type=Path, default=WORKFLOW, help="an API workflow built like the default one")
     parser.add_argument("--output", type=Path, help="write every picture's scores to this JSON file")
+    parser.add_argument("--clip", type=Path, metavar="FOLDER",
+                        help="a local transformers CLIP model folder (model and processor) for the CLIP text-image score")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each picture (default 3600)")
     parser.add_argument("--server", help="ComfyUI's address (default: as scripts/facediffuser_run.py finds or starts one)")
     parser.add_argument("--comfyui", type=Path, help="the ComfyUI folder to start when no server answers")
@@ -175,6 +208,8 @@ def run(args: argparse.Namespace, client: runner.ComfyClient) -> list[Picture]:
         base[node_id]["inputs"]["image"] = client.upload_image(photo)
     runner.use_installed_checkpoints(base, client)
     prompts = read_prompts(args.prompts)
+    clip_scorer = ClipScorer(args.clip) if args.clip else None
+    saver = node_of(base, "SaveImage")
 
     def picture_job(setting: str, prompt: str, seed: int) -> dict:
         prompt_id = client.submit(job(base, setting, prompt, seed, args.steps, args.size), client_id=uuid.uuid4().hex)
@@ -190,7 +225,10 @@ def run(args: argparse.Namespace, client: runner.ComfyClient) -> list[Picture]:
     for prompt in prompts:
         for seed in range(args.seed, args.seed + args.seeds):
             for setting in SETTINGS:
-                pictures += pictures_of(setting, prompt, seed, picture_job(setting, prompt, seed))
+                entry = picture_job(setting, prompt, seed)
+                saved = entry["outputs"][saver]["images"]
+                clip_scores = [clip_scorer(client.download(image), prompt) for image in saved] if clip_scorer else [None] * len(saved)
+                pictures += pictures_of(setting, prompt, seed, entry, clip_scores)
                 print(f"{setting}, seed {seed}: score {pictures[-1].hungarian:.3f} ({prompt})", file=sys.stderr)
     return pictures
 
@@ -206,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(pictures))
     if args.output:
         args.output.write_text(json.dumps([{"setting": p.setting, "prompt": p.prompt, "seed": p.seed, "seconds": p.seconds,
-                                            "greedy": p.greedy, **p.entry} for p in pictures], indent=1))
+                                            "greedy": p.greedy, "clip": p.clip, **p.entry} for p in pictures], indent=1))
     return 0
 
 
