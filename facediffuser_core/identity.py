@@ -140,6 +140,23 @@ def optimal_assignment(similarity: np.ndarray) -> list[int | None]:
     return result
 
 
+def greedy_min_similarity(similarity: np.ndarray) -> float:
+    """FastComposer's multi-subject identity score of one picture: subjects and faces matched greedily
+    (the most similar remaining pair first, each used once), the score the lowest matched similarity, and a
+    subject left without a face scoring 0."""
+    remaining = np.array(similarity, dtype=np.float64)
+    subjects, faces = remaining.shape
+    if subjects == 0:
+        return 0.0
+    matched = []
+    for _ in range(min(subjects, faces)):
+        subject, face = np.unravel_index(np.argmax(remaining), remaining.shape)
+        matched.append(float(remaining[subject, face]))
+        remaining[subject, :] = -np.inf
+        remaining[:, face] = -np.inf
+    return min(matched + [0.0] * (subjects - len(matched)))
+
+
 @dataclass
 class SubjectResult:
     subject: int  # index of the reference, in marker order
@@ -195,6 +212,7 @@ class ImageResult:
     subjects: list[SubjectResult]
     score: float
     rank: int = 0  # 0 = best of the batch
+    similarity: list[list[float]] = field(default_factory=list)  # (subjects, faces) cosine similarities
 
     def summary(self) -> str:
         """The picture's result in a few words, for labels on pictures."""
@@ -214,6 +232,7 @@ class ImageResult:
             "model": model,
             "threshold": threshold,
             "subjects": [subject.to_json(self.boxes) for subject in self.subjects],
+            "similarity": self.similarity,
         }
 
 
@@ -261,8 +280,10 @@ def describe(subject: SubjectResult) -> str:
 def score_picture(batch_index: int, references: np.ndarray, faces: Sequence, threshold: float) -> ImageResult:
     """One picture: `faces` are objects with `.box` and `.embedding` (facediffuser_core.recognition.Face)."""
     embeddings = np.stack([face.embedding for face in faces]) if faces else np.zeros((0, references.shape[1]))
-    subjects = assign_subjects(cosine_similarity_matrix(references, embeddings), threshold)
-    return ImageResult(batch_index, [tuple(face.box) for face in faces], subjects, picture_score(subjects))
+    similarity = cosine_similarity_matrix(references, embeddings)
+    subjects = assign_subjects(similarity, threshold)
+    return ImageResult(batch_index, [tuple(face.box) for face in faces], subjects, picture_score(subjects),
+                       similarity=[[round(float(value), 4) for value in row] for row in similarity])
 
 
 def measure_identity(recognizer, references: Sequence[np.ndarray], pictures: Sequence[np.ndarray],

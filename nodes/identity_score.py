@@ -28,7 +28,8 @@ Machine-readable result. The node is an output node; its UI result, which ComfyU
          "same_person": bool,   # similarity >= threshold
          "closest_subject": int | null,  # the subject whose reference the assigned face resembles most
          "face": int | null,    # index of the assigned face among the picture's detected faces
-         "box": [x1, y1, x2, y2] | null}]}  # its box in pixels
+         "box": [x1, y1, x2, y2] | null}],  # its box in pixels
+     "similarity": [[float]]}   # every subject (row) against every detected face (column), 4 decimals
 """
 
 from __future__ import annotations

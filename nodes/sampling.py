@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..facediffuser_core import snf
 from . import official_run
+from . import regions as region_inputs
 from .snf_guider import SNFGuider
 from .types import Saliency
 
@@ -63,12 +64,17 @@ def _stage_inputs() -> list:
     ]
 
 
-def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None) -> SNFGuider:
+def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None, masks=None,
+                  outside_regions: str = "snf") -> SNFGuider:
+    fusion_masks = region_inputs.fusion_masks(node, masks, outside_regions)
+    if masks is not None:
+        sdm = region_inputs.scoped_sdm(node, sdm, augmented, masks)
     try:
         guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node)
         guider.set_conds(augmented, text, null)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
+    guider.fusion_regions = fusion_masks
     return guider
 
 
@@ -98,6 +104,7 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay on "
                                        "the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
+                *region_inputs.inputs(),
             ],
             outputs=[
                 io.Latent.Output(),
@@ -108,9 +115,10 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise,
-                noise="comfyui") -> io.NodeOutput:
+                noise="comfyui", regions=None, outside_regions="snf") -> io.NodeOutput:
         return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
-                                         sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise))
+                                         sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise,
+                                         masks=regions, outside_regions=outside_regions))
 
 
 def sampling_schedule(model, steps: int, sampler_name: str, scheduler: str, denoise: float):
@@ -130,7 +138,8 @@ def sampling_schedule(model, steps: int, sampler_name: str, scheduler: str, deno
 
 
 def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, seed: int, steps: int, cfg: float,
-               sampler_name: str, scheduler: str, alpha: float, beta: float, denoise: float, noise_kind: str = "comfyui"):
+               sampler_name: str, scheduler: str, alpha: float, beta: float, denoise: float, noise_kind: str = "comfyui",
+               masks=None, outside_regions: str = "snf"):
     """KSampler's procedure with the SNF guider: the sampled LATENT and the run's saliency record (on the CPU).
     Errors name `node`, the node that asked for the sampling."""
     latent = latent_image["samples"]
@@ -142,7 +151,8 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
     if len(sigmas) == 0:  # denoise 0: KSampler returns the latent unchanged
         out["samples"] = latent
         return out, snf.SaliencyRecord()
-    guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule)
+    guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule, masks=masks,
+                           outside_regions=outside_regions)
 
     callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
     samples = guider.sample(
@@ -179,6 +189,7 @@ class FaceDiffuserGuider(io.ComfyNode):
                             "them, so two SamplerCustomAdvanced runs of the halves equal one run of the whole. Leave "
                             "unconnected when the sampler gets the whole schedule.",
                 ),
+                *region_inputs.inputs(),
             ],
             outputs=[
                 io.Guider.Output(),
@@ -187,8 +198,10 @@ class FaceDiffuserGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None) -> io.NodeOutput:
-        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule)
+    def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None, regions=None,
+                outside_regions="snf") -> io.NodeOutput:
+        guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule, masks=regions,
+                               outside_regions=outside_regions)
         return io.NodeOutput(guider, guider.saliency)
 
 

@@ -35,7 +35,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
-from ..facediffuser_core import snf
+from ..facediffuser_core import regions, snf
 from ..facediffuser_core.schedule import Stage, StageSchedule, StepLocator
 
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -233,6 +233,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.schedule = None if schedule is None else schedule.detach().cpu()
         self.node = node  # named by the errors sampling raises, where ComfyUI shows the sampler node's name
         self.saliency = snf.SaliencyRecord()
+        self.fusion_regions = None  # (K, H, W) masks outside which fusion keeps the TDM (nodes.regions)
 
     @property
     def sides(self) -> tuple[ModelSide, ModelSide]:
@@ -403,6 +404,8 @@ class SNFGuider(comfy.samplers.CFGGuider):
         # in for both branches, a zero guidance response (a flat saliency map).
         raw = {side.name: side.last_predictions or Predictions(x, timestep, guided[side.name], guided[side.name]) for side in self.sides}
         decision = snf.decide(raw["tdm"].guidance(self.cfg), raw["sdm"].guidance(self.cfg))
+        if self.fusion_regions is not None:
+            decision.sdm_chosen = regions.restrict_fusion(decision.sdm_chosen, self.fusion_regions)
         self.saliency.add(step, decision)
         fused = snf.fuse(guided["tdm"], guided["sdm"], decision)
         if post_cfg:

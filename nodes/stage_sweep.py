@@ -18,6 +18,7 @@ from comfy_api.latest import io
 from ..facediffuser_core.face_crop import to_uint8_array
 from ..facediffuser_core.stage_sweep import StageGrid, grid_picture
 from . import official_run
+from . import regions as region_inputs
 from .sampling import model_and_conditioning_inputs, schedule_inputs, snf_sample
 from .types import Identity, StageSweep
 
@@ -51,6 +52,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
                 io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="As in the SNF Sampler: below 1, only the last steps of a longer schedule run."),
+                *region_inputs.inputs(),
             ],
             outputs=[
                 io.Latent.Output(tooltip="One picture per sampled cell, row by row (alpha), left to right (beta)."),
@@ -60,7 +62,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                alphas, betas, denoise, noise="comfyui") -> io.NodeOutput:
+                alphas, betas, denoise, noise="comfyui", regions=None, outside_regions="snf") -> io.NodeOutput:
         try:
             grid = StageGrid.parse(alphas, betas)
         except ValueError as error:
@@ -81,7 +83,8 @@ class FaceDiffuserStageSweep(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             logging.info("%s: cell %d of %d, alpha %g, beta %g", SWEEP_NAME, index + 1, len(cells), cell.alpha, cell.beta)
             out, _ = snf_sample(SWEEP_NAME, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
-                                sampler_name, scheduler, cell.alpha, cell.beta, denoise, noise_kind=noise)
+                                sampler_name, scheduler, cell.alpha, cell.beta, denoise, noise_kind=noise,
+                                masks=regions, outside_regions=outside_regions)
             samples.append(out["samples"])
         out["samples"] = torch.cat(samples)
         out.pop("batch_index", None)  # the cells' batch, not the input's position in a larger one

@@ -16,6 +16,7 @@ from ..facediffuser_core.markers import (
     parse_subject_markers,
     text_with_sentinels,
 )
+from ..facediffuser_core.regions import SUBJECTS_KEY, SubjectTokens
 from .types import FaceEmbeds as FaceEmbedsType
 from .types import SubjectEncoder as SubjectEncoderType
 
@@ -98,7 +99,10 @@ class FaceDiffuserSubjectPrompt(io.ComfyNode):
             raise ValueError(f"{NODE_NAME}: {error}") from error
         logging.info("%s: faces fused at %s", NODE_NAME,
                      ", ".join(f"'{marker.word}' (chunk {row.chunk}, token {row.position})" for marker, row in zip(marked.markers, rows)))
-        return io.NodeOutput([[augmented, dict(encoded)]], [[hidden_states, dict(encoded)]])
+        marked_rows = [row.row for row in rows]
+        # For the sampling nodes' regions: which rows hold the subjects, and what the text said there.
+        subjects = SubjectTokens(tuple(marked_rows), hidden_states.shape[1], hidden_states[0, marked_rows].detach().clone())
+        return io.NodeOutput([[augmented, {**encoded, SUBJECTS_KEY: subjects}]], [[hidden_states, dict(encoded)]])
 
 
 NODES = [FaceDiffuserSubjectPrompt]

@@ -56,6 +56,10 @@ def check_augmented(comfyui, sdm, text: str, clean_text: str, words: list[str]):
         assert tokens[row] == last_token_of(sdm.clip, word)
         expected = spec_postfuse(postfuse_weights(sdm), hidden[:, row].float(), faces.embeddings[face:face + 1])
         torch.testing.assert_close(fused[:, row], expected.to(fused.dtype), rtol=1e-4, atol=1e-4)
+    # What the sampling nodes' regions need: the marked rows, the prompt's length and the plain states there.
+    subjects = augmented[0][1][comfyui.pack("facediffuser_core.regions").SUBJECTS_KEY]
+    assert list(subjects.rows) == changed and subjects.prompt_rows == hidden.shape[1]
+    assert torch.equal(subjects.plain, hidden[0, changed])
     return changed
 
 

@@ -19,12 +19,14 @@ from facediffuser_client.api_workflow import is_link, reference_image_loaders, s
 OUR_NODES = {
     "FaceDiffuserSDMLoader", "FaceDiffuserTDMLoader", "FaceDiffuserInsightFaceLoader", "FaceDiffuserEncodeReferenceFaces",
     "FaceDiffuserSubjectPrompt", "FaceDiffuserSNFSampler", "FaceDiffuserGuider", "FaceDiffuserSaliencyPreview",
-    "FaceDiffuserStageSweep", "FaceDiffuserIdentityScore", "FaceDiffuserStageSweepGrid",
+    "FaceDiffuserStageSweep", "FaceDiffuserIdentityScore", "FaceDiffuserStageSweepGrid", "FaceDiffuserRegionLayout",
 }
 SWEEP = "facediffuser_stage_sweep"
-NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling", "facediffuser_official_pndm", SWEEP)
+REGIONS = "facediffuser_two_subjects_regions"
+NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling", "facediffuser_official_pndm", SWEEP,
+         REGIONS)
 REFERENCE_PHOTOS = {"facediffuser_single_subject": 1, "facediffuser_two_subjects": 2, "facediffuser_custom_sampling": 1,
-                    "facediffuser_official_pndm": 1, SWEEP: 1}
+                    "facediffuser_official_pndm": 1, SWEEP: 1, REGIONS: 2}
 
 
 def ui_workflow(name: str) -> dict:

@@ -237,11 +237,11 @@ def _note(graph: Graph, text: str):
     graph.add("MarkdownNote", (-420, 0), size=(380, 520), title="How to use", text=text)
 
 
-def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str, settings: dict = SAMPLER_SETTINGS) -> Graph:
+def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str, settings: dict = SAMPLER_SETTINGS, **regions) -> Graph:
     """SNF Sampler -> VAE Decode (SDM's VAE) -> Save Image, the tail the KSampler-style workflows share."""
     sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 380), tdm=(tdm, 0), sdm=(sdm, 0),
                         augmented=(prompt, 0), text=(prompt, 1), null=(null, 0), latent_image=(latent, 0),
-                        **settings, denoise=1.0)
+                        **settings, denoise=1.0, **regions)
     decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sampler, 0), vae=(sdm, 2))
     graph.add("SaveImage", (1720, 0), size=(420, 460), images=(decode, 0), filename_prefix=prefix)
     return graph
@@ -279,10 +279,33 @@ def two_subjects() -> Graph:
         "first marked person, **Reference photo 2** the second. Batch Images resizes the second photo to the size "
         "of the first (centre crop): use photos of similar shape, or crops around the faces.\n\n"
         "Add a third person with a third Load Image on Batch Images and a third marker."))
+    return _two_people(graph, "facediffuser_two", regions=False)
+
+
+def _two_people(graph: Graph, prefix: str, regions: bool) -> Graph:
+    """Two photos, the two-person prompt, a 512x512 latent, with a halves Region Layout when `regions`."""
     sdm, tdm, encode = _models_and_faces(graph, 2)
     prompt, null = _prompts(graph, sdm, encode, TWO_PROMPT)
     latent = graph.add("EmptyLatentImage", (1100, 420), size=(300, 110), width=512, height=512, batch_size=1)
-    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, "facediffuser_two")
+    layout = {}
+    if regions:
+        layout["regions"] = (graph.add("FaceDiffuserRegionLayout", (1100, 580), size=(300, 170), layout="halves", subjects=2,
+                                       width=512, height=512), 0)
+    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, prefix, **layout)
+
+
+def two_subjects_regions() -> Graph:
+    graph = Graph("facediffuser_two_subjects_regions", "Two people in one picture, each painted in their own half.")
+    _note(graph, (
+        "## Face-diffuser: two subjects, each in a region\n\n"
+        "As the two-subject workflow, with **Face-diffuser Region Layout** giving each `<|image|>` marker a region, in "
+        "marker order: the first person's face is painted only in the left half, the second's only in the right. "
+        "This keeps the two faces apart (no blend, no same face twice). Set the layout's width and height to the "
+        "picture's; for other placements pick `boxes` and type one `x0 y0 x1 y1` box per person (fractions of the "
+        "picture), or connect masks from the mask editor, one per marker.\n\n"
+        "`outside_regions` on the SNF Sampler: `snf` lets fusion choose per pixel everywhere (the paper), `tdm` keeps the "
+        "TDM alone outside every region."))
+    return _two_people(graph, "facediffuser_two_regions", regions=True)
 
 
 def custom_sampling() -> Graph:
@@ -350,7 +373,7 @@ def stage_sweep() -> Graph:
     return graph
 
 
-GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm, stage_sweep)
+GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm, stage_sweep, two_subjects_regions)
 
 
 def render_all(mappings: dict) -> dict[Path, str]:
