@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from facediffuser_client.http_api import RunError
-from facediffuser_client.own_comfyui import OwnComfyUI, private_folders
+from facediffuser_client.own_comfyui import OwnComfyUI, attach_command_line_values, private_folders
 
 BATCH = Path(__file__).resolve().parent / "facediffuser_batch.py"
 ENDED = re.compile(r"^(\d+) run\(s\) ended in ([\d.]+) s", re.M)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfyui-args", default="", metavar="ARGS", help="more arguments for each ComfyUI's main.py")
     parser.add_argument("--ray-cpus-per-worker", type=float, metavar="N", help="CPUs per Ray worker, on a machine without GPUs")
     parser.add_argument("--max-in-flight", default="2", metavar="N", help="runs queued per ComfyUI on both sides (default 2, the batch's)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_command_line_values(sys.argv[1:] if argv is None else argv))
     if args.comfyui is None or not (args.comfyui / "main.py").is_file():
         parser.error("--comfyui (or COMFYUI_PATH) must name a ComfyUI folder")
     extra = shlex.split(args.comfyui_args)

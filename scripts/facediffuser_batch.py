@@ -35,6 +35,7 @@ from pathlib import Path
 from facediffuser_client.http_api import DEFAULT_SERVER, RunError
 from facediffuser_client.jobs import JobsFileError, load_jobs
 from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest
+from facediffuser_client.own_comfyui import attach_command_line_values
 from facediffuser_client.scheduler import Batch, GiveUp, summary
 
 
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="the ComfyUI folder on every node, with this pack in its custom_nodes (default: $COMFYUI_PATH there)")
     ray.add_argument("--comfyui-args", metavar="ARGS", default="",
                      help='more arguments for the workers\' ComfyUI main.py, e.g. "--lowvram"')
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_command_line_values(sys.argv[1:] if argv is None else argv))
     if args.ray is not None and args.server:
         parser.error("give either --server (ComfyUI servers you run) or --ray (workers that start their own), not both")
     if args.ray is None and (args.ray_cpus_per_worker or args.ray_workers or args.comfyui or args.comfyui_args):

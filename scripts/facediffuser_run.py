@@ -24,21 +24,10 @@ from pathlib import Path
 
 from facediffuser_client.api_workflow import PACK_ROOT, load_api_workflow, shipped_workflow
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
-from facediffuser_client.own_comfyui import comfyui_root, server_for
+from facediffuser_client.own_comfyui import attach_command_line_values, comfyui_root, server_for
 from facediffuser_client.headless import run
 
-# Options whose value is itself a command line: argparse takes `--comfyui-args "--cpu"` for two options.
-COMMAND_LINE_OPTIONS = ("--comfyui-args",)
 OUTPUT_FOLDER = "facediffuser_output"
-
-
-def attach_command_line_values(argv: list[str]) -> list[str]:
-    """`--comfyui-args "--cpu"` as `--comfyui-args=--cpu`, the one spelling argparse reads when the value starts with -."""
-    attached, rest = [], iter(argv)
-    for arg in rest:
-        value = next(rest, None) if arg in COMMAND_LINE_OPTIONS else None
-        attached.append(arg if value is None else f"{arg}={value}")
-    return attached
 
 
 def default_output(comfyui: Path | None) -> Path:

@@ -40,12 +40,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-for path in (PACK_ROOT, PACK_ROOT / "scripts"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from facediffuser_client.api_workflow import (PACK_ROOT, REFERENCE_ENCODER, load_api_workflow, reference_image_loaders,
+                                              set_override, use_installed_checkpoints)
+from facediffuser_client.best_of_n import IDENTITY_NODE as IDENTITY_SCORE, IDENTITY_RESULT
+from facediffuser_client.http_api import ComfyClient, RunError, describe_failure
+from facediffuser_client.own_comfyui import attach_command_line_values, server_for
 
-import facediffuser_run as runner  # noqa: E402
+sys.path.insert(0, str(PACK_ROOT))  # the scoring protocols are facediffuser_core's, which runs in ComfyUI's Python too
 from facediffuser_core.identity import greedy_min_similarity  # noqa: E402
 from facediffuser_core.markers import parse_subject_markers  # noqa: E402
 
@@ -77,17 +78,17 @@ class Picture:
 def node_of(workflow: dict, class_type: str) -> str:
     found = [node_id for node_id, node in workflow.items() if node["class_type"] == class_type]
     if len(found) != 1:
-        raise runner.RunError(f"the benchmark workflow needs exactly one {class_type} node, it has {len(found)}")
+        raise RunError(f"the benchmark workflow needs exactly one {class_type} node, it has {len(found)}")
     return found[0]
 
 
 def job(base: dict, setting: str, prompt: str, seed: int, steps: int | None, size: int | None) -> dict:
     """The workflow of one picture: the prompt and seed set, regions kept or dropped, an Identity Score added."""
     workflow = copy.deepcopy(base)
-    runner.set_override(workflow, "prompt", prompt)
-    runner.set_override(workflow, "seed", seed)
+    set_override(workflow, "prompt", prompt)
+    set_override(workflow, "seed", seed)
     if steps is not None:
-        runner.set_override(workflow, "steps", steps)
+        set_override(workflow, "steps", steps)
     if size is not None:
         for node in workflow.values():
             if node["class_type"] in ("EmptyLatentImage", "FaceDiffuserRegionLayout"):
@@ -95,9 +96,9 @@ def job(base: dict, setting: str, prompt: str, seed: int, steps: int | None, siz
     sampler = workflow[node_of(workflow, SAMPLER)]
     if setting == SETTINGS[0]:
         sampler["inputs"].pop("regions")
-    encoder = workflow[node_of(workflow, runner.REFERENCE_ENCODER)]
+    encoder = workflow[node_of(workflow, REFERENCE_ENCODER)]
     decode = workflow[node_of(workflow, "SaveImage")]["inputs"]["images"]
-    workflow[IDENTITY_NODE] = {"class_type": runner.IDENTITY_NODE, "inputs": {
+    workflow[IDENTITY_NODE] = {"class_type": IDENTITY_SCORE, "inputs": {
         "references": encoder["inputs"]["images"], "images": decode, "face_analysis": encoder["inputs"]["face_analysis"],
         "recognition": "insightface", "keep_best": 0}}
     return workflow
@@ -112,7 +113,7 @@ def execution_seconds(entry: dict) -> float:
 
 
 def pictures_of(setting: str, prompt: str, seed: int, entry: dict, clip_scores: list[float | None]) -> list[Picture]:
-    results = entry["outputs"][IDENTITY_NODE][runner.IDENTITY_RESULT]
+    results = entry["outputs"][IDENTITY_NODE][IDENTITY_RESULT]
     seconds = execution_seconds(entry) / max(len(results), 1)
     return [Picture(setting, prompt, seed, seconds, result["score"], greedy_min_similarity(result["similarity"]),
                     any(s["mixed"] for s in result["subjects"]), any(s["missing"] for s in result["subjects"]), result, clip)
@@ -129,7 +130,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
             self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         except OSError as error:
-            raise runner.RunError(f"--clip: {folder} holds no CLIP model and processor ({error})") from None
+            raise RunError(f"--clip: {folder} holds no CLIP model and processor ({error})") from None
 
     def __call__(self, picture: bytes, prompt: str) -> float:
         import torch
@@ -168,7 +169,7 @@ def read_prompts(path: Path | None) -> list[str]:
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     wrong = [prompt for prompt in prompts if prompt.count("<|image|>") != 2]
     if not prompts or wrong:
-        raise runner.RunError(f"--prompts: every line needs two <|image|> markers, one per --face"
+        raise RunError(f"--prompts: every line needs two <|image|> markers, one per --face"
                               + (f"; this one has {wrong[0].count('<|image|>')}: '{wrong[0]}'" if wrong else f"; {path} has no prompt"))
     return prompts
 
@@ -190,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server", help="ComfyUI's address (default: as scripts/facediffuser_run.py finds or starts one)")
     parser.add_argument("--comfyui", type=Path, help="the ComfyUI folder to start when no server answers")
     parser.add_argument("--comfyui-args", metavar="ARGS", help="more arguments for that ComfyUI's main.py")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_command_line_values(sys.argv[1:] if argv is None else argv))
     args.keep_server = False
     if len(args.face) != 2:
         parser.error(f"--face is given {len(args.face)} time(s); the benchmark compares two people: give two photos")
@@ -199,14 +200,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, client: runner.ComfyClient) -> list[Picture]:
-    base = runner.load_api_workflow(args.workflow)
-    loaders = runner.reference_image_loaders(base)
+def run(args: argparse.Namespace, client: ComfyClient) -> list[Picture]:
+    base = load_api_workflow(args.workflow)
+    loaders = reference_image_loaders(base)
     if len(loaders) != 2:
-        raise runner.RunError(f"--workflow loads {len(loaders)} reference photo(s); the benchmark needs a two-person workflow")
+        raise RunError(f"--workflow loads {len(loaders)} reference photo(s); the benchmark needs a two-person workflow")
     for node_id, photo in zip(loaders, args.face):
         base[node_id]["inputs"]["image"] = client.upload_image(photo)
-    runner.use_installed_checkpoints(base, client)
+    use_installed_checkpoints(base, client)
     prompts = read_prompts(args.prompts)
     clip_scorer = ClipScorer(args.clip) if args.clip else None
     saver = node_of(base, "SaveImage")
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, client: runner.ComfyClient) -> list[Picture]:
         prompt_id = client.submit(job(base, setting, prompt, seed, args.steps, args.size), client_id=uuid.uuid4().hex)
         entry = client.wait(prompt_id, args.timeout, report=lambda state: None)
         if entry.get("status", {}).get("status_str") != "success":
-            raise runner.RunError(runner.describe_failure(entry))
+            raise RunError(describe_failure(entry))
         return entry
 
     # A warm-up picture, not counted: the first job loads the models, which would weigh on one setting's time.
@@ -236,9 +237,9 @@ def run(args: argparse.Namespace, client: runner.ComfyClient) -> list[Picture]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with runner.server_for(args) as server:
-            pictures = run(args, runner.ComfyClient(server))
-    except runner.RunError as error:
+        with server_for(args) as server:
+            pictures = run(args, ComfyClient(server))
+    except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(table(pictures))

@@ -506,6 +506,10 @@ def test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores(server,
 def test_comfyui_args_take_the_readmes_spelling(value):
     assert runner.parse_args(["--face", "me.jpg", "--comfyui-args", value]).comfyui_args == value
     assert runner.parse_args([f"--comfyui-args={value}"]).comfyui_args == value
+    # every command line that starts ComfyUI takes the same spelling
+    assert pack_scripts.load("facediffuser_batch").parse_args(["jobs.jsonl", "--ray", "--comfyui-args", value]).comfyui_args == value
+    two_faces = ["--face", "a.jpg", "--face", "b.jpg"]
+    assert pack_scripts.load("identity_benchmark").parse_args([*two_faces, "--comfyui-args", value]).comfyui_args == value
 
 
 def test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so(tmp_path, capsys, nothing_at_the_default_address):

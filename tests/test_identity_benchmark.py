@@ -56,7 +56,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "give two photos" in capsys.readouterr().err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a man <|image|> alone\n")
-    with pytest.raises(benchmark.runner.RunError, match="every line needs two <|image|> markers.*has 1"):
+    with pytest.raises(benchmark.RunError, match="every line needs two <|image|> markers.*has 1"):
         benchmark.read_prompts(prompts)
 
 

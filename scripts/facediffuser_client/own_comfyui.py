@@ -135,6 +135,20 @@ def end_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
+# Options whose value is itself a command line: argparse takes `--comfyui-args "--cpu"` for two options.
+COMMAND_LINE_OPTIONS = ("--comfyui-args",)
+
+
+def attach_command_line_values(argv: list[str]) -> list[str]:
+    """`--comfyui-args "--cpu"` as `--comfyui-args=--cpu`, the one spelling argparse reads when the value starts with -.
+    Every command line with --comfyui-args parses through this."""
+    attached, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg in COMMAND_LINE_OPTIONS else None
+        attached.append(arg if value is None else f"{arg}={value}")
+    return attached
+
+
 def comfyui_root(option: Path | None) -> Path | None:
     """The ComfyUI this pack is installed in, COMFYUI_PATH, or `option`: facediffuser_core's rule, which the nodes,
     the check and the set-up share. Imported here, when needed: a Ray worker node gets this package without the pack."""
