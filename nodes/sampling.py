@@ -48,6 +48,18 @@ def schedule_inputs() -> list:
     ]
 
 
+def noise_and_denoise_inputs(denoise_tooltip: str) -> list:
+    """The last two inputs of the SNF Sampler and the Stage Sweep. Optional: workflows saved before `noise` existed
+    lack it and must keep running as they did. Both optional and in this order, because the frontend fills a saved
+    UI workflow's widgets by position, required ones first: the widget order stays the one shipped since `noise`
+    was added (official_run.legacy_noise_and_denoise reads the older order)."""
+    return [
+        io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", optional=True,
+                       tooltip=official_run.NOISE_TOOLTIP),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True, tooltip=denoise_tooltip),
+    ]
+
+
 def _stage_inputs() -> list:
     return [
         io.Float.Input(
@@ -94,10 +106,8 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                              tooltip="The random seed of the initial noise."),
                 *schedule_inputs(),
                 *_stage_inputs(),
-                io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay on "
-                                       "the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
+                *noise_and_denoise_inputs("Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay "
+                                          "on the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
             ],
             outputs=[
                 io.Latent.Output(),
@@ -107,8 +117,13 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise,
-                noise="comfyui") -> io.NodeOutput:
+    def validate_inputs(cls, noise="comfyui") -> bool | str:
+        return official_run.check_noise(noise)
+
+    @classmethod
+    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta,
+                noise="comfyui", denoise=1.0) -> io.NodeOutput:
+        noise, denoise = official_run.legacy_noise_and_denoise(cls.DISPLAY, noise, denoise)
         return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
                                          sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise))
 
