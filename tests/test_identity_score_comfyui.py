@@ -98,12 +98,15 @@ def test_a_pack_without_recognition_fails_only_where_recognition_is_needed(comfy
     # detection alone still works for the reference-face node
     boxes = comfyui.pack("nodes.reference_faces").detect_face_boxes(detector_only, comfy_image(group)[0])
     assert len(boxes) == 6
-    # adding the file changes the loader's fingerprint, so ComfyUI loads the pack anew instead of reusing it
+    # adding the file changes the loader's fingerprint, so ComfyUI loads the pack anew instead of reusing it; also
+    # with pack 'auto', the shipped workflows' choice, which is no folder's name
     loader = comfyui.node("FaceDiffuserInsightFaceLoader")
-    before = loader.fingerprint_inputs(pack="antelopev2", provider="CPU", det_size=640)
+    packs = ("antelopev2", "auto")
+    before = [loader.fingerprint_inputs(pack=pack, provider="CPU", det_size=640) for pack in packs]
     added = write_recognition_model(folder, "glintr100.onnx")
     try:
-        assert loader.fingerprint_inputs(pack="antelopev2", provider="CPU", det_size=640) != before
+        after = [loader.fingerprint_inputs(pack=pack, provider="CPU", det_size=640) for pack in packs]
+        assert [new != old for new, old in zip(after, before)] == [True, True]
     finally:
         added.unlink()
 
