@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import pndm
+from ..facediffuser_core.schedule import denoise_schedule
 
 PNDM = "pndm_official"
 NOISE_CHOICES = ("comfyui", "official")
@@ -68,6 +69,8 @@ class PNDMSampler(comfy.samplers.KSAMPLER):
         """PNDM starts from pure noise (its initial noise sigma is 1), which is ComfyUI's "max denoise" noise
         scaling, when it runs a whole PNDM grid (which starts below ComfyUI's sigma_max, at t = 981 for 50
         steps); a tail of a longer grid (denoise < 1) noises the latent as any ComfyUI sampler does."""
+        if len(sigmas) - 1 > pndm.TRAIN_TIMESTEPS:  # longer than any PNDM grid (one step per training timestep)
+            return super().max_denoise(model_wrap, sigmas)
         whole = pndm.pndm_sigmas(model_wrap.inner_model.model_sampling.sigmas, len(sigmas) - 1)
         return math.isclose(float(sigmas[0]), float(whole[0]), rel_tol=1e-5) or super().max_denoise(model_wrap, sigmas)
 
@@ -82,6 +85,18 @@ def pndm_schedule(model, steps: int, sampler_name: str | None = None) -> torch.T
     discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
     sigmas = pndm.pndm_sigmas(model.get_model_object("model_sampling").sigmas, steps + discard)
     return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+def pndm_denoise_schedule(node: str, model, steps: int, denoise: float, sampler_name: str | None = None):
+    """schedule.denoise_schedule on the official grid, whose at most one step per training timestep is said
+    naming the node and the inputs that asked for more."""
+    try:
+        return denoise_schedule(lambda n: pndm_schedule(model, n, sampler_name), steps, denoise)
+    except ValueError as error:
+        asked = f"steps {steps}" + ("" if denoise > 0.9999 else f" at denoise {denoise:g}")
+        raise ValueError(f"{node}: the {PNDM} scheduler has one step per training timestep, at most {pndm.TRAIN_TIMESTEPS} in "
+                         f"all, and {asked} asks for more ({error}). Lower steps" + ("" if denoise > 0.9999 else ", raise denoise")
+                         + " or choose another scheduler") from error
 
 
 def official_noise(latent: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
@@ -154,10 +169,8 @@ class FaceDiffuserPNDMSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps: int, denoise: float) -> io.NodeOutput:
-        if denoise <= 0.0:
-            return io.NodeOutput(torch.FloatTensor([]))
-        whole_steps = steps if denoise >= 1.0 else int(steps / denoise)
-        return io.NodeOutput(pndm_schedule(model, whole_steps)[-(steps + 1):])
+        sigmas, _ = pndm_denoise_schedule("Face-diffuser PNDM Schedule (official)", model, steps, denoise)
+        return io.NodeOutput(sigmas)
 
 
 class FaceDiffuserOfficialNoise(io.ComfyNode):

@@ -7,10 +7,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import snf
+from ..facediffuser_core.schedule import denoise_schedule
 from . import official_run
 from .snf_guider import SNFGuider
 from .types import Saliency
@@ -128,20 +128,14 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                                          sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise))
 
 
-def sampling_schedule(model, steps: int, sampler_name: str, scheduler: str, denoise: float):
-    """The sigmas a run samples and the whole schedule they are the tail of, by KSampler's rules (below 1,
-    denoise keeps the last `steps` steps of an int(steps/denoise)-step schedule; samplers that drop the
-    penultimate sigma). The stages are fractions of the whole schedule, which some schedulers make longer
-    than asked (ddim_uniform gives 31 steps for 30)."""
-    whole_steps = steps if denoise > 0.9999 else int(steps / denoise) if denoise > 0 else 0
-    if whole_steps == 0:
-        return torch.FloatTensor([]), None
+def sampling_schedule(node: str, model, steps: int, sampler_name: str, scheduler: str, denoise: float):
+    """The sigmas a run samples and the whole schedule they are the tail of (schedule.denoise_schedule; samplers
+    that drop the penultimate sigma as in KSampler). The stages are fractions of the whole schedule, which some
+    schedulers make longer than asked (ddim_uniform gives 31 steps for 30). Errors name `node`."""
     if scheduler == official_run.PNDM:
-        whole = official_run.pndm_schedule(model, whole_steps, sampler_name)
-    else:
-        whole = comfy.samplers.KSampler(model, steps=whole_steps, device=model.load_device, sampler=sampler_name,
-                                        scheduler=scheduler).sigmas
-    return (whole if denoise > 0.9999 else whole[-(steps + 1):]), whole
+        return official_run.pndm_denoise_schedule(node, model, steps, denoise, sampler_name)
+    return denoise_schedule(lambda n: comfy.samplers.KSampler(model, steps=n, device=model.load_device, sampler=sampler_name,
+                                                              scheduler=scheduler).sigmas, steps, denoise)
 
 
 def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, seed: int, steps: int, cfg: float,
@@ -151,7 +145,7 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
     latent = latent_image["samples"]
     latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
     noise = official_run.initial_noise(noise_kind, latent, seed, latent_image.get("batch_index"))
-    sigmas, schedule = sampling_schedule(sdm, steps, sampler_name, scheduler, denoise)
+    sigmas, schedule = sampling_schedule(node, sdm, steps, sampler_name, scheduler, denoise)
     out = latent_image.copy()
     out.pop("downscale_ratio_spacial", None)
     if len(sigmas) == 0:  # denoise 0: KSampler returns the latent unchanged
