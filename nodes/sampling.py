@@ -159,7 +159,7 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
         denoise_mask=latent_image.get("noise_mask"), callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    out["samples"] = samples.to(device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
     return out, guider.saliency.to("cpu")
 
 

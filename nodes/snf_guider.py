@@ -335,7 +335,8 @@ class SNFGuider(comfy.samplers.CFGGuider):
             finally:
                 for side in self.sides:
                     side.model_patcher.cleanup()
-        comfy.sampler_helpers.cleanup_models(all_conds, loaded_models)
+        # The TDM rode along as one of the loaded models and was cleaned up with its side above.
+        comfy.sampler_helpers.cleanup_models(all_conds, [model for model in loaded_models if model is not tdm.model_patcher])
         for side in self.sides:
             del side.inner_model
         del self.inner_model
