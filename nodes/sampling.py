@@ -65,12 +65,14 @@ def _stage_inputs() -> list:
         io.Float.Input(
             "alpha", default=0.3, min=0.0, max=1.0, step=0.01,
             tooltip="End of scene construction as a fraction of the steps: the first round(alpha*steps) steps use only the TDM. "
-                    "Higher keeps more of the text-driven layout. The official demo's 15/30 split at 50 steps is alpha 0.32.",
+                    "Higher keeps more of the text-driven layout. The official demo's 15/30 split at 50 steps is alpha 0.32 with "
+                    "ddim (and other one-evaluation samplers), alpha 0.3 with pndm_official (whose first step counts twice).",
         ),
         io.Float.Input(
             "beta", default=0.6, min=0.0, max=1.0, step=0.01,
             tooltip="End of the fusion stage as a fraction of the steps (beta >= alpha): after round(beta*steps) steps only the SDM "
-                    "paints. Lower hands over to the SDM earlier, for more identity. The official 15/30 split is beta 0.62.",
+                    "paints. Lower hands over to the SDM earlier, for more identity. The official 15/30 split is beta 0.62 with "
+                    "ddim, beta 0.6 with pndm_official.",
         ),
     ]
 

@@ -40,3 +40,17 @@ def test_the_latent_comes_back_in_comfyuis_intermediate_dtype(comfyui, models, c
                                   latent_image=tiny_comfy.empty_latent(), denoise=1.0,
                                   **{key: SETTINGS[key] for key in ("seed", "steps", "cfg", "sampler_name", "scheduler")})
     assert out["samples"].dtype == ksampler_out["samples"].dtype == torch.float16
+
+
+def test_the_stage_tooltips_give_the_official_split_for_each_sampler(comfyui):
+    """The official 15/30 split (loop entries 0..15 scene, 16..30 fusion, at 50 steps) in stage steps: ddim's loop
+    entry i is step i, pndm_official's entry i > 0 is step i - 1 (its first step runs twice)."""
+    from facediffuser_core.schedule import StageSchedule
+
+    inputs = comfyui.node("FaceDiffuserSNFSampler").INPUT_TYPES()["required"]
+    for name, ddim, pndm in (("alpha", 0.32, 0.3), ("beta", 0.62, 0.6)):
+        tooltip = inputs[name][1]["tooltip"]
+        assert f"{name} {ddim} with ddim" in tooltip and f"{name} {pndm} with pndm_official" in tooltip
+    ddim, pndm = StageSchedule.from_fractions(0.32, 0.62, 50), StageSchedule.from_fractions(0.3, 0.6, 50)
+    assert (ddim.scene_end, ddim.fusion_end) == (16, 31)  # entries 16..30 are steps 16..30
+    assert (pndm.scene_end, pndm.fusion_end) == (15, 30)  # entries 16..30 are steps 15..29
