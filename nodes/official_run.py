@@ -20,9 +20,11 @@ PNDM = "pndm_official"
 NOISE_CHOICES = ("comfyui", "official")
 NOISE_TOOLTIP = (
     "comfyui: ComfyUI's noise, drawn on the CPU from the seed (the same on every machine). official: the official "
-    "Face-diffuser script's initial latent, the first draw from the seeded generator of the device ComfyUI samples "
-    "on (CUDA on an NVIDIA GPU); on a CPU both are the same. With pndm_official as sampler and scheduler and the "
-    "official settings, the same seed then gives the official picture on the same kind of device."
+    "Face-diffuser script's initial latent, the first float16 draw from the seeded generator of the device ComfyUI "
+    "samples on (CUDA on an NVIDIA GPU); on a CPU that is ComfyUI's noise rounded to float16 (for latents of a multiple "
+    "of 16 values). With pndm_official as sampler and scheduler and the official settings, the same seed then gives the "
+    "official picture on the same kind of device, to float16 precision: the official script ran its UNets and steps "
+    "in float16 too."
 )
 
 
@@ -99,13 +101,17 @@ def pndm_denoise_schedule(node: str, model, steps: int, denoise: float, sampler_
                          + " or choose another scheduler") from error
 
 
+# The official script runs under fp16 mixed precision and draws its initial latent in float16 (SPEC.md, Precision).
+OFFICIAL_NOISE_DTYPE = torch.float16
+
+
 def official_noise(latent: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
-    """diffusers' randn_tensor without a generator after accelerate's set_seed(seed): the first float32 draw
+    """diffusers' randn_tensor without a generator after accelerate's set_seed(seed): the first float16 draw
     of the sampling device's seeded generator, for the whole batch at once (returned on the CPU)."""
     device = comfy.model_management.get_torch_device()
     batch = latent.shape[0] if batch_index is None else max(batch_index) + 1
     generator = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((batch, *latent.shape[1:]), generator=generator, device=device, dtype=torch.float32).cpu()
+    noise = torch.randn((batch, *latent.shape[1:]), generator=generator, device=device, dtype=OFFICIAL_NOISE_DTYPE).cpu()
     if batch_index is not None:
         noise = noise[list(batch_index)]
     return noise.to(latent.dtype)
