@@ -187,8 +187,10 @@ class FaceDiffuserGuider(io.ComfyNode):
                     "schedule", optional=True,
                     tooltip="The whole sigma schedule when the sampler gets only part of it (e.g. BasicScheduler's output, "
                             "before SplitSigmas): alpha and beta are then fractions of its steps and every part is placed on "
-                            "them, so two SamplerCustomAdvanced runs of the halves equal one run of the whole. Leave "
-                            "unconnected when the sampler gets the whole schedule.",
+                            "them: each step runs its stage of the whole, and two SamplerCustomAdvanced runs of the halves "
+                            "equal one run of the whole with samplers that keep no history between steps (euler, ddim, ...; "
+                            "multistep ones such as dpmpp_2m restart at the split). Leave unconnected when the sampler gets "
+                            "the whole schedule.",
                 ),
             ],
             outputs=[
