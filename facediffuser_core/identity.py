@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import face_crop
+
 # The lowest cosine similarity: what a subject without a face counts as in the picture's score.
 MISSING_SIMILARITY = -1.0
 
@@ -287,10 +289,12 @@ def score_picture(batch_index: int, references: np.ndarray, faces: Sequence, thr
 
 
 def measure_identity(recognizer, references: Sequence[np.ndarray], pictures: Sequence[np.ndarray],
-                     on_picture: Callable[[int], None] | None = None) -> IdentityReport:
+                     on_picture: Callable[[int], None] | None = None, choose_face: str = "largest",
+                     face_index: int = 0) -> IdentityReport:
     """Scores each picture (RGB uint8 arrays) against the reference photos with `recognizer`
-    (facediffuser_core.recognition). Each reference photo's largest face is its subject's reference.
-    `on_picture(i)` is called before picture i, for progress and cancelling."""
+    (facediffuser_core.recognition). Each reference photo's face is chosen as Encode Reference Faces chooses it
+    (face_crop.choose_face: the largest, or the face_index-th from the left), so that the score is about the
+    person that was encoded. `on_picture(i)` is called before picture i, for progress and cancelling."""
     if not references:
         raise ValueError("no reference photos given")
     reference_embeddings = []
@@ -301,8 +305,11 @@ def measure_identity(recognizer, references: Sequence[np.ndarray], pictures: Seq
                 f"no face found in reference photo {index} (counting from 0). Give a photo in which the whole head is "
                 "visible: a crop cut tight around the face can hide it from the detector."
             )
-        largest = max(faces, key=lambda face: (face.box[2] - face.box[0]) * (face.box[3] - face.box[1]))
-        reference_embeddings.append(largest.embedding)
+        try:
+            chosen = face_crop.choose_face([face.box for face in faces], choose_face, face_index)
+        except ValueError as error:
+            raise ValueError(f"reference photo {index}: {error}") from error
+        reference_embeddings.append(faces[chosen].embedding)
     stacked = np.stack(reference_embeddings)
     threshold = threshold_for(recognizer.model)
     report = IdentityReport(recognizer.model, recognizer.description, threshold)

@@ -20,7 +20,9 @@ import bisect
 import enum
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
+
+import torch
 
 
 class Stage(enum.Enum):
@@ -104,3 +106,19 @@ class StepLocator:
         index = bisect.bisect_left(self._levels, sigma)
         neighbours = self._levels[max(index - 1, 0):index + 1]
         return any(abs(sigma - s) <= self.RELATIVE_TOLERANCE * abs(s) or sigma == s for s in neighbours)
+
+
+def denoise_schedule(calculate: Callable[[int], torch.Tensor], steps: int, denoise: float):
+    """KSampler's denoise rules (comfy.samplers.KSampler.set_steps), the one copy every node of the pack uses:
+    (the sigmas a run samples, the whole schedule they are the tail of). `calculate(n)` makes an n-step schedule.
+    Below 1 (from 0.9999, as KSampler; BasicScheduler's `< 1` gives the same for every step count up to 10000),
+    denoise keeps the last steps+1 sigmas of an int(steps/denoise)-step schedule; 0 or less samples nothing
+    (an empty schedule, no whole). At 1 the whole schedule is sampled, also where a scheduler makes it longer
+    than asked (ddim_uniform: 31 steps for 30)."""
+    if denoise > 0.9999:
+        whole = calculate(steps)
+        return whole, whole
+    if denoise <= 0.0:
+        return torch.FloatTensor([]), None
+    whole = calculate(int(steps / denoise))
+    return whole[-(steps + 1):], whole

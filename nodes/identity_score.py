@@ -107,7 +107,7 @@ class FaceDiffuserIdentityScore(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("references", tooltip="The reference photos, one per subject, batched in the order of the <|image|> "
-                                                      "markers: the same batch Encode Reference Faces takes. Each photo's largest face is used."),
+                                                      "markers: the same batch Encode Reference Faces takes; face and face_index choose the face in each."),
                 io.Image.Input("images", tooltip="The generated pictures to score (e.g. VAE Decode's output)."),
                 io.Combo.Input("recognition", options=list(RECOGNITION), default="insightface",
                                tooltip="insightface: the face_analysis pack's detector and ArcFace model (glintr100.onnx in "
@@ -117,6 +117,13 @@ class FaceDiffuserIdentityScore(io.ComfyNode):
                              tooltip="How many pictures the best output keeps, best first; 0 keeps them all, re-ordered."),
                 io.FaceAnalysis.Input("face_analysis", optional=True,
                                       tooltip="Face-diffuser InsightFace Loader, for recognition = insightface (dlib does not use it)."),
+                io.Combo.Input("face", options=["largest", "index"], default="largest", optional=True,
+                               tooltip="Which face of each reference photo is its subject: set it as in Encode Reference Faces, so "
+                                       "that the score measures the person that was encoded. largest, or the one at face_index "
+                                       "counted from the left."),
+                io.Int.Input("face_index", default=0, min=0, max=63, optional=True,
+                             tooltip="With face = index: the reference face's position from the left in each photo, 0 = leftmost "
+                                     "(as in Encode Reference Faces)."),
             ],
             outputs=[
                 io.Float.Output("scores", is_output_list=True,
@@ -129,7 +136,7 @@ class FaceDiffuserIdentityScore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, references, images, recognition, keep_best, face_analysis=None) -> io.NodeOutput:
+    def execute(cls, references, images, recognition, keep_best, face_analysis=None, face="largest", face_index=0) -> io.NodeOutput:
         recognizer = _recognizer(recognition, face_analysis)
         reference_photos = _uint8_pictures(references, "references")
         pictures = _uint8_pictures(images, "images")
@@ -140,7 +147,7 @@ class FaceDiffuserIdentityScore(io.ComfyNode):
             progress.update_absolute(index)
 
         try:
-            report = measure_identity(recognizer, reference_photos, pictures, on_picture)
+            report = measure_identity(recognizer, reference_photos, pictures, on_picture, face, face_index)
         except ValueError as error:
             raise ValueError(f"{NODE_NAME}: {error}") from error
         progress.update_absolute(len(pictures))

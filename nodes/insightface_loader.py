@@ -194,8 +194,8 @@ class FaceDiffuserInsightFaceLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, pack: str, provider: str, det_size: int):
         # ComfyUI reuses a loaded pack while the inputs stay the same; a file added to the pack (such as the
-        # recognition model the Identity Score asked for) must load it anew.
-        folders = [os.path.join(root, "models", pack) for root in insightface_roots()]
+        # recognition model the Identity Score asked for) must load it anew. 'auto' may pick any known pack.
+        folders = [folder for name in (KNOWN_PACK_FILES if pack == AUTO_PACK else [pack]) for folder in pack_folders(name)]
         return tuple((path, os.path.getmtime(path)) for folder in folders for path in _onnx_files(folder))
 
     @classmethod

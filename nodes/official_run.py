@@ -4,6 +4,7 @@ SamplerCustomAdvanced. The sampler itself is facediffuser_core.pndm."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import comfy.model_management
@@ -13,15 +14,45 @@ import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import pndm
+from ..facediffuser_core.schedule import denoise_schedule
 
 PNDM = "pndm_official"
 NOISE_CHOICES = ("comfyui", "official")
 NOISE_TOOLTIP = (
     "comfyui: ComfyUI's noise, drawn on the CPU from the seed (the same on every machine). official: the official "
-    "Face-diffuser script's initial latent, the first draw from the seeded generator of the device ComfyUI samples "
-    "on (CUDA on an NVIDIA GPU); on a CPU both are the same. With pndm_official as sampler and scheduler and the "
-    "official settings, the same seed then gives the official picture on the same kind of device."
+    "Face-diffuser script's initial latent, the first float16 draw from the seeded generator of the device ComfyUI "
+    "samples on (CUDA on an NVIDIA GPU); on a CPU that is ComfyUI's noise rounded to float16 (for latents of a multiple "
+    "of 16 values). With pndm_official as sampler and scheduler and the official settings, the same seed then gives the "
+    "official picture on the same kind of device, to float16 precision: the official script ran its UNets and steps "
+    "in float16 too."
 )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_noise(noise) -> bool | str:
+    """ComfyUI's validation of the `noise` input (validate_inputs), which must also let through the number a UI
+    workflow saved before the input existed puts there (legacy_noise_and_denoise)."""
+    if noise in NOISE_CHOICES or (_is_number(noise) and 0.0 <= noise <= 1.0):
+        return True
+    return f"noise is {noise!r}: choose one of {', '.join(NOISE_CHOICES)}"
+
+
+def legacy_noise_and_denoise(node: str, noise, denoise: float) -> tuple[str, float]:
+    """A UI workflow saved before `noise` existed ends its widget values with denoise, and the frontend fills
+    widgets by position: its denoise lands in `noise`, and `denoise` keeps its default. Such a workflow ran with
+    ComfyUI's noise."""
+    if not _is_number(noise):
+        return noise, denoise
+    if denoise != 1.0:
+        raise ValueError(f"{node}: noise is {noise!r} and denoise {denoise!r}; a number in noise is the denoise of a "
+                         f"workflow saved before noise existed, so denoise must be left at 1. Set noise to one of "
+                         f"{', '.join(NOISE_CHOICES)} and denoise to the value you want")
+    logging.warning("%s: noise is %r, the denoise of a workflow saved before the noise input existed: running it as it ran "
+                    "then (denoise %r, ComfyUI's noise). Save the workflow again to store both inputs.", node, noise, noise)
+    return "comfyui", float(noise)
 
 
 class PNDMSampler(comfy.samplers.KSAMPLER):
@@ -40,6 +71,8 @@ class PNDMSampler(comfy.samplers.KSAMPLER):
         """PNDM starts from pure noise (its initial noise sigma is 1), which is ComfyUI's "max denoise" noise
         scaling, when it runs a whole PNDM grid (which starts below ComfyUI's sigma_max, at t = 981 for 50
         steps); a tail of a longer grid (denoise < 1) noises the latent as any ComfyUI sampler does."""
+        if len(sigmas) - 1 > pndm.TRAIN_TIMESTEPS:  # longer than any PNDM grid (one step per training timestep)
+            return super().max_denoise(model_wrap, sigmas)
         whole = pndm.pndm_sigmas(model_wrap.inner_model.model_sampling.sigmas, len(sigmas) - 1)
         return math.isclose(float(sigmas[0]), float(whole[0]), rel_tol=1e-5) or super().max_denoise(model_wrap, sigmas)
 
@@ -56,13 +89,29 @@ def pndm_schedule(model, steps: int, sampler_name: str | None = None) -> torch.T
     return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
 
 
+def pndm_denoise_schedule(node: str, model, steps: int, denoise: float, sampler_name: str | None = None):
+    """schedule.denoise_schedule on the official grid, whose at most one step per training timestep is said
+    naming the node and the inputs that asked for more."""
+    try:
+        return denoise_schedule(lambda n: pndm_schedule(model, n, sampler_name), steps, denoise)
+    except ValueError as error:
+        asked = f"steps {steps}" + ("" if denoise > 0.9999 else f" at denoise {denoise:g}")
+        raise ValueError(f"{node}: the {PNDM} scheduler has one step per training timestep, at most {pndm.TRAIN_TIMESTEPS} in "
+                         f"all, and {asked} asks for more ({error}). Lower steps" + ("" if denoise > 0.9999 else ", raise denoise")
+                         + " or choose another scheduler") from error
+
+
+# The official script runs under fp16 mixed precision and draws its initial latent in float16 (SPEC.md, Precision).
+OFFICIAL_NOISE_DTYPE = torch.float16
+
+
 def official_noise(latent: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
-    """diffusers' randn_tensor without a generator after accelerate's set_seed(seed): the first float32 draw
+    """diffusers' randn_tensor without a generator after accelerate's set_seed(seed): the first float16 draw
     of the sampling device's seeded generator, for the whole batch at once (returned on the CPU)."""
     device = comfy.model_management.get_torch_device()
     batch = latent.shape[0] if batch_index is None else max(batch_index) + 1
     generator = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((batch, *latent.shape[1:]), generator=generator, device=device, dtype=torch.float32).cpu()
+    noise = torch.randn((batch, *latent.shape[1:]), generator=generator, device=device, dtype=OFFICIAL_NOISE_DTYPE).cpu()
     if batch_index is not None:
         noise = noise[list(batch_index)]
     return noise.to(latent.dtype)
@@ -126,10 +175,8 @@ class FaceDiffuserPNDMSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps: int, denoise: float) -> io.NodeOutput:
-        if denoise <= 0.0:
-            return io.NodeOutput(torch.FloatTensor([]))
-        whole_steps = steps if denoise >= 1.0 else int(steps / denoise)
-        return io.NodeOutput(pndm_schedule(model, whole_steps)[-(steps + 1):])
+        sigmas, _ = pndm_denoise_schedule("Face-diffuser PNDM Schedule (official)", model, steps, denoise)
+        return io.NodeOutput(sigmas)
 
 
 class FaceDiffuserOfficialNoise(io.ComfyNode):

@@ -7,10 +7,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import snf
+from ..facediffuser_core.schedule import denoise_schedule
 from . import official_run
 from . import regions as region_inputs
 from .snf_guider import SNFGuider
@@ -49,17 +49,31 @@ def schedule_inputs() -> list:
     ]
 
 
+def noise_and_denoise_inputs(denoise_tooltip: str) -> list:
+    """The last two inputs of the SNF Sampler and the Stage Sweep. Optional: workflows saved before `noise` existed
+    lack it and must keep running as they did. Both optional and in this order, because the frontend fills a saved
+    UI workflow's widgets by position, required ones first: the widget order stays the one shipped since `noise`
+    was added (official_run.legacy_noise_and_denoise reads the older order)."""
+    return [
+        io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", optional=True,
+                       tooltip=official_run.NOISE_TOOLTIP),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True, tooltip=denoise_tooltip),
+    ]
+
+
 def _stage_inputs() -> list:
     return [
         io.Float.Input(
             "alpha", default=0.3, min=0.0, max=1.0, step=0.01,
             tooltip="End of scene construction as a fraction of the steps: the first round(alpha*steps) steps use only the TDM. "
-                    "Higher keeps more of the text-driven layout. The official demo's 15/30 split at 50 steps is alpha 0.32.",
+                    "Higher keeps more of the text-driven layout. The official demo's 15/30 split at 50 steps is alpha 0.32 with "
+                    "ddim (and other one-evaluation samplers), alpha 0.3 with pndm_official (whose first step counts twice).",
         ),
         io.Float.Input(
             "beta", default=0.6, min=0.0, max=1.0, step=0.01,
             tooltip="End of the fusion stage as a fraction of the steps (beta >= alpha): after round(beta*steps) steps only the SDM "
-                    "paints. Lower hands over to the SDM earlier, for more identity. The official 15/30 split is beta 0.62.",
+                    "paints. Lower hands over to the SDM earlier, for more identity. The official 15/30 split is beta 0.62 with "
+                    "ddim, beta 0.6 with pndm_official.",
         ),
     ]
 
@@ -100,10 +114,8 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
                              tooltip="The random seed of the initial noise."),
                 *schedule_inputs(),
                 *_stage_inputs(),
-                io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay on "
-                                       "the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
+                *noise_and_denoise_inputs("Below 1, only the last steps of a longer schedule run (img2img); alpha and beta stay "
+                                          "on the longer schedule's steps. 0 returns the latent unchanged, as KSampler does."),
                 *region_inputs.inputs(),
             ],
             outputs=[
@@ -114,27 +126,26 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta, denoise,
-                noise="comfyui", regions=None, outside_regions="snf") -> io.NodeOutput:
+    def validate_inputs(cls, noise="comfyui") -> bool | str:
+        return official_run.check_noise(noise)
+
+    @classmethod
+    def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta,
+                noise="comfyui", denoise=1.0, regions=None, outside_regions="snf") -> io.NodeOutput:
+        noise, denoise = official_run.legacy_noise_and_denoise(cls.DISPLAY, noise, denoise)
         return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
                                          sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise,
                                          masks=regions, outside_regions=outside_regions))
 
 
-def sampling_schedule(model, steps: int, sampler_name: str, scheduler: str, denoise: float):
-    """The sigmas a run samples and the whole schedule they are the tail of, by KSampler's rules (below 1,
-    denoise keeps the last `steps` steps of an int(steps/denoise)-step schedule; samplers that drop the
-    penultimate sigma). The stages are fractions of the whole schedule, which some schedulers make longer
-    than asked (ddim_uniform gives 31 steps for 30)."""
-    whole_steps = steps if denoise > 0.9999 else int(steps / denoise) if denoise > 0 else 0
-    if whole_steps == 0:
-        return torch.FloatTensor([]), None
+def sampling_schedule(node: str, model, steps: int, sampler_name: str, scheduler: str, denoise: float):
+    """The sigmas a run samples and the whole schedule they are the tail of (schedule.denoise_schedule; samplers
+    that drop the penultimate sigma as in KSampler). The stages are fractions of the whole schedule, which some
+    schedulers make longer than asked (ddim_uniform gives 31 steps for 30). Errors name `node`."""
     if scheduler == official_run.PNDM:
-        whole = official_run.pndm_schedule(model, whole_steps, sampler_name)
-    else:
-        whole = comfy.samplers.KSampler(model, steps=whole_steps, device=model.load_device, sampler=sampler_name,
-                                        scheduler=scheduler).sigmas
-    return (whole if denoise > 0.9999 else whole[-(steps + 1):]), whole
+        return official_run.pndm_denoise_schedule(node, model, steps, denoise, sampler_name)
+    return denoise_schedule(lambda n: comfy.samplers.KSampler(model, steps=n, device=model.load_device, sampler=sampler_name,
+                                                              scheduler=scheduler).sigmas, steps, denoise)
 
 
 def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, seed: int, steps: int, cfg: float,
@@ -145,7 +156,7 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
     latent = latent_image["samples"]
     latent = comfy.sample.fix_empty_latent_channels(sdm, latent, latent_image.get("downscale_ratio_spacial", None))
     noise = official_run.initial_noise(noise_kind, latent, seed, latent_image.get("batch_index"))
-    sigmas, schedule = sampling_schedule(sdm, steps, sampler_name, scheduler, denoise)
+    sigmas, schedule = sampling_schedule(node, sdm, steps, sampler_name, scheduler, denoise)
     out = latent_image.copy()
     out.pop("downscale_ratio_spacial", None)
     if len(sigmas) == 0:  # denoise 0: KSampler returns the latent unchanged
@@ -160,7 +171,7 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
         denoise_mask=latent_image.get("noise_mask"), callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    out["samples"] = samples.to(device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
     return out, guider.saliency.to("cpu")
 
 
@@ -186,8 +197,10 @@ class FaceDiffuserGuider(io.ComfyNode):
                     "schedule", optional=True,
                     tooltip="The whole sigma schedule when the sampler gets only part of it (e.g. BasicScheduler's output, "
                             "before SplitSigmas): alpha and beta are then fractions of its steps and every part is placed on "
-                            "them, so two SamplerCustomAdvanced runs of the halves equal one run of the whole. Leave "
-                            "unconnected when the sampler gets the whole schedule.",
+                            "them: each step runs its stage of the whole, and two SamplerCustomAdvanced runs of the halves "
+                            "equal one run of the whole with samplers that keep no history between steps (euler, ddim, ...; "
+                            "multistep ones such as dpmpp_2m restart at the split). Leave unconnected when the sampler gets "
+                            "the whole schedule.",
                 ),
                 *region_inputs.inputs(),
             ],

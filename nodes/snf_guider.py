@@ -151,10 +151,18 @@ class ModelSide(comfy.samplers.CFGGuider):
 
     def __init__(self, name: str, patcher, cfg: float):
         super().__init__(patcher.clone())
+        self.source = patcher
         self.name = name
         self.set_cfg(cfg)
         self.sampling_options: dict = {}
         self.last_predictions: Predictions | None = None
+
+    def inner_set_conds(self, conds):
+        # CFGGuider's swap, asking the node's patcher for the delegate: core caches the delegate's model there
+        # (where KSampler asks), and this side's clone, which dies with the run, would rebuild it from the file.
+        if self.model_patcher.is_dynamic() and any(comfy.sampler_helpers.cond_has_hooks(cond) for cond in conds.values()):
+            self.model_patcher = self.source.get_non_dynamic_delegate()
+        super().inner_set_conds(conds)
 
     @contextlib.contextmanager
     def prepared(self):
@@ -328,7 +336,8 @@ class SNFGuider(comfy.samplers.CFGGuider):
             finally:
                 for side in self.sides:
                     side.model_patcher.cleanup()
-        comfy.sampler_helpers.cleanup_models(all_conds, loaded_models)
+        # The TDM rode along as one of the loaded models and was cleaned up with its side above.
+        comfy.sampler_helpers.cleanup_models(all_conds, [model for model in loaded_models if model is not tdm.model_patcher])
         for side in self.sides:
             del side.inner_model
         del self.inner_model

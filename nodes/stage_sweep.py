@@ -19,7 +19,7 @@ from ..facediffuser_core.face_crop import to_uint8_array
 from ..facediffuser_core.stage_sweep import StageGrid, grid_picture
 from . import official_run
 from . import regions as region_inputs
-from .sampling import model_and_conditioning_inputs, schedule_inputs, snf_sample
+from .sampling import model_and_conditioning_inputs, noise_and_denoise_inputs, schedule_inputs, snf_sample
 from .types import Identity, StageSweep
 
 SWEEP_NAME = "Face-diffuser Stage Sweep"
@@ -49,9 +49,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
                                 tooltip="The grid's rows: ends of scene construction as fractions of the steps, separated by commas."),
                 io.String.Input("betas", default="0.5, 0.6, 0.7",
                                 tooltip="The grid's columns: ends of fusion as fractions of the steps, separated by commas."),
-                io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", tooltip=official_run.NOISE_TOOLTIP),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="As in the SNF Sampler: below 1, only the last steps of a longer schedule run."),
+                *noise_and_denoise_inputs("As in the SNF Sampler: below 1, only the last steps of a longer schedule run."),
                 *region_inputs.inputs(),
             ],
             outputs=[
@@ -61,8 +59,13 @@ class FaceDiffuserStageSweep(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, noise="comfyui") -> bool | str:
+        return official_run.check_noise(noise)
+
+    @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                alphas, betas, denoise, noise="comfyui", regions=None, outside_regions="snf") -> io.NodeOutput:
+                alphas, betas, noise="comfyui", denoise=1.0, regions=None, outside_regions="snf") -> io.NodeOutput:
+        noise, denoise = official_run.legacy_noise_and_denoise(SWEEP_NAME, noise, denoise)
         try:
             grid = StageGrid.parse(alphas, betas)
         except ValueError as error:

@@ -99,11 +99,12 @@ def sample(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, scene_e
 
 def official_initial_noise(shape, seed: int) -> torch.Tensor:
     """The official script's initial latent on a CPU: accelerate's set_seed(seed), then diffusers'
-    randn_tensor with no generator (the global generator's first draw)."""
+    randn_tensor with no generator (the global generator's first draw) in the pipeline's float16 (SPEC.md,
+    Precision), returned in float32 as the pack samples."""
     from diffusers.utils.torch_utils import randn_tensor
 
     torch.manual_seed(seed)
-    return randn_tensor(shape, generator=None, device=torch.device("cpu"), dtype=torch.float32)
+    return randn_tensor(shape, generator=None, device=torch.device("cpu"), dtype=torch.float16).float()
 
 
 def sample_official(tdm_unet, sdm_unet, augmented, text, null, noise, steps, cfg, start_merge_step, final_step):

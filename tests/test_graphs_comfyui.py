@@ -289,6 +289,27 @@ def test_torch_compile_set_clip_hooks_and_hooked_prompts_with_the_packs_dynamic_
     assert compile_spy.calls == len(tdm_calls.calls) == 2  # the compiled UNet ran the TDM's evaluations, and only those
 
 
+def test_hooked_prompts_rebuild_each_dynamic_model_once_across_runs_and_a_sweep(comfyui, dynamic_loaded, lora_hooks, monkeypatch):
+    """Core keeps a dynamic model's non-dynamic delegate on the node's patcher (the loader's output), so a
+    KSampler with hooked prompts reads the file once while ComfyUI holds the model; so must every SNF Sampler run
+    and every Stage Sweep cell."""
+    loaders = comfyui.pack("nodes.loaders")
+    reads = []
+    read_parts = loaders.read_parts
+    monkeypatch.setattr(loaders, "read_parts", lambda node, path, *args: reads.append(path) or read_parts(node, path, *args))
+    (tdm, clip, _), (sdm, *_) = dynamic_loaded["tdm"], dynamic_loaded["sdm"]
+    prompts = {name: hooked(comfyui, comfyui.run("CLIPTextEncode", clip=clip, text=text)[0], lora_hooks)
+               for name, text in (("augmented", "a photo of a man"), ("text", "a photo of a man"), ("null", ""))}
+    snf(comfyui, tdm, sdm, prompts, steps=3)
+    first_run = list(reads)  # the delegates built now, unless an earlier test of this module's models built them
+    snf(comfyui, tdm, sdm, prompts, steps=3)
+    comfyui.run("FaceDiffuserStageSweep", tdm=tdm, sdm=sdm, latent_image=tiny_comfy.empty_latent(), seed=SEED, alphas="0.34",
+                betas="0.34, 0.67", **{key: value for key, value in SETTINGS.items() if key not in ("alpha", "beta", "steps")},
+                steps=3, **prompts)
+    assert reads == first_run and len(set(reads)) == len(reads)
+    assert set(reads) <= {tdm.cached_patcher_init[1][1], sdm.cached_patcher_init[1][1]}
+
+
 # --- CFG++ samplers --------------------------------------------------------------------------------------------
 
 

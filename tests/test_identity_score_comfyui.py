@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import skimage.data
+from PIL import Image
 
 from face_photos import comfy_image, face_photo, insightface_image, side_by_side
 from insightface_test_pack import recognition_reference, write_detector_pack, write_recognition_model
@@ -42,9 +43,10 @@ def group():
     return insightface_image("t1.jpg")
 
 
-def score(comfyui, references, images, recognition="dlib", keep_best=0, face_analysis=None):
+def score(comfyui, references, images, recognition="dlib", keep_best=0, face_analysis=None, **choice):
     """The node's NodeOutput (outputs and UI result), as ComfyUI's executor gets it."""
-    inputs = dict(references=comfy_image(*references), images=comfy_image(*images), recognition=recognition, keep_best=keep_best)
+    inputs = dict(references=comfy_image(*references), images=comfy_image(*images), recognition=recognition, keep_best=keep_best,
+                  **choice)
     if face_analysis is not None:
         inputs["face_analysis"] = face_analysis
     return comfyui.node(NODE).PREPARE_CLASS_CLONE({}).execute(**inputs)
@@ -98,12 +100,15 @@ def test_a_pack_without_recognition_fails_only_where_recognition_is_needed(comfy
     # detection alone still works for the reference-face node
     boxes = comfyui.pack("nodes.reference_faces").detect_face_boxes(detector_only, comfy_image(group)[0])
     assert len(boxes) == 6
-    # adding the file changes the loader's fingerprint, so ComfyUI loads the pack anew instead of reusing it
+    # adding the file changes the loader's fingerprint, so ComfyUI loads the pack anew instead of reusing it; also
+    # with pack 'auto', the shipped workflows' choice, which is no folder's name
     loader = comfyui.node("FaceDiffuserInsightFaceLoader")
-    before = loader.fingerprint_inputs(pack="antelopev2", provider="CPU", det_size=640)
+    packs = ("antelopev2", "auto")
+    before = [loader.fingerprint_inputs(pack=pack, provider="CPU", det_size=640) for pack in packs]
     added = write_recognition_model(folder, "glintr100.onnx")
     try:
-        assert loader.fingerprint_inputs(pack="antelopev2", provider="CPU", det_size=640) != before
+        after = [loader.fingerprint_inputs(pack=pack, provider="CPU", det_size=640) for pack in packs]
+        assert [new != old for new, old in zip(after, before)] == [True, True]
     finally:
         added.unlink()
 
@@ -161,3 +166,26 @@ def test_a_reference_without_a_face_names_the_node_and_the_photo(comfyui):
     coffee = np.asarray(skimage.data.coffee()[:400, :400])
     with pytest.raises(ValueError, match="Face-diffuser Identity Score: no face found in reference photo 1"):
         score(comfyui, [skimage.data.astronaut()[:400, :400], coffee], [coffee])
+
+
+def test_the_reference_face_is_chosen_as_the_encoder_chooses_it(comfyui, group):
+    """A reference photo with two people: the score is about the one face / face_index pick, as in Encode
+    Reference Faces, not always the largest."""
+    astronaut = skimage.data.astronaut()[:280, 90:370]
+    portrait = face_photo(group, (724, 367, 832, 474), size=240)
+    small = np.zeros((240, 240, 3), np.uint8)
+    small[60:180, 60:180] = np.asarray(Image.fromarray(portrait).resize((120, 120), Image.BILINEAR))
+    two_people = np.concatenate([side_by_side(astronaut), small], axis=1)  # the astronaut's face larger, on the left
+    pictures = [side_by_side(portrait, skimage.data.coffee()), side_by_side(skimage.data.coffee(), astronaut)]
+
+    def similarities(**choice):
+        (entries,) = [score(comfyui, [two_people], pictures, **choice).ui["facediffuser_identity"]]
+        return [entry["subjects"][0]["similarity"] for entry in entries]
+
+    alone = [entry["subjects"][0]["similarity"] for entry in score(comfyui, [side_by_side(portrait)], pictures).ui["facediffuser_identity"]]
+    largest, second = similarities(), similarities(face="index", face_index=1)
+    assert largest == similarities(face="index", face_index=0)  # the astronaut: the largest and the leftmost
+    assert largest[1] > largest[0] and second[0] > second[1]  # each choice recognises its own person
+    assert second[0] == pytest.approx(alone[0], abs=0.05)
+    with pytest.raises(ValueError, match="Identity Score: reference photo 0: face index 2 asked for, but only 2 faces"):
+        similarities(face="index", face_index=2)

@@ -102,10 +102,15 @@ def test_official_noise_is_the_official_scripts_first_draw(comfyui):
     assert torch.equal(official_run.official_noise(latent, SEED), expected)
     (noise,) = comfyui.run("FaceDiffuserOfficialNoise", noise_seed=SEED)
     assert torch.equal(noise.generate_noise({"samples": latent}), expected)
-    # On a CPU ComfyUI's own noise is the same draw; on a GPU the official one comes from the CUDA generator.
+    assert expected.dtype == torch.float32 and torch.equal(expected, expected.half().float())  # float16 values
+    # On a CPU it is ComfyUI's own draw rounded to float16 (for a latent whose size is a multiple of 16, as here);
+    # on a GPU the official one comes from the CUDA generator.
     import comfy.sample
 
-    assert torch.equal(comfy.sample.prepare_noise(latent, SEED), expected)
+    for shape in (latent.shape, (1, 4, 64, 64)):  # and 512x512 pictures' latents
+        latent = torch.zeros(shape)
+        rounded = comfy.sample.prepare_noise(latent, SEED).half().float()
+        assert torch.equal(rounded, official_run.official_noise(latent, SEED)) and not torch.equal(rounded, comfy.sample.prepare_noise(latent, SEED))
 
 
 def test_the_pndm_nodes_with_sampler_custom_advanced_equal_the_snf_sampler(comfyui, official_models, prompts):

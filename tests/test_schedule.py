@@ -116,3 +116,23 @@ def test_saliency_heatmaps_show_structure_of_near_uniform_softmax_maps():
     images, _ = saliency_view.render(snf.SaliencySummary(tdm, sdm, (sdm > tdm).float()), (16, 16))
     brightness = images[:2].sum(dim=-1)
     assert brightness.min() < 0.1 and brightness.max() > 2.5
+
+
+def test_denoise_schedule_follows_ksampler():
+    import torch
+
+    from facediffuser_core.schedule import denoise_schedule
+
+    made = []
+
+    def calculate(n):
+        made.append(n)
+        return torch.arange(n, -1, -1, dtype=torch.float32)
+
+    sigmas, whole = denoise_schedule(calculate, 10, 1.0)
+    assert made == [10] and sigmas is whole and len(whole) == 11
+    assert len(denoise_schedule(calculate, 10, 0.99995)[0]) == 11 and made[-1] == 10  # KSampler's "> 0.9999"
+    sigmas, whole = denoise_schedule(calculate, 10, 0.3)
+    assert made[-1] == 33 and whole.tolist() == list(range(33, -1, -1)) and sigmas.tolist() == list(range(10, -1, -1))
+    sigmas, whole = denoise_schedule(calculate, 10, 0.0)
+    assert len(sigmas) == 0 and whole is None and made[-1] == 33

@@ -1,0 +1,60 @@
+"""The pack's node schemas as ComfyUI serves them, in a form that can be locked in a file: for each node id, its
+required and optional inputs in the order the frontend lays out their widgets (saved UI workflows store widget
+values by position), each with its type, the default of every optional input (what a saved workflow that lacks
+it gets) and the outputs in order (links in saved workflows name outputs by index).
+
+tests/schema_lock.json is the lock; tests/test_schema_lock_comfyui.py fails on any difference from it. After a
+deliberate change (a new optional input, say), regenerate it and add a CHANGELOG.md note:
+
+    cd tests && COMFYUI_PATH=/path/to/ComfyUI python schema_lock.py
+
+Combo options are left out: the sampler and scheduler lists are ComfyUI's and differ between its versions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LOCK_FILE = Path(__file__).resolve().parent / "schema_lock.json"
+PREFIX = "FaceDiffuser"
+
+
+def _input_type(definition) -> str:
+    kind = definition[0]
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def node_schema(node_class) -> dict:
+    spec = node_class.INPUT_TYPES()
+    schema = {}
+    for section in ("required", "optional"):
+        entries = []
+        for name, definition in spec.get(section, {}).items():
+            entry = [name, _input_type(definition)]
+            options = definition[1] if len(definition) > 1 else {}
+            if section == "optional" and "default" in options:
+                entry.append(options["default"])
+            entries.append(entry)
+        schema[section] = entries
+    names = list(getattr(node_class, "RETURN_NAMES", None) or node_class.RETURN_TYPES)
+    schema["outputs"] = [[name, kind] for name, kind in zip(names, node_class.RETURN_TYPES)]
+    return schema
+
+
+def pack_schemas(mappings: dict) -> dict:
+    return {node_id: node_schema(mappings[node_id]) for node_id in sorted(mappings) if node_id.startswith(PREFIX)}
+
+
+def render(schemas: dict) -> str:
+    return json.dumps(schemas, indent=1) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    import comfy_harness
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else LOCK_FILE  # another file: for the test of this command
+    target.write_text(render(pack_schemas(comfy_harness.start().nodes.NODE_CLASS_MAPPINGS)))
+    print(f"wrote {target}; add a note on the change to CHANGELOG.md")
