@@ -47,9 +47,14 @@ def test_rows_per_step_and_loads_per_run(benchmark, bench):
         assert run.calls == {"TDM": 6, "SDM": 7}  # cond and uncond batched in one call
         assert len(run.predict_noise_preludes_s) == 10 and all(t >= 0 for t in run.predict_noise_preludes_s)
         assert 0 < run.unet_s < run.wall_s
+        # Each evaluation's outside-UNet time lands on its step; the last one's belongs to the run's fixed part.
+        assert run.step_rows == [2] * 3 + [4] * 3 + [2] * 3 + [0]
+        assert all(t > 0 for t in run.step_outside_s[:-1]) and run.step_outside_s[-1] == 0 and run.fixed_s > 0
+        assert sum(run.step_outside_s) + run.fixed_s == pytest.approx(run.outside_s, rel=0.05)
     for run in (ksampler, sdm_only):
         assert run.stage_rows_per_step == {"subject": [2] * STEPS}
         assert run.rows == {"SDM": 2 * STEPS}
+        assert run.step_rows == [2] * (STEPS - 1) + [0]
     # Both models in one request of the first run, each loaded once, nothing moved while sampling.
     assert [sorted(models) for models in cold.load_requests] == [["SDM", "TDM"]]
     assert cold.weight_loads == {"SDM": 1, "TDM": 1} and cold.weight_unloads == {}
@@ -61,13 +66,31 @@ def test_rows_per_step_and_loads_per_run(benchmark, bench):
     assert "forward" not in vars(sdm.diffusion_model) and "forward" not in vars(tdm.diffusion_model)
 
 
+def test_null_unet(comfyui, benchmark):
+    """The null UNet has SD1.5's interface (the SNF sampler runs it at SD1.5's context width) and next to no
+    weights, and its conditional and unconditional predictions differ, so that SNF has guidance to compare."""
+    import torch
+
+    bench = benchmark.Bench(comfyui, benchmark.NULL_UNET, torch.float32, "cpu")
+    assert all(isinstance(p.model.diffusion_model, benchmark.NullUNet) for p in bench.patchers.values())
+    assert benchmark.parameter_count(bench.patchers[benchmark.SDM]) == 4
+    official = benchmark.StageSchedule.from_fractions(benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA, STEPS)
+    with bench.instruments():
+        run = bench.measure("null", lambda: bench.snf(benchmark.empty_latent(8), STEPS, benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA), STEPS, official)
+    assert run.stage_rows_per_step == {"scene": [2] * 3, "fusion": [4] * 3, "subject": [2] * 4}
+    x = torch.ones(2, 4, 8, 8)
+    context = torch.stack([torch.zeros(77, 768), torch.ones(77, 768)])
+    out = bench.patchers[benchmark.SDM].model.diffusion_model(x, torch.zeros(2), context=context)
+    assert out.shape == x.shape and not torch.equal(out[0], out[1])
+
+
 def test_summary_ratios(benchmark):
     from facediffuser_core.schedule import StageSchedule
 
     def run(wall, unet, rows):
         return benchmark.RunFigures(label="", wall_s=wall, unet_s=unet, rows={"SDM": rows}, predict_noise_preludes_s=[0.001],
                                     calls={"SDM": rows // 2}, stage_rows_per_step={}, load_requests=[], weight_loads={},
-                                    weight_unloads={}, moves_during_sampling=0)
+                                    weight_unloads={}, moves_during_sampling=0, step_outside_s=[0.01] * 9 + [0], step_rows=[2] * 9 + [0])
 
     # KSampler: 10 s of which 9.5 in the UNet over 20 rows. SNF at 0/0: 10.4 s, 9.8 in the UNet (noise), so
     # 0.6 s outside. Three-stage: 26 rows, 12.6 s, 12.3 in the UNet.
@@ -79,3 +102,24 @@ def test_summary_ratios(benchmark):
     assert summary["official_wall_over_floor"] == pytest.approx(12.6 / 13.0)
     assert summary["official_equal_unet_over_floor"] == pytest.approx((1.3 * 9.5 + 0.3) / 13.0)
     assert summary["outside_s_per_row"]["snf_official"] == pytest.approx(0.3 / 26)
+
+
+def test_per_evaluation_ratios_by_stage(benchmark):
+    """Per stage, the median over its steps of the outside-UNet time per row, against KSampler's at the same
+    steps; a step delayed by the machine does not move the median."""
+    from facediffuser_core.schedule import StageSchedule
+
+    def run(step_outside_ms, step_rows, fixed=0.01):
+        return benchmark.RunFigures(label="", wall_s=1.0, unet_s=0.5, rows={}, predict_noise_preludes_s=[], calls={}, stage_rows_per_step={},
+                                    load_requests=[], weight_loads={}, weight_unloads={}, moves_during_sampling=0,
+                                    step_outside_s=[t / 1000 for t in step_outside_ms], step_rows=step_rows, fixed_s=fixed)
+
+    official = StageSchedule.from_fractions(0.32, 0.62, 10)  # scene 0-2, fusion 3-5, subject 6-9
+    ks = run([2, 2, 50, 2, 2, 2, 2, 2, 2, 0], [2] * 9 + [0])
+    plain = run([2.2] * 9 + [0], [2] * 9 + [0], fixed=0.02)
+    full = run([2.2, 2.2, 2.2, 4.4, 4.4, 4.4, 2, 2, 2, 0], [2, 2, 2, 4, 4, 4, 2, 2, 2, 0])
+    summary = benchmark.per_evaluation_summary({"ksampler": [ks], "snf_plain": [plain], "snf_official": [full]}, official)
+    assert summary["ksampler_s"]["scene"] == pytest.approx(0.001)  # the 50 ms step is ignored
+    assert summary["plain_ratio"] == pytest.approx(1.1)
+    assert summary["official_ratio"] == pytest.approx({"scene": 1.1, "fusion": 1.1, "subject": 1.0})
+    assert summary["fixed_s"] == {"ksampler": 0.01, "snf_plain": 0.02, "snf_official": 0.01}
