@@ -105,8 +105,9 @@ def test_summary_ratios(benchmark):
 
 
 def test_per_evaluation_ratios_by_stage(benchmark):
-    """Per stage, the median over its steps of the outside-UNet time per row, against KSampler's at the same
-    steps; a step delayed by the machine does not move the median."""
+    """Per stage, each step's quickest repetition per row, the median over the stage's steps, against
+    KSampler's at the same steps: a step the machine delayed in one repetition, or a few in every one, do
+    not move it."""
     from facediffuser_core.schedule import StageSchedule
 
     def run(step_outside_ms, step_rows, fixed=0.01):
@@ -115,11 +116,38 @@ def test_per_evaluation_ratios_by_stage(benchmark):
                                     step_outside_s=[t / 1000 for t in step_outside_ms], step_rows=step_rows, fixed_s=fixed)
 
     official = StageSchedule.from_fractions(0.32, 0.62, 10)  # scene 0-2, fusion 3-5, subject 6-9
-    ks = run([2, 2, 50, 2, 2, 2, 2, 2, 2, 0], [2] * 9 + [0])
-    plain = run([2.2] * 9 + [0], [2] * 9 + [0], fixed=0.02)
-    full = run([2.2, 2.2, 2.2, 4.4, 4.4, 4.4, 2, 2, 2, 0], [2, 2, 2, 4, 4, 4, 2, 2, 2, 0])
-    summary = benchmark.per_evaluation_summary({"ksampler": [ks], "snf_plain": [plain], "snf_official": [full]}, official)
-    assert summary["ksampler_s"]["scene"] == pytest.approx(0.001)  # the 50 ms step is ignored
+    rows = [2] * 9 + [0]
+    ks = [run([2, 2, 50, 2, 2, 2, 2, 2, 2, 0], rows), run([2, 30, 2, 2, 2, 2, 2, 2, 2, 0], rows, fixed=0.02)]
+    plain = [run([2.2] * 9 + [0], rows, fixed=0.02), run([2.2, 9, 9] + [2.2] * 6 + [0], rows, fixed=0.03)]
+    full_rows = [2, 2, 2, 4, 4, 4, 2, 2, 2, 0]
+    full = [run([2.2, 2.2, 2.2, 4.4, 40, 4.4, 2, 2, 2, 0], full_rows), run([2.2, 2.2, 2.2, 40, 4.4, 40, 2, 2, 2, 0], full_rows)]
+    summary = benchmark.per_evaluation_summary({"ksampler": ks, "snf_plain": plain, "snf_official": full}, official)
+    assert summary["ksampler_s"]["scene"] == pytest.approx(0.001)  # the delayed steps do not count
     assert summary["plain_ratio"] == pytest.approx(1.1)
     assert summary["official_ratio"] == pytest.approx({"scene": 1.1, "fusion": 1.1, "subject": 1.0})
     assert summary["fixed_s"] == {"ksampler": 0.01, "snf_plain": 0.02, "snf_official": 0.01}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_host_reads_per_run(benchmark, bench, sampler):
+    """Host reads of tensor values (a device sync each on a GPU when the tensor is there), counted per run
+    and place, against KSampler's (whose own samplers read some: dpmpp_2m and heun test each next sigma
+    for zero). The SNF sampler counts the evaluations of a one-evaluation-per-step sampler and checks them
+    against the sigmas in one read after the run; for other samplers (heun evaluates twice per step) it
+    reads each evaluation's sigma. Before sampling it reads two sigma lists that KSampler does not, host
+    copies of the run's and the whole schedule (tensors on the host: no sync)."""
+    latent = benchmark.empty_latent(8)
+    with bench.instruments():
+        ksampler = bench.count_host_reads(lambda: bench.ksampler(latent, STEPS, sampler))
+        snf = bench.count_host_reads(lambda: bench.snf(latent, STEPS, benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA, sampler))
+    extra = {place: count - ksampler["places"].get(place, 0) for place, count in snf["places"].items() if place.startswith("sampling ")}
+    assert all(count >= 0 for count in extra.values()), (snf, ksampler)
+    extra = {place: count for place, count in extra.items() if count}
+    if sampler == "heun":
+        assert snf["evaluations"] == ksampler["evaluations"] == 2 * STEPS - 1
+        assert extra == {"sampling snf_guider.py:_stage_of": snf["evaluations"]}
+    else:
+        assert snf["evaluations"] == ksampler["evaluations"] == STEPS
+        assert extra == {"sampling snf_guider.py:_check_counted": 1}
+    assert snf["sampling"] == ksampler["sampling"] + sum(extra.values())
+    assert snf["set-up"] == ksampler["set-up"] + 2 and snf["places"]["set-up snf_guider.py:_place_evaluations"] == 2
