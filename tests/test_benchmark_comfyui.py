@@ -51,10 +51,12 @@ def test_rows_per_step_and_loads_per_run(benchmark, bench):
         assert run.step_rows == [2] * 3 + [4] * 3 + [2] * 3 + [0]
         assert all(t > 0 for t in run.step_outside_s[:-1]) and run.step_outside_s[-1] == 0 and run.fixed_s > 0
         assert sum(run.step_outside_s) + run.fixed_s == pytest.approx(run.outside_s, rel=0.05)
+        assert all((t > 0) == (3 <= step < 6) for step, t in enumerate(run.step_snf_maths_s)) and sum(run.step_snf_maths_s) < run.outside_s
     for run in (ksampler, sdm_only):
         assert run.stage_rows_per_step == {"subject": [2] * STEPS}
         assert run.rows == {"SDM": 2 * STEPS}
         assert run.step_rows == [2] * (STEPS - 1) + [0]
+        assert not any(run.step_snf_maths_s)
     # Both models in one request of the first run, each loaded once, nothing moved while sampling.
     assert [sorted(models) for models in cold.load_requests] == [["SDM", "TDM"]]
     assert cold.weight_loads == {"SDM": 1, "TDM": 1} and cold.weight_unloads == {}
@@ -90,7 +92,8 @@ def test_summary_ratios(benchmark):
     def run(wall, unet, rows):
         return benchmark.RunFigures(label="", wall_s=wall, unet_s=unet, rows={"SDM": rows}, predict_noise_preludes_s=[0.001],
                                     calls={"SDM": rows // 2}, stage_rows_per_step={}, load_requests=[], weight_loads={},
-                                    weight_unloads={}, moves_during_sampling=0, step_outside_s=[0.01] * 9 + [0], step_rows=[2] * 9 + [0])
+                                    weight_unloads={}, moves_during_sampling=0, step_outside_s=[0.01] * 9 + [0], step_rows=[2] * 9 + [0],
+                                    step_snf_maths_s=[0.0] * 10)
 
     # KSampler: 10 s of which 9.5 in the UNet over 20 rows. SNF at 0/0: 10.4 s, 9.8 in the UNet (noise), so
     # 0.6 s outside. Three-stage: 26 rows, 12.6 s, 12.3 in the UNet.
@@ -110,22 +113,25 @@ def test_per_evaluation_ratios_by_stage(benchmark):
     not move it."""
     from facediffuser_core.schedule import StageSchedule
 
-    def run(step_outside_ms, step_rows, fixed=0.01):
+    def run(step_outside_ms, step_rows, fixed=0.01, snf_maths=()):
         return benchmark.RunFigures(label="", wall_s=1.0, unet_s=0.5, rows={}, predict_noise_preludes_s=[], calls={}, stage_rows_per_step={},
                                     load_requests=[], weight_loads={}, weight_unloads={}, moves_during_sampling=0,
-                                    step_outside_s=[t / 1000 for t in step_outside_ms], step_rows=step_rows, fixed_s=fixed)
+                                    step_outside_s=[t / 1000 for t in step_outside_ms], step_rows=step_rows, fixed_s=fixed, step_snf_maths_s=[t / 1000 for t in snf_maths])
 
     official = StageSchedule.from_fractions(0.32, 0.62, 10)  # scene 0-2, fusion 3-5, subject 6-9
     rows = [2] * 9 + [0]
     ks = [run([2, 2, 50, 2, 2, 2, 2, 2, 2, 0], rows), run([2, 30, 2, 2, 2, 2, 2, 2, 2, 0], rows, fixed=0.02)]
     plain = [run([2.2] * 9 + [0], rows, fixed=0.02), run([2.2, 9, 9] + [2.2] * 6 + [0], rows, fixed=0.03)]
     full_rows = [2, 2, 2, 4, 4, 4, 2, 2, 2, 0]
-    full = [run([2.2, 2.2, 2.2, 4.4, 40, 4.4, 2, 2, 2, 0], full_rows), run([2.2, 2.2, 2.2, 40, 4.4, 40, 2, 2, 2, 0], full_rows)]
+    snf_maths = [0, 0, 0, 1, 20, 1.5, 0, 0, 0, 0]
+    full = [run([2.2, 2.2, 2.2, 4.4, 40, 4.4, 2, 2, 2, 0], full_rows, snf_maths=snf_maths),
+            run([2.2, 2.2, 2.2, 40, 4.4, 40, 2, 2, 2, 0], full_rows, snf_maths=[0, 0, 0, 20, 1.2, 1.5, 0, 0, 0, 0])]
     summary = benchmark.per_evaluation_summary({"ksampler": ks, "snf_plain": plain, "snf_official": full}, official)
     assert summary["ksampler_s"]["scene"] == pytest.approx(0.001)  # the delayed steps do not count
     assert summary["plain_ratio"] == pytest.approx(1.1)
     assert summary["official_ratio"] == pytest.approx({"scene": 1.1, "fusion": 1.1, "subject": 1.0})
     assert summary["fixed_s"] == {"ksampler": 0.01, "snf_plain": 0.02, "snf_official": 0.01}
+    assert summary["snf_maths_per_fusion_step_s"] == pytest.approx(0.0012)  # quickest of each fusion step (1, 1.2, 1.5), median
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
