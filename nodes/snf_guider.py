@@ -27,6 +27,7 @@ import functools
 from dataclasses import dataclass
 
 import comfy.hooks
+import comfy.k_diffusion.sampling
 import comfy.latent_formats
 import comfy.model_management
 import comfy.model_patcher
@@ -44,6 +45,15 @@ TDM_ATTACHMENT_KEY = "facediffuser_tdm"
 # The key ComfyUI's MultiGPU nodes attach their per-device clones under (0.33 and newer).
 MULTIGPU_KEY = "multigpu"
 POST_CFG = "sampler_post_cfg_function"
+# k-diffusion samplers that evaluate the model once per step, at sigmas[i] in step i (with the default options
+# named): for them the guider counts its evaluations instead of reading each one's sigma on the host (a
+# device sync per evaluation on a GPU), and checks the count against the sigmas once, after the run.
+ONE_EVALUATION_PER_STEP = {
+    name: {"s_churn": 0.0} if name == "euler" else {}
+    for name in ("euler", "euler_ancestral", "euler_ancestral_RF", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                 "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "euler_cfg_pp",
+                 "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep", "res_multistep_cfg_pp")
+}
 
 
 def _check_width(input_name: str, conditioning, model_name: str, patcher) -> None:
@@ -113,7 +123,10 @@ def sampler_additions(given: dict, received: dict) -> dict:
 
 
 def with_additions(options: dict, additions: dict) -> dict:
-    """`options` with a sampler's additions: lists extended, dictionaries merged, other values replaced."""
+    """`options` with a sampler's additions: lists extended, dictionaries merged, other values replaced;
+    `options` itself when there are none."""
+    if not additions:
+        return options
     merged = dict(options)
     for key, value in additions.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -156,6 +169,7 @@ class ModelSide(comfy.samplers.CFGGuider):
         self.set_cfg(cfg)
         self.sampling_options: dict = {}
         self.last_predictions: Predictions | None = None
+        self._capturing: tuple[dict, dict] | None = None  # (options, the same with the capture), built once per run
 
     def inner_set_conds(self, conds):
         # CFGGuider's swap, asking the node's patcher for the delegate: core caches the delegate's model there
@@ -185,19 +199,22 @@ class ModelSide(comfy.samplers.CFGGuider):
             self.model_patcher.hook_mode = original_hook_mode
             self.model_patcher.restore_hook_patches()
             self.last_predictions = None
+            self._capturing = None
             del self.conds
 
     def predict(self, x, timestep, options: dict, seed, capture: bool = False):
         """This model's guided prediction; with `capture`, its raw cond/uncond predictions are kept in
         `last_predictions` (where a cache wrapper skips the model, the previous evaluation's stay)."""
         if capture:
-            def keep(args):
-                self.last_predictions = Predictions(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"])
-                return args["denoised"]
-
-            # SNF compares guidance responses, so the unconditional branch must run even at cfg 1.
-            options = {**options, POST_CFG: options.get(POST_CFG, []) + [keep], "disable_cfg1_optimization": True}
+            if self._capturing is None or self._capturing[0] is not options:
+                # SNF compares guidance responses, so the unconditional branch must run even at cfg 1.
+                self._capturing = (options, {**options, POST_CFG: options.get(POST_CFG, []) + [self._keep], "disable_cfg1_optimization": True})
+            options = self._capturing[1]
         return self.outer_predict_noise(x, timestep, options, seed)
+
+    def _keep(self, args):
+        self.last_predictions = Predictions(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"])
+        return args["denoised"]
 
 
 class SNFGuider(comfy.samplers.CFGGuider):
@@ -242,6 +259,8 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.node = node  # named by the errors sampling raises, where ComfyUI shows the sampler node's name
         self.saliency = snf.SaliencyRecord()
         self.fusion_regions = None  # (K, H, W) masks outside which fusion keeps the TDM (nodes.regions)
+        self.counted: list[tuple[int, Stage]] | None = None  # each evaluation's step and stage, where counted
+        self.evaluated: list[torch.Tensor] = []  # the counted evaluations' sigmas, checked after the run
 
     @property
     def sides(self) -> tuple[ModelSide, ModelSide]:
@@ -283,6 +302,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
     def _place_evaluations(self, sigmas: torch.Tensor) -> None:
         run = sigmas.tolist()  # one host copy of the schedule per run; evaluations are then placed without it
         full = run if self.schedule is None else self.schedule.tolist()
+        self.run_steps = []
         if len(full) < 2:  # a one-sigma run evaluates nothing (a SplitSigmas half at the last step)
             self.locator = self.stages = None
             return
@@ -294,6 +314,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
                 "schedule these sigmas were split or cut from (e.g. BasicScheduler's output before SplitSigmas)"
             )
         self.stages = StageSchedule.from_fractions(self.alpha, self.beta, len(full) - 1)
+        self.run_steps = [(step, self.stages.stage_at(step)) for step in map(self.locator.step_for, run[:-1])]
 
     def _through_wrappers(self, wrapper_type: str, sides, function, *args, **kwargs):
         """`function(*args)` inside each side's wrappers of this type, the first side's outermost; a side's
@@ -328,7 +349,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
             try:
                 noise = noise.to(device=device, dtype=torch.float32)
                 latent_image = latent_image.to(device=device, dtype=torch.float32)
-                sigmas = sigmas.to(device)
+                sigmas = self.run_sigmas = sigmas.to(device)
                 for side in self.sides:
                     comfy.samplers.cast_to_load_options(side.model_options, device=device, dtype=side.model_patcher.model_dtype())
                     side.model_patcher.pre_run()  # calc_cond_batch reaches each patcher through model.current_patcher
@@ -366,8 +387,12 @@ class SNFGuider(comfy.samplers.CFGGuider):
             self.sampler_options = dict(self.sdm_side.sampling_options)
             if any("denoise_mask_function" in side.sampling_options for side in self.sides):
                 self.sampler_options["denoise_mask_function"] = self._denoise_mask
-            return sampler.sample(self, sigmas, {"model_options": self.sampler_options, "seed": seed}, callback,
-                                  noise, latent_image, denoise_mask, disable_pbar)
+            self.counted = self.run_steps if sigmas is self.run_sigmas and self._one_evaluation_per_step(sampler) else None
+            self.evaluated = []
+            samples = sampler.sample(self, sigmas, {"model_options": self.sampler_options, "seed": seed}, callback,
+                                     noise, latent_image, denoise_mask, disable_pbar)
+            self._check_counted(sampler)
+            return samples
         side = self.sides[index]
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(
             functools.partial(self._sampler_run, index + 1, sampler, seed),
@@ -375,8 +400,31 @@ class SNFGuider(comfy.samplers.CFGGuider):
             comfy.patcher_extension.get_all_wrappers(WrappersMP.SAMPLER_SAMPLE, side.sampling_options, is_model_options=True),
         ).execute(side, sigmas, {"model_options": side.sampling_options, "seed": seed}, callback, noise, latent_image, denoise_mask, disable_pbar)
 
+    @staticmethod
+    def _one_evaluation_per_step(sampler) -> bool:
+        function = getattr(sampler, "sampler_function", None)
+        options = getattr(sampler, "extra_options", {})
+        return any(function is getattr(comfy.k_diffusion.sampling, f"sample_{name}", None) and all(options.get(k, v) == v for k, v in defaults.items())
+                   for name, defaults in ONE_EVALUATION_PER_STEP.items())
+
+    def _check_counted(self, sampler) -> None:
+        """One host read per run: every counted evaluation was at its step's noise level."""
+        if self.counted is None or not self.evaluated:
+            return
+        evaluated = torch.stack([sigma[0] for sigma in self.evaluated]).tolist()
+        for index, (sigma, (step, _)) in enumerate(zip(evaluated, self.counted)):
+            if self.locator.step_for(sigma) != step:
+                name = getattr(sampler.sampler_function, "__name__", type(sampler).__name__)
+                raise RuntimeError(
+                    f"{self.node}: the sampler ({name}) evaluated the model at sigma {sigma:.6g} as its evaluation {index}, not at "
+                    f"step {step}'s noise level as Face-diffuser counted, so its stages were misplaced: "
+                    "choose another sampler (and report this one as an issue of the Face-diffuser node pack)"
+                )
+
     def _stage_of(self, sigma: torch.Tensor) -> tuple[int, Stage]:
-        # The one host read of an evaluation: which models run is a Python decision.
+        if self.counted is not None and len(self.evaluated) < len(self.counted):
+            return self.counted[len(self.evaluated)]
+        # A host read: which models run is a Python decision.
         step = self.locator.step_for(float(sigma[0]))
         return step, self.stages.stage_at(step)
 
@@ -399,7 +447,10 @@ class SNFGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         comfy.model_management.throw_exception_if_processing_interrupted()
         step, stage = self._stage_of(timestep)
-        additions = sampler_additions(self.sampler_options, model_options)
+        if self.counted is not None:
+            self.evaluated.append(timestep)
+        # Samplers that change nothing pass the very options they were given: nothing to add then.
+        additions = {} if model_options is self.sampler_options else sampler_additions(self.sampler_options, model_options)
         if stage is Stage.SCENE:
             return self.tdm_side.predict(x, timestep, with_additions(self.tdm_side.sampling_options, additions), seed)
         if stage is Stage.SUBJECT:

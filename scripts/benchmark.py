@@ -13,11 +13,15 @@ models of SD1.5's architecture (the SDM and the TDM), and prints a Markdown tabl
 3. model loads and weight moves per run, and whether any happen between stages;
 4. peak memory against the models' weights, each configuration in a fresh process;
 5. with --device cuda: seconds per image, peak VRAM, host syncs per run, and the SNF maths per fusion
-   step as a fraction of one UNet evaluation.
+   step as a fraction of one UNet evaluation;
+6. the host time outside the UNet per UNet evaluation, by stage, against KSampler's at the same steps, and
+   the host reads of tensor values per run (each a host sync on a GPU). With --null-unet the UNets cost
+   next to nothing (SD1.5's interface and latent, 512x512, 50 steps), so that this is all a run measures.
 
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py                # SD1.5-size UNets on CPU, 16x16 latent
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick        # small UNets of SD1.5's structure
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda  # SD1.5 size, 512x512, 50 steps, fp16
+    COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --null-unet    # the host work per evaluation alone
 
 How it measures. Every call of each model's `diffusion_model.forward` is wrapped: it is counted (calls,
 rows, and the noise level, from which the step and stage of every row are derived after the run) and timed
@@ -38,6 +42,8 @@ the ComfyUI checkout).
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import dataclasses
 import json
 import logging
@@ -71,6 +77,7 @@ CFG = 5.0
 SAMPLER, SCHEDULER = "ddim", "ddim_uniform"
 CONTEXT_TOKENS, CONTEXT_DIM = 77, 768
 MEMORY_MARKER = "BENCHMARK-MEMORY "
+DISPATCH_SIDE = 8
 
 # SD1.5's UNet (859.5M parameters), as comfy/model_detection.py describes it.
 SD15_UNET = {
@@ -83,6 +90,8 @@ SD15_UNET = {
 }
 # The same blocks, attention layers and text context with a tenth of the channels (10.4M parameters).
 SMALL_UNET = {**SD15_UNET, "model_channels": 32}
+# SD1.5's model around a NullUNet: ComfyUI builds no UNet from this configuration.
+NULL_UNET = {**SD15_UNET, "disable_unet_model_creation": True}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,6 +111,8 @@ PRESETS = {
     "sd15-cpu": Preset("SD1.5-size UNets", SD15_UNET, latent_side=16, steps=10, dtype="bf16", repeats=2),
     "quick": Preset("small UNets of SD1.5's structure", SMALL_UNET, latent_side=16, steps=10, dtype="fp32", repeats=5),
     "sd15-cuda": Preset("SD1.5-size UNets", SD15_UNET, latent_side=64, steps=50, dtype="fp16", repeats=3),
+    # 512x512 and the official 50 steps: a run is then the samplers' and the pack's host work alone.
+    "null": Preset("null UNets (SD1.5's interface and latent, next to no work)", NULL_UNET, latent_side=64, steps=50, dtype="fp32", repeats=25),
 }
 
 
@@ -135,16 +146,34 @@ def start_comfyui(device: str):
     return comfyui
 
 
+class NullUNet(torch.nn.Module):
+    """SD1.5's UNet as ComfyUI calls it (latent, timesteps, text context, options) for a few elementwise
+    operations: a scale per latent channel and the context's mean, so that the conditional and unconditional
+    predictions differ (SNF then has guidance to compare) and a run's time is what surrounds the UNet."""
+
+    def __init__(self, seed: int, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        generator = torch.Generator().manual_seed(seed)
+        self.scale = torch.nn.Parameter(0.5 + 0.1 * torch.randn(1, 4, 1, 1, generator=generator).to(dtype), requires_grad=False)
+
+    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        return x * self.scale + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1).to(x.dtype)
+
+
 def build_model(unet_config: dict, seed: int, dtype: torch.dtype, device: str):
-    """A ComfyUI model patcher around an SD1.5-family UNet with random weights, loaded on `device` by
-    ComfyUI's model management like any checkpoint (built on the CPU, moved at the first load)."""
+    """A ComfyUI model patcher around an SD1.5-family UNet with random weights (or a NullUNet), loaded on
+    `device` by ComfyUI's model management like any checkpoint (built on the CPU, moved at the first load)."""
     import comfy.model_patcher
     import comfy.supported_models
 
     model_config = comfy.supported_models.SD15(dict(unet_config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
-    tiny_comfy.randomise(model.diffusion_model, seed)
+    if unet_config.get("disable_unet_model_creation"):
+        model.diffusion_model = NullUNet(seed, dtype)
+    else:
+        tiny_comfy.randomise(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.CoreModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
 
@@ -183,7 +212,17 @@ class UNetCall:
     rows: int
     sigma: torch.Tensor  # the evaluation's noise levels, read only after the run
     start: float | torch.cuda.Event
+    host_start: float  # perf_counter around the call: on CUDA the host's share (launches), on CPU the call itself
     end: float | torch.cuda.Event | None = None
+    host_end: float | None = None
+
+
+@dataclass
+class Evaluation:
+    """One call of the guider by the sampler: when it began and at which noise level (read after the run)."""
+
+    start: float
+    sigma: torch.Tensor
 
 
 class UNetMeter:
@@ -199,6 +238,8 @@ class UNetMeter:
         self.calls: list[UNetCall] = []
         self.predict_noise_at: float | None = None
         self.preludes: list[float] = []  # host seconds from a guider's predict_noise to its first UNet call
+        self.evaluations: list[Evaluation] = []
+        self.snf_s: collections.defaultdict[int, float] = collections.defaultdict(float)  # evaluation -> seconds of SNF maths
 
     @contextmanager
     def watching(self):
@@ -217,8 +258,9 @@ class UNetMeter:
             return event
         return time.perf_counter()
 
-    def mark_predict_noise(self) -> None:
+    def mark_predict_noise(self, sigma: torch.Tensor) -> None:
         self.predict_noise_at = time.perf_counter()
+        self.evaluations.append(Evaluation(self.predict_noise_at, sigma))
 
     def _timed(self, name: str, forward):
         def timed(x, *args, **kwargs):
@@ -226,9 +268,10 @@ class UNetMeter:
                 self.preludes.append(time.perf_counter() - self.predict_noise_at)
                 self.predict_noise_at = None
             sigma = kwargs["transformer_options"]["sigmas"]
-            call = UNetCall(name, x.shape[0], sigma, self._clock())
+            call = UNetCall(name, x.shape[0], sigma, self._clock(), time.perf_counter())
             self.calls.append(call)
             out = forward(x, *args, **kwargs)
+            call.host_end = time.perf_counter()
             call.end = self._clock()
             return out
 
@@ -241,6 +284,10 @@ class UNetMeter:
     def take_preludes(self) -> list[float]:
         preludes, self.preludes = self.preludes, []
         return preludes
+
+    def take_evaluations(self) -> list[Evaluation]:
+        evaluations, self.evaluations = self.evaluations, []
+        return evaluations
 
     def seconds(self, calls: list[UNetCall]) -> float:
         if self.device == "cuda":
@@ -310,6 +357,46 @@ class LoadSpy:
         return events
 
 
+# Python's ways of reading a tensor's values on the host; on a GPU each read of a device tensor waits for the
+# device's queue to drain (a host sync).
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+class HostReadCounter:
+    """Counts the host reads of tensor values per place in the code, and whether sampling had begun (a
+    guider was called). On the CPU nothing is on a device, so every read is counted: a read of the sigma
+    schedule the code keeps on the host shows here too, under its own place."""
+
+    def __init__(self, meter: UNetMeter):
+        self.meter = meter
+        self.reads: dict[tuple[str, str], int] = {}  # (phase, place) -> reads
+
+    @contextmanager
+    def counting(self):
+        originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+        def counted(original):
+            def read(tensor, *args, **kwargs):
+                code = sys._getframe(1).f_code
+                key = ("sampling" if self.meter.evaluations else "set-up", f"{Path(code.co_filename).name}:{code.co_name}")
+                self.reads[key] = self.reads.get(key, 0) + 1
+                return original(tensor, *args, **kwargs)
+
+            return read
+
+        self.reads = {}
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counted(original))
+        try:
+            yield self
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+
+    def total(self, phase: str) -> int:
+        return sum(count for (read_phase, _), count in self.reads.items() if read_phase == phase)
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs
 
@@ -327,6 +414,13 @@ class RunFigures:
     weight_loads: dict[str, int]
     weight_unloads: dict[str, int]
     moves_during_sampling: int
+    # Host time outside the UNet, by the step each evaluation belongs to: from one call of the guider to the
+    # next (the guider's work and the sampler's step after it), less the UNet calls in between. The last
+    # evaluation has no next one; its time and the run's set-up and tear-down are `fixed_s`.
+    step_outside_s: list[float] = dataclasses.field(default_factory=list)
+    step_rows: list[int] = dataclasses.field(default_factory=list)
+    fixed_s: float = 0.0
+    step_snf_maths_s: list[float] = dataclasses.field(default_factory=list)  # host time in the guider's SNF maths by step
 
     @property
     def outside_s(self) -> float:
@@ -347,12 +441,39 @@ class Bench:
         self.conds = conditionings()
         self.meter = UNetMeter({name: p.model for name, p in self.patchers.items()}, device)
         self.spy = LoadSpy({id(p.model): name for name, p in self.patchers.items()}, self.meter)
+        self.host_reads = HostReadCounter(self.meter)
 
     @contextmanager
     def instruments(self):
         patcher_class = type(next(iter(self.patchers.values())))
-        with self.meter.watching(), self.spy.watching(patcher_class), self._watching_predict_noise():
+        with self.meter.watching(), self.spy.watching(patcher_class), self._watching_predict_noise(), self._watching_snf_maths():
             yield
+
+    @contextmanager
+    def _watching_snf_maths(self):
+        """Times the guider's SNF maths in the run: both guidance responses, the saliency choice, the fusion."""
+        core, guider = self.comfyui.pack("facediffuser_core.snf"), self.comfyui.pack("nodes.snf_guider")
+        targets = [(core, "decide"), (core, "fuse"), (guider.Predictions, "guidance")]
+        originals = [getattr(owner, name) for owner, name in targets]
+        meter = self.meter
+
+        def timed(function):
+            def run(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    meter.snf_s[len(meter.evaluations) - 1] += time.perf_counter() - start
+
+            return run
+
+        for (owner, name), original in zip(targets, originals):
+            setattr(owner, name, timed(original))
+        try:
+            yield
+        finally:
+            for (owner, name), original in zip(targets, originals):
+                setattr(owner, name, original)
 
     @contextmanager
     def _watching_predict_noise(self):
@@ -365,9 +486,9 @@ class Bench:
         call = comfy.samplers.CFGGuider.__call__
         meter = self.meter
 
-        def marked(guider, *args, **kwargs):
-            meter.mark_predict_noise()
-            return call(guider, *args, **kwargs)
+        def marked(guider, x, sigma, *args, **kwargs):
+            meter.mark_predict_noise(sigma)
+            return call(guider, x, sigma, *args, **kwargs)
 
         comfy.samplers.CFGGuider.__call__ = marked
         try:
@@ -375,27 +496,36 @@ class Bench:
         finally:
             comfy.samplers.CFGGuider.__call__ = call
 
-    def ksampler(self, latent: dict, steps: int):
+    def ksampler(self, latent: dict, steps: int, sampler: str = SAMPLER):
         sdm = self.patchers[SDM]
-        return self.comfyui.nodes.common_ksampler(sdm, SEED, steps, CFG, SAMPLER, SCHEDULER,
+        return self.comfyui.nodes.common_ksampler(sdm, SEED, steps, CFG, sampler, SCHEDULER,
                                                   self.conds["augmented"], self.conds["text"], latent)
 
-    def snf(self, latent: dict, steps: int, alpha: float, beta: float):
+    def snf(self, latent: dict, steps: int, alpha: float, beta: float, sampler: str = SAMPLER):
         return self.comfyui.run("FaceDiffuserSNFSampler", tdm=self.patchers[TDM], sdm=self.patchers[SDM], latent_image=latent,
-                                seed=SEED, steps=steps, cfg=CFG, sampler_name=SAMPLER, scheduler=SCHEDULER,
+                                seed=SEED, steps=steps, cfg=CFG, sampler_name=sampler, scheduler=SCHEDULER,
                                 alpha=alpha, beta=beta, denoise=1.0, **self.conds)
 
     def measure(self, label: str, run, steps: int, schedule: StageSchedule) -> RunFigures:
         """Run once under the instruments (which must be active) and account for every UNet row and load."""
         self.meter.take()
         self.meter.take_preludes()
+        self.meter.take_evaluations()
+        self.meter.snf_s.clear()
         self.spy.take()
         synchronize(self.device)
         start = time.perf_counter()
         run()
         synchronize(self.device)
-        wall = time.perf_counter() - start
-        calls, events = self.meter.take(), self.spy.take()
+        end = time.perf_counter()
+        wall = end - start
+        calls, events, evaluations = self.meter.take(), self.spy.take(), self.meter.take_evaluations()
+        step_outside, step_rows, fixed = self._outside_per_step(calls, evaluations, start, end, steps)
+        step_snf = [0.0] * steps
+        if evaluations:
+            locator = self._locator(steps)
+            for index, seconds in self.meter.snf_s.items():
+                step_snf[locator.step_for(float(evaluations[index].sigma[0]))] += seconds
         return RunFigures(
             label=label, wall_s=wall, unet_s=self.meter.seconds(calls),
             rows=_count(calls, lambda c: c.rows), predict_noise_preludes_s=self.meter.take_preludes(), calls=_count(calls, lambda c: 1),
@@ -404,15 +534,53 @@ class Bench:
             weight_loads=_count([e for e in events if e.kind == "load"], lambda e: 1, key=lambda e: e.models[0]),
             weight_unloads=_count([e for e in events if e.kind in ("partial_unload", "offload")], lambda e: 1, key=lambda e: e.models[0]),
             moves_during_sampling=sum(e.kind != "load_models_gpu" and e.during_sampling for e in events),
+            step_outside_s=step_outside, step_rows=step_rows, fixed_s=fixed, step_snf_maths_s=step_snf,
         )
+
+    def count_host_reads(self, run) -> dict:
+        """Host reads of tensor values in one run (the instruments must be active), before sampling and
+        during it, with the places that made them."""
+        self.meter.take_evaluations()
+        with self.host_reads.counting():
+            run()
+        self.meter.take()
+        evaluations = len(self.meter.take_evaluations())
+        reads = self.host_reads
+        return {"set-up": reads.total("set-up"), "sampling": reads.total("sampling"), "evaluations": evaluations,
+                "places": {f"{phase} {place}": count for (phase, place), count in sorted(reads.reads.items())}}
+
+    def _locator(self, steps: int) -> StepLocator:
+        import comfy.samplers
+
+        return StepLocator(comfy.samplers.KSampler(self.patchers[SDM], steps=steps, device="cpu", sampler=SAMPLER, scheduler=SCHEDULER).sigmas.tolist())
+
+    def _outside_per_step(self, calls: list[UNetCall], evaluations: list[Evaluation], start: float, end: float, steps: int):
+        """Host seconds outside the UNet and UNet rows per step, from each evaluation to the next; and the
+        rest of the run (before the first evaluation, from the last one on) less its UNet time."""
+        outside, rows = [0.0] * steps, [0] * steps
+        if not evaluations:
+            return outside, rows, end - start - sum(c.host_end - c.host_start for c in calls)
+        locator = self._locator(steps)
+        evaluated = torch.stack([e.sigma[0].float() for e in evaluations]).tolist()  # one read for the whole run
+        bounds = [e.start for e in evaluations]
+        inside = [0.0] * len(bounds)
+        rows_in = [0] * len(bounds)
+        for call in calls:
+            index = bisect.bisect_right(bounds, call.host_start) - 1
+            if index >= 0:
+                inside[index] += call.host_end - call.host_start
+                rows_in[index] += call.rows
+        for index in range(len(bounds) - 1):
+            step = locator.step_for(evaluated[index])
+            outside[step] += bounds[index + 1] - bounds[index] - inside[index]
+            rows[step] += rows_in[index]
+        fixed = (bounds[0] - start) + (end - bounds[-1] - inside[-1])
+        return outside, rows, fixed
 
     def _stage_rows_per_step(self, calls: list[UNetCall], steps: int, schedule: StageSchedule) -> dict[str, list[int]]:
         if not calls:
             return {}
-        import comfy.samplers
-
-        sigmas = comfy.samplers.KSampler(self.patchers[SDM], steps=steps, device="cpu", sampler=SAMPLER, scheduler=SCHEDULER).sigmas
-        locator = StepLocator(sigmas.tolist())
+        locator = self._locator(steps)
         evaluated = torch.stack([c.sigma[0].float() for c in calls]).tolist()  # one read for the whole run
         rows_per_step = [0] * steps
         for call, sigma in zip(calls, evaluated):
@@ -434,7 +602,7 @@ def snf_maths_seconds(side: int, device: str, iterations: int = 50) -> float:
     """Seconds of SNF maths per fusion evaluation for one 4-channel latent of side x side, in float32 as
     ComfyUI keeps latents: both guidance responses from the cond/uncond predictions, the saliency choice
     and the fusion. Timed as a block of iterations (CUDA events around the block), so it is the device's
-    work, without Python's share, which the whole-run figures hold."""
+    work, without Python's share, which the whole-run figures hold; on the CPU, the median iteration."""
     generator = torch.Generator().manual_seed(SEED)
     x, *outs = (torch.randn(1, 4, side, side, generator=generator).to(device) for _ in range(5))
     sigma = torch.full((1, 1, 1, 1), 3.0, device=device)
@@ -454,10 +622,12 @@ def snf_maths_seconds(side: int, device: str, iterations: int = 50) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1000.0 / iterations
-    start_time = time.perf_counter()
-    for _ in range(iterations):
+    times = []
+    for _ in range(iterations):  # the median, so that the machine's other jobs do not count
+        start_time = time.perf_counter()
         once()
-    return (time.perf_counter() - start_time) / iterations
+        times.append(time.perf_counter() - start_time)
+    return statistics.median(times)
 
 
 def count_host_syncs(run) -> int:
@@ -496,6 +666,12 @@ def timing_benchmark(comfyui, preset: Preset, device: str, log) -> dict:
             runs["snf_plain"].append(bench.measure("SNF alpha=beta=0", lambda: bench.snf(latent, steps, 0.0, 0.0), steps, plain))
             runs["snf_official"].append(bench.measure(
                 "SNF official split", lambda: bench.snf(latent, steps, OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA), steps, official))
+        log("host reads")
+        figures["host_reads"] = {
+            "ksampler": bench.count_host_reads(lambda: bench.ksampler(latent, steps)),
+            "snf_plain": bench.count_host_reads(lambda: bench.snf(latent, steps, 0.0, 0.0)),
+            "snf_official": bench.count_host_reads(lambda: bench.snf(latent, steps, OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA)),
+        }
         if device == "cuda":
             log("host syncs")
             figures["host_syncs"] = {
@@ -504,8 +680,44 @@ def timing_benchmark(comfyui, preset: Preset, device: str, log) -> dict:
             }
     figures["runs"] = runs
     figures["snf_maths_s"] = snf_maths_seconds(preset.latent_side, device)
+    # At 8x8 the arithmetic is next to nothing: what is left is the host's dispatch of the same operations.
+    figures["snf_maths_dispatch_s"] = snf_maths_seconds(DISPATCH_SIDE, device)
     figures["summary"] = summarise(runs, official)
     return figures
+
+
+def outside_per_row_by_stage(runs: list[RunFigures], schedule: StageSchedule) -> dict[str, float]:
+    """Host seconds outside the UNet per UNet row in each stage of `schedule` and over all steps ("all").
+
+    Each step's time is its quickest over the repetitions: on a shared machine the process loses the CPU for
+    tens of milliseconds every few steps, which would otherwise land on most of the longer (fusion) steps.
+    Then the median over the stage's steps."""
+    per_row: dict[str, list[float]] = {}
+    for step, rows in enumerate(runs[0].step_rows):
+        if rows:
+            quickest = min(run.step_outside_s[step] for run in runs)
+            for key in (schedule.stage_at(step).name.lower(), "all"):
+                per_row.setdefault(key, []).append(quickest / rows)
+    return {key: statistics.median(values) for key, values in per_row.items()}
+
+
+def per_evaluation_summary(runs: dict[str, list[RunFigures]], official: StageSchedule) -> dict:
+    """Outside-UNet time per UNet row by stage (KSampler's steps grouped by the official split) and the SNF
+    sampler's ratios to KSampler's at the same steps, from interleaved repetitions."""
+    ks = outside_per_row_by_stage(runs["ksampler"], official)
+    plain = outside_per_row_by_stage(runs["snf_plain"], official)
+    full = outside_per_row_by_stage(runs["snf_official"], official)
+    stages = [stage for stage in ("scene", "fusion", "subject") if stage in full]
+    return {
+        "ksampler_s": ks,
+        "snf_plain_s": plain["all"],
+        "snf_official_s": {stage: full[stage] for stage in stages},
+        "plain_ratio": plain["all"] / ks["all"],
+        "official_ratio": {stage: full[stage] / ks[stage] for stage in stages},
+        "fixed_s": {name: min(r.fixed_s for r in rs) for name, rs in runs.items()},
+        "snf_maths_per_fusion_step_s": statistics.median(
+            min(r.step_snf_maths_s[step] for r in runs["snf_official"]) for step in range(official.scene_end, official.fusion_end)),
+    }
 
 
 def summarise(runs: dict[str, list[RunFigures]], official: StageSchedule) -> dict:
@@ -515,6 +727,7 @@ def summarise(runs: dict[str, list[RunFigures]], official: StageSchedule) -> dic
     evaluation_ratio = full[0].total_rows / ks[0].total_rows
     median = statistics.median
     return {
+        "per_evaluation": per_evaluation_summary(runs, official),
         "evaluation_ratio": evaluation_ratio,
         "expected_evaluation_ratio": official.evaluations() / (2 * official.total_steps),
         "ksampler_wall_s": median(r.wall_s for r in ks),
@@ -578,7 +791,7 @@ def run_memory_probes(args) -> dict:
 
 def forwarded_arguments(args) -> list[str]:
     forwarded = ["--device", args.device, "--steps", str(args.steps), "--latent", str(args.latent), "--dtype", args.dtype]
-    return forwarded + (["--quick"] if args.quick else [])
+    return forwarded + (["--quick"] if args.quick else []) + (["--null-unet"] if args.null_unet else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,6 +810,48 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def per_evaluation_report(preset: Preset, timing: dict) -> str:
+    """The host time the SNF sampler spends outside the UNet per UNet evaluation against KSampler's, by
+    stage, and the host reads of tensor values per run."""
+    e = timing["summary"]["per_evaluation"]
+    reads = timing["host_reads"]
+    us = lambda seconds: f"{seconds * 1e6:.0f} us"
+    goals = {"scene": "<= 1.03", "fusion": "<= 1.10", "subject": "<= 1.03"}
+    official = StageSchedule.from_fractions(OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA, preset.steps)
+    steps = {"scene": f"steps 0-{official.scene_end - 1}", "fusion": f"steps {official.scene_end}-{official.fusion_end - 1}",
+             "subject": f"steps {official.fusion_end}-{preset.steps - 2}"}
+    lines = [
+        "| measure (host time outside the UNet per UNet evaluation: each step's quickest repetition, median over the steps) | SNF sampler | KSampler (same steps) | ratio | goal |",
+        "|---|---|---|---|---|",
+        f"| alpha = beta = 0, all steps | {us(e['snf_plain_s'])} | {us(e['ksampler_s']['all'])} | {e['plain_ratio']:.3f} | <= 1.03 |",
+    ]
+    for stage, ratio in e["official_ratio"].items():
+        lines.append(f"| official split ({OFFICIAL_DEMO_ALPHA}/{OFFICIAL_DEMO_BETA}), {stage} ({steps[stage]}) | "
+                     f"{us(e['snf_official_s'][stage])} | {us(e['ksampler_s'][stage])} | {ratio:.3f} | {goals[stage]} |")
+    if "fusion" in e["official_ratio"]:
+        in_run = e["snf_maths_per_fusion_step_s"]
+        arithmetic = max(timing["snf_maths_s"] - timing["snf_maths_dispatch_s"], 0.0)
+        rest = e["snf_official_s"]["fusion"] - in_run / 4  # 4 rows per fusion step
+        lines += [
+            f"| fusion: the SNF maths per step (guidance responses, saliency choice, fusion), timed in the run (quickest repetition, median step); alone at "
+            f"{preset.latent_side}x{preset.latent_side} and at {DISPATCH_SIDE}x{DISPATCH_SIDE} (the difference is arithmetic, "
+            f"which a GPU does while the host goes on) | {us(in_run)} in the run; {us(timing['snf_maths_s'])} and "
+            f"{us(timing['snf_maths_dispatch_s'])} alone | | {arithmetic / in_run:.0%} arithmetic | |",
+            f"| fusion, less the SNF maths timed in the run | {us(rest)} | {us(e['ksampler_s']['fusion'])} "
+            f"| {rest / e['ksampler_s']['fusion']:.3f} | |",
+        ]
+    fixed = e["fixed_s"]
+    lines += [
+        f"| per run, outside the evaluations (set-up, the last evaluation, tear-down; quickest repetition) | {fixed['snf_plain'] * 1000:.1f} ms at 0/0, "
+        f"{fixed['snf_official'] * 1000:.1f} ms three-stage | {fixed['ksampler'] * 1000:.1f} ms | | |",
+        f"| host reads of tensor values per run while sampling (`float`, `.item()`, `.tolist()`, ...) | "
+        f"{reads['snf_plain']['sampling']} at 0/0, {reads['snf_official']['sampling']} three-stage | {reads['ksampler']['sampling']} | | |",
+        f"| same, before sampling (set-up) | {reads['snf_plain']['set-up']} at 0/0, {reads['snf_official']['set-up']} three-stage "
+        f"| {reads['ksampler']['set-up']} | | |",
+    ]
+    return "\n".join(lines)
+
+
 def report(args, preset: Preset, timing: dict, memory: dict) -> str:
     s = timing["summary"]
     runs = timing["runs"]
@@ -608,11 +863,6 @@ def report(args, preset: Preset, timing: dict, memory: dict) -> str:
     fusion_steps = len(full[0].stage_rows_per_step.get("fusion", []))
     side = preset.latent_side
     lines = [
-        f"Machine: {machine_description(args.device)}.",
-        f"Models: two {preset.name}, random weights, {timing['parameters_per_unet'] / 1e6:.1f}M parameters each, {preset.dtype}; "
-        f"latent {side}x{side} ({side * 8}x{side * 8} px), batch 1, {SAMPLER}/{SCHEDULER}, {preset.steps} steps, cfg {CFG}; "
-        f"{preset.repeats} interleaved repetitions, medians.",
-        "",
         "| # | measure | SNF sampler | KSampler / floor | ratio | target |",
         "|---|---|---|---|---|---|",
         f"| 1 | alpha = beta = 0 against KSampler, wall time | {s['snf_plain_wall_s']:.2f} s | {s['ksampler_wall_s']:.2f} s "
@@ -655,6 +905,14 @@ def report(args, preset: Preset, timing: dict, memory: dict) -> str:
         lines.append("| 5 | GPU: 512x512, 50 steps, fp16: seconds per image, peak VRAM, host syncs, SNF work per step "
                      "| not measured yet: no GPU was available (`--device cuda` measures them) | | | |")
     return "\n".join(lines)
+
+
+def header(args, preset: Preset, timing: dict) -> str:
+    side = preset.latent_side
+    return (f"Machine: {machine_description(args.device)}.\n"
+            f"Models: two {preset.name}, random weights, {timing['parameters_per_unet'] / 1e6:.1f}M parameters each, {preset.dtype}; "
+            f"latent {side}x{side} ({side * 8}x{side * 8} px), batch 1, {SAMPLER}/{SCHEDULER}, {preset.steps} steps, cfg {CFG}; "
+            f"{preset.repeats} interleaved repetitions, medians.")
 
 
 def _stage_rows(run: RunFigures) -> str:
@@ -711,6 +969,8 @@ def _as_json(value):
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small UNets of SD1.5's structure (about a minute on 2 CPU cores)")
+    parser.add_argument("--null-unet", action="store_true",
+                        help="UNets that cost next to nothing (SD1.5's interface and latent): the host work per evaluation alone")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, help="sampling steps (default: 10 on CPU, 50 on CUDA)")
     parser.add_argument("--latent", type=int, help="latent side, an image side / 8 (default: 16 on CPU, 64 on CUDA)")
@@ -720,7 +980,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--comfyui", type=Path, help="ComfyUI checkout (default: $COMFYUI_PATH)")
     parser.add_argument("--memory-probe", choices=("ksampler", "snf"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    base = PRESETS["sd15-cuda" if args.device == "cuda" else "quick" if args.quick else "sd15-cpu"]
+    if args.quick and args.null_unet:
+        parser.error("--quick and --null-unet are two UNet sizes: give one")
+    base = PRESETS["null" if args.null_unet else "sd15-cuda" if args.device == "cuda" else "quick" if args.quick else "sd15-cpu"]
     if args.quick and args.device == "cuda":
         base = dataclasses.replace(base, name=PRESETS["quick"].name, unet_config=SMALL_UNET)
     args.steps = args.steps or base.steps
@@ -748,12 +1010,20 @@ def main(argv=None) -> int:
 
     log = lambda message: print(f"benchmark: {message}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    log("memory probes (a fresh process each)")
-    memory = run_memory_probes(args)
+    memory = {}
+    if not args.null_unet:  # a null UNet's memory is nothing to measure
+        log("memory probes (a fresh process each)")
+        memory = run_memory_probes(args)
     comfyui = start_comfyui(args.device)
+    if args.null_unet:
+        # With next to no arithmetic a second thread only adds waits for it (on a shared machine, long ones).
+        torch.set_num_threads(1)
     log(f"building two {preset.name} ({preset.dtype}) and timing")
     timing = timing_benchmark(comfyui, preset, args.device, log)
-    table = report(args, preset, timing, memory)
+    tables = [header(args, preset, timing)]
+    if not args.null_unet:
+        tables.append(report(args, preset, timing, memory))
+    table = "\n\n".join([*tables, per_evaluation_report(preset, timing)])
     print(f"{table}\n\nCommand: `{command}` ({time.perf_counter() - started:.0f} s in all).")
     if args.json:
         args.json.write_text(json.dumps({"preset": dataclasses.asdict(preset), "device": args.device, "machine": machine_description(args.device),

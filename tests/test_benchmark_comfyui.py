@@ -47,9 +47,16 @@ def test_rows_per_step_and_loads_per_run(benchmark, bench):
         assert run.calls == {"TDM": 6, "SDM": 7}  # cond and uncond batched in one call
         assert len(run.predict_noise_preludes_s) == 10 and all(t >= 0 for t in run.predict_noise_preludes_s)
         assert 0 < run.unet_s < run.wall_s
+        # Each evaluation's outside-UNet time lands on its step; the last one's belongs to the run's fixed part.
+        assert run.step_rows == [2] * 3 + [4] * 3 + [2] * 3 + [0]
+        assert all(t > 0 for t in run.step_outside_s[:-1]) and run.step_outside_s[-1] == 0 and run.fixed_s > 0
+        assert sum(run.step_outside_s) + run.fixed_s == pytest.approx(run.outside_s, rel=0.05)
+        assert all((t > 0) == (3 <= step < 6) for step, t in enumerate(run.step_snf_maths_s)) and sum(run.step_snf_maths_s) < run.outside_s
     for run in (ksampler, sdm_only):
         assert run.stage_rows_per_step == {"subject": [2] * STEPS}
         assert run.rows == {"SDM": 2 * STEPS}
+        assert run.step_rows == [2] * (STEPS - 1) + [0]
+        assert not any(run.step_snf_maths_s)
     # Both models in one request of the first run, each loaded once, nothing moved while sampling.
     assert [sorted(models) for models in cold.load_requests] == [["SDM", "TDM"]]
     assert cold.weight_loads == {"SDM": 1, "TDM": 1} and cold.weight_unloads == {}
@@ -61,13 +68,32 @@ def test_rows_per_step_and_loads_per_run(benchmark, bench):
     assert "forward" not in vars(sdm.diffusion_model) and "forward" not in vars(tdm.diffusion_model)
 
 
+def test_null_unet(comfyui, benchmark):
+    """The null UNet has SD1.5's interface (the SNF sampler runs it at SD1.5's context width) and next to no
+    weights, and its conditional and unconditional predictions differ, so that SNF has guidance to compare."""
+    import torch
+
+    bench = benchmark.Bench(comfyui, benchmark.NULL_UNET, torch.float32, "cpu")
+    assert all(isinstance(p.model.diffusion_model, benchmark.NullUNet) for p in bench.patchers.values())
+    assert benchmark.parameter_count(bench.patchers[benchmark.SDM]) == 4
+    official = benchmark.StageSchedule.from_fractions(benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA, STEPS)
+    with bench.instruments():
+        run = bench.measure("null", lambda: bench.snf(benchmark.empty_latent(8), STEPS, benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA), STEPS, official)
+    assert run.stage_rows_per_step == {"scene": [2] * 3, "fusion": [4] * 3, "subject": [2] * 4}
+    x = torch.ones(2, 4, 8, 8)
+    context = torch.stack([torch.zeros(77, 768), torch.ones(77, 768)])
+    out = bench.patchers[benchmark.SDM].model.diffusion_model(x, torch.zeros(2), context=context)
+    assert out.shape == x.shape and not torch.equal(out[0], out[1])
+
+
 def test_summary_ratios(benchmark):
     from facediffuser_core.schedule import StageSchedule
 
     def run(wall, unet, rows):
         return benchmark.RunFigures(label="", wall_s=wall, unet_s=unet, rows={"SDM": rows}, predict_noise_preludes_s=[0.001],
                                     calls={"SDM": rows // 2}, stage_rows_per_step={}, load_requests=[], weight_loads={},
-                                    weight_unloads={}, moves_during_sampling=0)
+                                    weight_unloads={}, moves_during_sampling=0, step_outside_s=[0.01] * 9 + [0], step_rows=[2] * 9 + [0],
+                                    step_snf_maths_s=[0.0] * 10)
 
     # KSampler: 10 s of which 9.5 in the UNet over 20 rows. SNF at 0/0: 10.4 s, 9.8 in the UNet (noise), so
     # 0.6 s outside. Three-stage: 26 rows, 12.6 s, 12.3 in the UNet.
@@ -79,3 +105,55 @@ def test_summary_ratios(benchmark):
     assert summary["official_wall_over_floor"] == pytest.approx(12.6 / 13.0)
     assert summary["official_equal_unet_over_floor"] == pytest.approx((1.3 * 9.5 + 0.3) / 13.0)
     assert summary["outside_s_per_row"]["snf_official"] == pytest.approx(0.3 / 26)
+
+
+def test_per_evaluation_ratios_by_stage(benchmark):
+    """Per stage, each step's quickest repetition per row, the median over the stage's steps, against
+    KSampler's at the same steps: a step the machine delayed in one repetition, or a few in every one, do
+    not move it."""
+    from facediffuser_core.schedule import StageSchedule
+
+    def run(step_outside_ms, step_rows, fixed=0.01, snf_maths=()):
+        return benchmark.RunFigures(label="", wall_s=1.0, unet_s=0.5, rows={}, predict_noise_preludes_s=[], calls={}, stage_rows_per_step={},
+                                    load_requests=[], weight_loads={}, weight_unloads={}, moves_during_sampling=0,
+                                    step_outside_s=[t / 1000 for t in step_outside_ms], step_rows=step_rows, fixed_s=fixed, step_snf_maths_s=[t / 1000 for t in snf_maths])
+
+    official = StageSchedule.from_fractions(0.32, 0.62, 10)  # scene 0-2, fusion 3-5, subject 6-9
+    rows = [2] * 9 + [0]
+    ks = [run([2, 2, 50, 2, 2, 2, 2, 2, 2, 0], rows), run([2, 30, 2, 2, 2, 2, 2, 2, 2, 0], rows, fixed=0.02)]
+    plain = [run([2.2] * 9 + [0], rows, fixed=0.02), run([2.2, 9, 9] + [2.2] * 6 + [0], rows, fixed=0.03)]
+    full_rows = [2, 2, 2, 4, 4, 4, 2, 2, 2, 0]
+    snf_maths = [0, 0, 0, 1, 20, 1.5, 0, 0, 0, 0]
+    full = [run([2.2, 2.2, 2.2, 4.4, 40, 4.4, 2, 2, 2, 0], full_rows, snf_maths=snf_maths),
+            run([2.2, 2.2, 2.2, 40, 4.4, 40, 2, 2, 2, 0], full_rows, snf_maths=[0, 0, 0, 20, 1.2, 1.5, 0, 0, 0, 0])]
+    summary = benchmark.per_evaluation_summary({"ksampler": ks, "snf_plain": plain, "snf_official": full}, official)
+    assert summary["ksampler_s"]["scene"] == pytest.approx(0.001)  # the delayed steps do not count
+    assert summary["plain_ratio"] == pytest.approx(1.1)
+    assert summary["official_ratio"] == pytest.approx({"scene": 1.1, "fusion": 1.1, "subject": 1.0})
+    assert summary["fixed_s"] == {"ksampler": 0.01, "snf_plain": 0.02, "snf_official": 0.01}
+    assert summary["snf_maths_per_fusion_step_s"] == pytest.approx(0.0012)  # quickest of each fusion step (1, 1.2, 1.5), median
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_host_reads_per_run(benchmark, bench, sampler):
+    """Host reads of tensor values (a device sync each on a GPU when the tensor is there), counted per run
+    and place, against KSampler's (whose own samplers read some: dpmpp_2m and heun test each next sigma
+    for zero). The SNF sampler counts the evaluations of a one-evaluation-per-step sampler and checks them
+    against the sigmas in one read after the run; for other samplers (heun evaluates twice per step) it
+    reads each evaluation's sigma. Before sampling it reads two sigma lists that KSampler does not, host
+    copies of the run's and the whole schedule (tensors on the host: no sync)."""
+    latent = benchmark.empty_latent(8)
+    with bench.instruments():
+        ksampler = bench.count_host_reads(lambda: bench.ksampler(latent, STEPS, sampler))
+        snf = bench.count_host_reads(lambda: bench.snf(latent, STEPS, benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA, sampler))
+    extra = {place: count - ksampler["places"].get(place, 0) for place, count in snf["places"].items() if place.startswith("sampling ")}
+    assert all(count >= 0 for count in extra.values()), (snf, ksampler)
+    extra = {place: count for place, count in extra.items() if count}
+    if sampler == "heun":
+        assert snf["evaluations"] == ksampler["evaluations"] == 2 * STEPS - 1
+        assert extra == {"sampling snf_guider.py:_stage_of": snf["evaluations"]}
+    else:
+        assert snf["evaluations"] == ksampler["evaluations"] == STEPS
+        assert extra == {"sampling snf_guider.py:_check_counted": 1}
+    assert snf["sampling"] == ksampler["sampling"] + sum(extra.values())
+    assert snf["set-up"] == ksampler["set-up"] + 2 and snf["places"]["set-up snf_guider.py:_place_evaluations"] == 2
