@@ -33,10 +33,8 @@ from PIL import Image
 import comfy_harness
 import comfy_server
 import hub_stand_in
-import pack_scripts
-from facediffuser_client import http_api
+from facediffuser_client import http_api, setup
 
-setup = pack_scripts.load("facediffuser_setup")
 STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"
 README = comfy_harness.REPO_ROOT / "README.md"
 PACK_ADDRESS = "https://github.com/facediffuser/comfyui-facediffuser"

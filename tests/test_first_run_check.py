@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 import pack_scripts
+from facediffuser_client import check
 
-check = pack_scripts.load("facediffuser_check")
+cli = pack_scripts.load("facediffuser_check")
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"
 
 SDM_KEYS = ["unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight",
@@ -42,7 +43,7 @@ def complete_install(tmp_path: Path) -> tuple[Path, Path]:
     torch.save(tensors(TDM_KEYS), models / "facediffuser" / "facediffuser_tdm.bin")
     pack = models / "insightface" / "models" / "antelopev2"
     pack.mkdir(parents=True)
-    for name in check.KNOWN_PACK_FILES["antelopev2"]:
+    for name in check.packs.KNOWN_PACK_FILES["antelopev2"]:
         (pack / name).write_bytes(b"onnx")
     return comfyui, models
 
@@ -51,9 +52,10 @@ def by_subject(findings):
     return {finding.subject: finding for finding in findings}
 
 
-def run_script(*args, python_flags=("-I", "-S"), env=None):
+def run_script(*args, python_flags=("-E", "-s", "-S"), env=None):
     """The check in a fresh interpreter; -S leaves out site-packages, so torch, insightface, onnxruntime and
-    numpy are all absent, as on a machine where nothing is installed yet."""
+    numpy are all absent, as on a machine where nothing is installed yet. Not -I: like the user's `python
+    scripts/...`, it keeps the script's folder on sys.path, where the client package is."""
     return subprocess.run([sys.executable, *python_flags, str(SCRIPT), *args], capture_output=True, text=True,
                           timeout=60, env=env)
 
@@ -82,7 +84,7 @@ def test_bare_python_still_checks_the_model_files(tmp_path):
 
 def test_complete_install_passes(tmp_path, capsys):
     comfyui, models = complete_install(tmp_path)
-    assert check.main(["--comfyui", str(comfyui)]) == 0
+    assert cli.main(["--comfyui", str(comfyui)]) == 0
     out = capsys.readouterr().out
     assert "All set." in out
     assert f"[  ok   ] SDM model: {models / 'facediffuser' / 'facediffuser_sdm.safetensors'}" in out
@@ -151,13 +153,13 @@ def test_insightface_pack_layout_mistakes(tmp_path):
     root = models / "insightface" / "models"
     nested = root / "antelopev2" / "antelopev2"
     nested.mkdir(parents=True)
-    for name in check.KNOWN_PACK_FILES["antelopev2"]:
+    for name in check.packs.KNOWN_PACK_FILES["antelopev2"]:
         (nested / name).write_bytes(b"onnx")
     finding = check.check_insightface_pack([models / "insightface"])
     assert finding.status == check.PROBLEM and "nested one level too deep" in finding.detail
     assert f"move the files of {nested} up into {root / 'antelopev2'}" in finding.fix
 
-    for name in check.KNOWN_PACK_FILES["antelopev2"][:2]:
+    for name in check.packs.KNOWN_PACK_FILES["antelopev2"][:2]:
         (nested / name).rename(root / "antelopev2" / name)
     (root / "buffalo_l.zip").write_bytes(b"zip")
     finding = check.check_insightface_pack([models / "insightface"])
@@ -173,7 +175,7 @@ def test_insightface_pack_layout_mistakes(tmp_path):
 
 def test_old_comfyui_is_a_problem(tmp_path):
     root = fake_comfyui(tmp_path / "ComfyUI", "0.3.40")
-    finding = check.check_comfyui(check.find_comfyui(root), root)
+    finding = check.check_comfyui(check.model_folders.find_comfyui(root), root)
     assert finding.status == check.PROBLEM and "version 0.3.40" in finding.detail and "update ComfyUI" in finding.fix
 
 
@@ -231,7 +233,7 @@ def test_all_set_only_when_every_shipped_workflow_can_run(tmp_path, capsys):
     comfyui, models = complete_install(tmp_path)
     pack = models / "insightface" / "models" / "antelopev2"
     (pack / "glintr100.onnx").unlink()  # detection works, recognition does not
-    assert check.main(["--comfyui", str(comfyui)]) == 1
+    assert cli.main(["--comfyui", str(comfyui)]) == 1
     out = capsys.readouterr().out
     assert "All set" not in out
     assert f"[missing] insightface recognition model: antelopev2 in {pack} has no glintr100.onnx" in out
@@ -242,7 +244,7 @@ def test_all_set_only_when_every_shipped_workflow_can_run(tmp_path, capsys):
 def test_all_set_suggests_cpu_for_a_cpu_only_torch(tmp_path, capsys):
     comfyui, _ = complete_install(tmp_path)
     assert not torch.cuda.is_available()
-    assert check.main(["--comfyui", str(comfyui)]) == 0
+    assert cli.main(["--comfyui", str(comfyui)]) == 0
     assert '--comfyui-args "--cpu"' in capsys.readouterr().out
 
 

@@ -19,9 +19,9 @@ import torch
 import comfy_server
 import hub_stand_in
 import pack_scripts
+from facediffuser_client import setup
 from test_first_run_check import SDM_KEYS, TDM_KEYS, fake_comfyui, tensors
 
-setup = pack_scripts.load("facediffuser_setup")
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_setup.py"
 REPOSITORY = setup.HUB_REPOSITORY
 BUFFALO_FILES = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx")

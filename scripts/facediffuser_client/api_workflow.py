@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from .http_api import RunError
+from .pack import PACK_ROOT
 
-
-PACK_ROOT = Path(__file__).resolve().parents[2]
 
 REFERENCE_ENCODER = "FaceDiffuserEncodeReferenceFaces"
 

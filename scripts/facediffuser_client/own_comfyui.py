@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .http_api import DEFAULT_SERVER, ComfyClient, RunError, comfyui_answers
-from .api_workflow import PACK_ROOT
+from .pack import PACK_ROOT, core
 
 
 OWN_SERVER_START_TIMEOUT_S = 600.0
@@ -151,12 +151,8 @@ def attach_command_line_values(argv: list[str]) -> list[str]:
 
 def comfyui_root(option: Path | None) -> Path | None:
     """The ComfyUI this pack is installed in, COMFYUI_PATH, or `option`: facediffuser_core's rule, which the nodes,
-    the check and the set-up share. Imported here, when needed: a Ray worker node gets this package without the pack."""
-    if str(PACK_ROOT) not in sys.path:
-        sys.path.insert(0, str(PACK_ROOT))
-    from facediffuser_core.model_folders import find_comfyui  # standard library only
-
-    return find_comfyui(option)
+    the check and the set-up share."""
+    return core("model_folders").find_comfyui(option)
 
 
 @contextlib.contextmanager
