@@ -46,9 +46,11 @@ from facediffuser_client.best_of_n import IDENTITY_NODE as IDENTITY_SCORE, IDENT
 from facediffuser_client.http_api import ComfyClient, RunError, describe_failure
 from facediffuser_client.own_comfyui import attach_command_line_values, server_for
 
-sys.path.insert(0, str(PACK_ROOT))  # the scoring protocols are facediffuser_core's, which runs in ComfyUI's Python too
-from facediffuser_core.identity import greedy_min_similarity  # noqa: E402
-from facediffuser_core.markers import parse_subject_markers  # noqa: E402
+from facediffuser_client.pack import core
+
+# The scoring protocols and the marker rules are facediffuser_core's, as the nodes use them.
+greedy_min_similarity = core("identity").greedy_min_similarity
+parse_subject_markers = core("markers").parse_subject_markers
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "facediffuser_two_subjects_regions.json"
 DEFAULT_PROMPTS = (
