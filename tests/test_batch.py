@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -678,3 +679,23 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
             assert resaved["runs"][key][name] == manifest["jobs"]["one-best"]["runs"][key][name]
     assert resaved["best"]["pictures"] == manifest["jobs"]["one-best"]["best"]["pictures"]
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
+
+
+def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path):
+    """Each `--server` command of README.md typed as printed, with two substitutions: its server addresses become the
+    two test servers' (in order), and its jobs file holds two one-run jobs of a tiny workflow."""
+    from test_readme_commands import batch_server_commands, run_typed
+
+    commands = batch_server_commands()
+    assert len(commands) == 2
+    for number, command in enumerate(commands):
+        folder = tmp_path / f"command{number}"
+        folder.mkdir()
+        (folder / "tiny.json").write_text(json.dumps(TINY_WORKFLOW))
+        jobs_file = write_jobs(folder / command.split()[2], [{"id": f"job{i}", "workflow": "tiny.json"} for i in range(2)])
+        urls = iter(server.url for server in two_servers)
+        typed = re.sub(r"--server \S+", lambda _: f"--server {next(urls)}", command)
+        done = run_typed(typed, folder, {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs = all_runs(manifest_of(jobs_file))
+        assert len(runs) == 2 and {run["state"] for run in runs.values()} == {DONE}

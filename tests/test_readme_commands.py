@@ -1,7 +1,14 @@
-"""The README's command lines for the pack's scripts, read from README.md as printed (code blocks and inline
-code), so that a spelling the README shows and the scripts refuse cannot come back: every runner and set-up
-command line parses, the check's and the set-up's dry run run to their report without a traceback.
-tests/test_first_picture.py runs the quick start's install and two commands in full."""
+"""Every command README.md shows, read from README.md as printed (indented code blocks and inline code that is a
+whole command line), is accounted for here: run by a test exactly as printed, or listed in EXEMPT with the reason
+it cannot run on this machine (the README says so beside it), or in PARSED_ONLY (the script's own parser accepts it
+as printed; its run is still to be added). A command added to the README without one of these fails
+test_every_command_the_readme_shows_is_accounted_for.
+
+What the runs substitute, and nothing else: HOME (so `~/ComfyUI` is a scratch copy), COMFYUI_PATH, HF_ENDPOINT and
+FACEDIFFUSER_INSIGHTFACE_SOURCE (a loopback hub stand-in instead of the internet), pip's index (a closed loopback
+port: every requirement is already installed, nothing is downloaded), git's address of the pack (this working
+tree), and for the batch client the servers' addresses (real ComfyUIs on free loopback ports) and the jobs file's
+content (test_batch.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -19,38 +28,219 @@ from test_first_run_check import fake_comfyui
 README = comfy_harness.REPO_ROOT / "README.md"
 runner = pack_scripts.load("facediffuser_run")
 setup = pack_scripts.load("facediffuser_setup")
+batch = pack_scripts.load("facediffuser_batch")
+benchmark = pack_scripts.load("benchmark")
+
+# The first word of a command line, after environment assignments: a program or a script of the pack.
+COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
+# Code blocks that show something other than commands, by how they start.
+NOT_COMMANDS = {
+    "no ComfyUI answers at": "the runner's output",
+    "{": "JSON: jobs file lines, the Identity Score's result object",
+    "[14:02:31]": "the batch client's progress line",
+}
 
 
-def readme_commands(script: str) -> list[str]:
-    """Every `python scripts/<script>.py ...` of README.md: indented code lines (with their continuation lines)
-    and inline code spans."""
+@dataclass(frozen=True)
+class Command:
+    line: int      # README.md's line number
+    text: str      # as printed, continuation lines joined, without a trailing `# comment`
+    inline: bool
+
+
+def without_comment(command: str) -> str:
+    return re.sub(r"\s+#\s.*$", "", command).strip()
+
+
+def code_blocks(text: str) -> list[list[tuple[int, str]]]:
+    """Indented code blocks (4 spaces or more after a blank line, list items' blocks included): (line, stripped text)."""
+    blocks, current, previous_blank = [], None, True
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("    ") and line.strip() and (previous_blank or current is not None):
+            if current is None:
+                current = []
+                blocks.append(current)
+            current.append((number, line.strip()))
+        elif line.strip():
+            current = None
+        previous_blank = not line.strip()
+    return blocks
+
+
+def readme_commands() -> list[Command]:
     text = README.read_text(encoding="utf-8")
+    assert "```" not in text, "a fenced block: teach readme_commands() to read it"
     commands = []
-    lines = iter(text.splitlines())
-    for line in lines:
-        command = line.strip()
-        if line.startswith("    ") and command.startswith(f"python scripts/{script}.py"):
-            while command.endswith("\\"):
-                command = command[:-1] + next(lines).strip()
-            commands.append(command)
-    commands += [span for span in re.findall(r"`([^`\n]+)`", text) if span.startswith(f"python scripts/{script}.py")]
+    for block in code_blocks(text):
+        first = block[0][1]
+        if not COMMAND.match(first):
+            assert any(first.startswith(start) for start in NOT_COMMANDS), f"README.md:{block[0][0]}: a command? {first}"
+            continue
+        lines = iter(block)
+        for number, line in lines:
+            while line.endswith("\\"):
+                line = line[:-1].rstrip() + " " + next(lines)[1]
+            assert COMMAND.match(line), f"README.md:{number}: not a command, in a block of commands: {line}"
+            commands.append(Command(number, without_comment(line), inline=False))
+    for match in re.finditer(r"`([^`]+)`", text):
+        span = " ".join(match.group(1).split())  # an inline span may wrap onto the next line
+        if COMMAND.match(span) and " " in span:  # `scripts/run_tests.sh` alone names a file
+            commands.append(Command(text[:match.start()].count("\n") + 1, span, inline=True))
     return commands
 
 
+def commands_of(program: str, *having: str) -> list[str]:
+    """The distinct README commands that start with `program` (after environment assignments) and hold each of `having`."""
+    found = []
+    for command in readme_commands():
+        words = command.text.split()
+        while words and re.match(r"^[A-Z_]+=", words[0]):
+            words.pop(0)
+        if " ".join(words).startswith(program) and all(h in command.text for h in having) and command.text not in found:
+            found.append(command.text)
+    return found
+
+
 def arguments(command: str) -> list[str]:
-    """The words after `python scripts/x.py`, as a POSIX shell splits them, without a trailing comment."""
-    return shlex.split(command, comments=True)[2:]
+    """The words after `python scripts/x.py` (or `python -m module`), as a POSIX shell splits them."""
+    words = shlex.split(command, comments=True)
+    while "=" in words[0]:
+        words.pop(0)
+    return words[3:] if words[1] == "-m" else words[2:]
 
 
-def test_the_readme_shows_each_script():
-    assert len(readme_commands("facediffuser_run")) >= 4
-    assert len(readme_commands("facediffuser_setup")) >= 4
-    assert len(readme_commands("facediffuser_check")) >= 2
+def run_typed(command: str, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in result.stdout + result.stderr, f"{command}\n{result.stdout}\n{result.stderr}"
+    return result
 
 
-@pytest.mark.parametrize("command", readme_commands("facediffuser_run"))
-def test_every_runner_command_of_the_readme_parses(command):
-    runner.parse_args(arguments(command))
+# --- what runs, where ------------------------------------------------------------------------------------------
+
+def quick_start() -> list[str]:
+    from test_first_picture import quick_start_blocks
+
+    install, commands = quick_start_blocks()
+    return [without_comment(line) for line in install + commands]
+
+
+def block_after(marker: str) -> list[str]:
+    """The commands of the first code block after the line holding `marker`."""
+    text = README.read_text(encoding="utf-8")
+    start = next(n for n, line in enumerate(text.splitlines(), 1) if marker in line)
+    block = next(block for block in code_blocks(text) if block[0][0] > start)
+    return [without_comment(line) for _, line in block]
+
+
+def install_commands() -> list[str]:
+    """The install section's by-hand block, its CPU face-detection line, and the optional packages' pip lines."""
+    return (block_after("**By hand.**") + block_after("Without a GPU, or on macOS")
+            + commands_of("python -m pip install dlib-bin") + commands_of("pip install ray=="))
+
+
+def check_commands() -> list[str]:
+    return commands_of("python scripts/facediffuser_check.py") + commands_of("python scripts/facediffuser_setup.py --dry-run")
+
+
+def convert_commands() -> list[str]:
+    return commands_of("python scripts/facediffuser_setup.py --convert") + commands_of("python -m facediffuser_core.convert")
+
+
+def batch_server_commands() -> list[str]:
+    return commands_of("python scripts/facediffuser_batch.py", "--server")
+
+
+def plain_python_commands() -> list[str]:
+    return commands_of("python -c")
+
+
+RUN = {  # test that runs them as printed: the commands it runs
+    "test_first_picture.py::test_the_readmes_quick_start_as_printed_reaches_a_picture_on_a_cpu_only_machine": quick_start,
+    "test_readme_commands.py::test_the_install_commands_run_as_printed": install_commands,
+    "test_readme_commands.py::test_the_readmes_check_and_dry_run_commands_report_without_a_traceback": check_commands,
+    "test_readme_commands.py::test_the_convert_commands_run_as_printed": convert_commands,
+    "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
+    "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
+}
+
+EXEMPT = {  # command -> (why it cannot run here, what the README says beside it)
+    "comfy node install facediffuser": ("comfy-cli installs from the Comfy Registry: the internet", "not tested here"),
+    '..\\..\\..\\python_embeded\\python.exe -m pip install -r requirements.txt': ("Windows", "not tested here"),
+    "python -m pip install insightface && python -m pip uninstall -y onnxruntime && python -m pip install onnxruntime-gpu":
+        ("an NVIDIA GPU, and it replaces the runtime of the Python running the tests", "not tested here"),
+    'python -m pip install "facediffuser[insightface]"':
+        ("the pack from a package index: the internet (test_the_insightface_extra_is_the_cpu_line checks the extra)", "not tested here"),
+    "python -m pip uninstall -y onnxruntime onnxruntime-gpu": ("it uninstalls the runtime of the Python running the tests", "not tested here"),
+    "python -m pip install onnxruntime": ("only after the uninstall above", "not tested here"),
+    "python main.py": ("ComfyUI's own start on its fixed port without --cpu: an NVIDIA GPU (tests start it with --cpu on free ports)",
+                       "not tested here"),
+    "python main.py --port 8188 --cuda-device 0": ("NVIDIA GPUs", "not tested here"),
+    "ray start": ("a multi-machine Ray cluster", "several machines are not tested here"),
+    "ray start --head --port 6379": ("a multi-machine Ray cluster", "several machines are not tested here"),
+    "ray start --address <its address>:6379": ("a multi-machine Ray cluster", "several machines are not tested here"),
+    "python scripts/facediffuser_batch.py portraits.jsonl --ray": ("GPU workers", "GPU workers"),
+    "python scripts/facediffuser_batch.py portraits.jsonl --ray auto": ("a Ray cluster that `ray start` made", "several machines are not tested here"),
+    "scripts/run_tests.sh": ("it is the suite itself, and builds its virtual environment from the internet", "CI (`.ci/run`) runs"),
+    "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
+    "COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
+    "COMFYUI_PATH=~/comfyui-0.17.0:~/comfyui-0.33.0 scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
+}
+
+PARSED_ONLY = {  # command -> why it is only parsed so far (its script's parser accepts it as printed)
+    'python scripts/facediffuser_run.py workflows/api/facediffuser_single_subject.json --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps" --seed 7 --output out/':
+        "a shipped workflow at 512 px and 50 steps: minutes on a CPU (test_first_picture runs the same workflow through the default server)",
+    'python scripts/facediffuser_run.py workflows/api/facediffuser_two_subjects.json --server http://gpu-box:8188 --face him.jpg --face her.jpg --prompt "a man <|image|> and a woman <|image|> dancing" --batch-size 4':
+        "a shipped workflow at 512 px, batch 4: minutes on a CPU",
+    "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
+        "8 seeds at a user's workflow's size: minutes on a CPU (test_headless_runner runs --candidates on tiny models)",
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": "benchmark runs: being reworked",
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
+    "python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
+    "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
+}
+
+PARSERS = {  # script -> its own argument parser, for the commands that are only parsed
+    "scripts/facediffuser_run.py": runner.parse_args,
+    "scripts/facediffuser_setup.py": setup.parse_args,
+    "scripts/facediffuser_batch.py": batch.parse_args,
+    "scripts/benchmark.py": benchmark.parse_arguments,
+}
+
+
+def test_every_command_the_readme_shows_is_accounted_for():
+    shown = {command.text: command for command in readme_commands()}
+    run = {command: test for test, select in RUN.items() for command in select()}
+    assert set(run) <= set(shown), "RUN selects what the README does not show"
+    for table in (EXEMPT, PARSED_ONLY):
+        assert set(table) <= set(shown), f"no longer in the README: {sorted(set(table) - set(shown))}"
+        assert not set(table) & set(run), f"both run and listed: {sorted(set(table) & set(run))}"
+    assert not set(EXEMPT) & set(PARSED_ONLY)
+    unaccounted = [f"README.md:{c.line}: {text}" for text, c in shown.items() if text not in run | EXEMPT | PARSED_ONLY]
+    assert unaccounted == [], "run each in a test as printed (RUN), or list it in EXEMPT with the reason:\n" + "\n".join(unaccounted)
+
+
+@pytest.mark.parametrize("command", sorted(EXEMPT))
+def test_the_readme_says_beside_each_exempt_command_that_it_is_unproven_here(command):
+    lines = README.read_text(encoding="utf-8").splitlines()
+    _, words = EXEMPT[command]
+    for found in (c for c in readme_commands() if c.text == command):
+        nearby = " ".join(lines[max(found.line - 20, 0):found.line + 20])
+        assert words.lower() in " ".join(nearby.split()).lower(), f"README.md:{found.line}: say '{words}' beside {command}"
+
+
+@pytest.mark.parametrize("command", sorted({c.text for c in readme_commands() if any(f" {script}" in c.text for script in PARSERS)}))
+def test_every_script_command_of_the_readme_parses(command):
+    """Run or not, each command of the run, set-up, batch and benchmark scripts as printed is accepted by the script's own parser."""
+    (script,) = [script for script in PARSERS if f" {script}" in command]
+    PARSERS[script](arguments(command))
+
+
+def test_the_benchmark_batch_commands_parse():
+    for command in commands_of("python scripts/benchmark_batch.py"):
+        # No parse function of its own: argparse reads every word before --help, then prints the help.
+        done = run_typed(command + " --help", comfy_harness.REPO_ROOT, {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("span", sorted(set(re.findall(r'`(--comfyui-args "[^"]*")`', README.read_text(encoding="utf-8")))))
@@ -59,17 +249,75 @@ def test_every_comfyui_args_spelling_of_the_readme_parses(span):
     assert runner.parse_args(["--face", "me.jpg", *shlex.split(span)]).comfyui_args == value
 
 
-@pytest.mark.parametrize("command", readme_commands("facediffuser_setup"))
-def test_every_setup_command_of_the_readme_parses(command):
-    setup.parse_args(arguments(command))
+def test_the_insightface_extra_is_the_cpu_line():
+    import tomllib
+
+    extra = tomllib.loads((comfy_harness.REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["insightface"]
+    assert [re.split(r"[<>=]", requirement)[0] for requirement in extra] == arguments("python -m pip install insightface onnxruntime")[1:]
 
 
-@pytest.mark.parametrize("command", [c for c in readme_commands("facediffuser_check") + readme_commands("facediffuser_setup")
-                                     if "--dry-run" in c or "facediffuser_check" in c])
+# --- the runs ---------------------------------------------------------------------------------------------------
+
+def plain_env(tmp_path: Path, **more: str) -> dict:
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", **more}
+
+
+@pytest.mark.parametrize("command", check_commands())
 def test_the_readmes_check_and_dry_run_commands_report_without_a_traceback(command, tmp_path):
-    comfyui = fake_comfyui(tmp_path / "ComfyUI")
-    env = {"PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin:/bin", "HOME": str(tmp_path), "COMFYUI_PATH": str(comfyui),
-           "HF_ENDPOINT": "http://127.0.0.1:9"}
-    result = subprocess.run(["bash", "-c", command], cwd=comfy_harness.REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")  # also `~/ComfyUI`, HOME being tmp_path
+    result = run_typed(command, comfy_harness.REPO_ROOT, plain_env(tmp_path, COMFYUI_PATH=str(comfyui)), timeout=120)
     assert result.returncode in (0, 1) and ("first-run check" in result.stdout or "Dry run" in result.stdout), result.stdout + result.stderr
+
+
+def test_the_python_one_liners_run_as_printed(tmp_path):
+    for command in plain_python_commands():
+        done = run_typed(command, tmp_path, plain_env(tmp_path), timeout=120)
+        assert done.returncode == 0 and done.stdout.strip(), done.stdout + done.stderr
+
+
+def test_the_install_commands_run_as_printed(tmp_path):
+    """The by-hand install in a scratch ComfyUI folder, then the optional packages' lines: pip finds everything
+    installed (its index is a closed loopback port), git clones this working tree."""
+    from test_first_picture import newcomer_environment
+
+    env = newcomer_environment(tmp_path)
+    (tmp_path / "ComfyUI" / "custom_nodes").mkdir(parents=True)
+    done = run_typed("set -e\n" + "\n".join(install_commands()), tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "ComfyUI" / "custom_nodes" / "comfyui-facediffuser" / "scripts" / "facediffuser_run.py").is_file()
+    assert "Requirement already satisfied: ray==" in done.stdout
+
+
+def test_the_convert_commands_run_as_printed(tmp_path):
+    """In a pack folder inside a scratch ComfyUI: the set-up's --convert against the hub stand-in (tiny official-layout
+    checkpoints), then, with its conversions moved away, the converter's two commands on the .bin files it left."""
+    from safetensors import safe_open
+
+    import hub_stand_in
+    import official_checkpoints
+    from test_first_picture import official_bin
+    from test_setup import serve_everything
+
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    pack = comfyui / "custom_nodes" / "comfyui-facediffuser"
+    pack.mkdir(parents=True)
+    for name in ("scripts", "facediffuser_core"):
+        (pack / name).symlink_to(comfy_harness.REPO_ROOT / name)
+    folder = comfyui / "models" / "facediffuser"
+    set_up, converts = convert_commands()[:1], convert_commands()[1:]
+    assert len(set_up) == 1 and len(converts) == 2
+    with hub_stand_in.running() as hub:
+        zip_url = serve_everything(hub, sdm=official_bin(official_checkpoints.build_sdm()),
+                                 tdm=official_bin(official_checkpoints.build_tdm()))
+        env = plain_env(tmp_path, COMFYUI_PATH=str(comfyui), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"),
+                        HF_HUB_DISABLE_PROGRESS_BARS="1", **{setup.SOURCE_VARIABLE: zip_url})
+        done = run_typed(set_up[0], pack, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"):
+        (folder / name).rename(tmp_path / name)
+    for command in converts:
+        converted = run_typed(command, pack, env, timeout=120)
+        assert converted.returncode == 0, converted.stdout + converted.stderr
+    for name in ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"):
+        with safe_open(str(folder / name), framework="pt") as ours, safe_open(str(tmp_path / name), framework="pt") as setups:
+            assert sorted(ours.keys()) == sorted(setups.keys()) and {ours.get_slice(k).get_dtype() for k in ours.keys()} <= {"F16", "I64"}
