@@ -682,8 +682,9 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
 
 
 def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path):
-    """Each `--server` command of README.md typed as printed, with two substitutions: its server addresses become the
-    two test servers' (in order), and its jobs file holds two one-run jobs of a tiny workflow."""
+    """Each `--server` command of README.md typed as printed, in a folder that holds the pack's scripts as the pack's
+    folder does, with two substitutions: its server addresses become the two test servers' (in order), and its jobs
+    file holds two one-run jobs of a tiny workflow."""
     from test_readme_commands import batch_server_commands, run_typed
 
     commands = batch_server_commands()
@@ -691,6 +692,7 @@ def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path)
     for number, command in enumerate(commands):
         folder = tmp_path / f"command{number}"
         folder.mkdir()
+        (folder / "scripts").symlink_to(pack_scripts.SCRIPTS_DIR)
         (folder / "tiny.json").write_text(json.dumps(TINY_WORKFLOW))
         jobs_file = write_jobs(folder / command.split()[2], [{"id": f"job{i}", "workflow": "tiny.json"} for i in range(2)])
         urls = iter(server.url for server in two_servers)
