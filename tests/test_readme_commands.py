@@ -7,8 +7,8 @@ test_every_command_the_readme_shows_is_accounted_for.
 What the runs substitute, and nothing else: HOME (so `~/ComfyUI` is a scratch copy), COMFYUI_PATH, HF_ENDPOINT and
 FACEDIFFUSER_INSIGHTFACE_SOURCE (a loopback hub stand-in instead of the internet), pip's index (a closed loopback
 port: every requirement is already installed, nothing is downloaded), git's address of the pack (this working
-tree), and for the batch client the servers' addresses (real ComfyUIs on free loopback ports) and the jobs file's
-content (test_batch.py)."""
+tree), for the batch client and the runner the servers' addresses (real ComfyUIs on free loopback ports), the
+batch's jobs file's content (test_batch.py) and the size of the runner's shipped workflows (test_headless_runner.py)."""
 
 from __future__ import annotations
 
@@ -150,6 +150,10 @@ def batch_server_commands() -> list[str]:
     return commands_of("python scripts/facediffuser_batch.py", "--server")
 
 
+def runner_server_commands() -> list[str]:
+    return commands_of("python scripts/facediffuser_run.py", "--server")
+
+
 def plain_python_commands() -> list[str]:
     return commands_of("python -c")
 
@@ -161,6 +165,7 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_convert_commands_run_as_printed": convert_commands,
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
+    "test_headless_runner.py::test_the_readmes_runner_commands_with_a_server_run_as_printed": runner_server_commands,
 }
 
 EXEMPT = {  # command -> (why it cannot run here, what the README says beside it)
@@ -188,11 +193,9 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
 
 PARSED_ONLY = {  # command -> why it is only parsed so far (its script's parser accepts it as printed)
     'python scripts/facediffuser_run.py workflows/api/facediffuser_single_subject.json --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps" --seed 7 --output out/':
-        "a shipped workflow at 512 px and 50 steps: minutes on a CPU (test_first_picture runs the same workflow through the default server)",
-    'python scripts/facediffuser_run.py workflows/api/facediffuser_two_subjects.json --server http://gpu-box:8188 --face him.jpg --face her.jpg --prompt "a man <|image|> and a woman <|image|> dancing" --batch-size 4':
-        "a shipped workflow at 512 px, batch 4: minutes on a CPU",
+        "without --server it uses the fixed default address, or starts a ComfyUI of its own (test_first_picture runs that path)",
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
-        "8 seeds at a user's workflow's size: minutes on a CPU (test_headless_runner runs --candidates on tiny models)",
+        "without --server, as above (test_headless_runner runs --candidates against a server)",
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": "benchmark runs: being reworked",
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
