@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -619,25 +618,24 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
             assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50" for step in (1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50)]
 
 
-def test_the_readmes_runner_commands_with_a_server_run_as_printed(server, tmp_path):
-    """Each runner command of README.md that names a server, typed as printed in a folder that holds the pack's
-    scripts and workflows as the pack's folder does, with two substitutions: the server's address becomes the test
-    server's, and the shipped workflows are at the tiny models' size (64 px, 3 steps)."""
+def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_path, monkeypatch, capsys):
+    """Each runner command of README.md that names a workflow file, with its words as printed, in a folder that holds
+    the pack's workflows as the pack's folder does. Substituted: the server it names, or the default address it uses
+    without one, becomes the test server's; the shipped workflows are at the tiny models' size (64 px, 3 steps)."""
     import tiny_install
-    from test_readme_commands import runner_server_commands, run_typed
+    from test_readme_commands import arguments, runner_workflow_commands
 
     tiny_install.install_models(server.models_dir)
-    (tmp_path / "scripts").symlink_to(pack_scripts.SCRIPTS_DIR)
+    monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "workflows" / "api").mkdir(parents=True)
     for name in ("facediffuser_single_subject", "facediffuser_two_subjects"):
-        write(tmp_path, tiny_install.small_api_workflow(name))
-        (tmp_path / "workflows" / "api").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "workflow.json").rename(tmp_path / "workflows" / "api" / f"{name}.json")
-    commands = runner_server_commands()
-    assert commands
+        (tmp_path / "workflows" / "api" / f"{name}.json").write_text(json.dumps(tiny_install.small_api_workflow(name)))
+    commands = runner_workflow_commands()
+    assert len(commands) == 2
     for command in commands:
+        tiny_install.write_face_photos(tmp_path, names=tuple(re.findall(r"--face (\S+)", command)))
         typed = re.sub(r"--server \S+", f"--server {server.url}", command)
-        faces = re.findall(r"--face (\S+)", command)
-        tiny_install.write_face_photos(tmp_path, names=tuple(faces))
-        done = run_typed(typed, tmp_path, {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
-        assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
-        assert "saved" in done.stdout
+        assert runner.main(arguments(typed)) == 0, capsys.readouterr().err + server.log_tail()
+        output = arguments(command)[arguments(command).index("--output") + 1] if "--output" in command else "facediffuser_output"
+        assert list((tmp_path / output).glob("*.png")), (command, capsys.readouterr().out)

@@ -8,7 +8,8 @@ What the runs substitute, and nothing else: HOME (so `~/ComfyUI` is a scratch co
 FACEDIFFUSER_INSIGHTFACE_SOURCE (a loopback hub stand-in instead of the internet), pip's index (a closed loopback
 port: every requirement is already installed, nothing is downloaded), git's address of the pack (this working
 tree), for the batch client and the runner the servers' addresses (real ComfyUIs on free loopback ports), the
-batch's jobs file's content (test_batch.py) and the size of the runner's shipped workflows (test_headless_runner.py)."""
+batch's jobs file's content (test_batch.py), and for the runner the default address too and the size of the shipped
+workflows (test_headless_runner.py)."""
 
 from __future__ import annotations
 
@@ -150,8 +151,9 @@ def batch_server_commands() -> list[str]:
     return commands_of("python scripts/facediffuser_batch.py", "--server")
 
 
-def runner_server_commands() -> list[str]:
-    return commands_of("python scripts/facediffuser_run.py", "--server")
+def runner_workflow_commands() -> list[str]:
+    """The runner's commands that name a workflow file (the quick start's names none), but for best of N."""
+    return [c for c in commands_of("python scripts/facediffuser_run.py") if not arguments(c)[0].startswith("-") and "--candidates" not in c]
 
 
 def plain_python_commands() -> list[str]:
@@ -165,7 +167,7 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_convert_commands_run_as_printed": convert_commands,
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
-    "test_headless_runner.py::test_the_readmes_runner_commands_with_a_server_run_as_printed": runner_server_commands,
+    "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
 }
 
 EXEMPT = {  # command -> (why it cannot run here, what the README says beside it)
@@ -192,10 +194,9 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
 }
 
 PARSED_ONLY = {  # command -> why it is only parsed so far (its script's parser accepts it as printed)
-    'python scripts/facediffuser_run.py workflows/api/facediffuser_single_subject.json --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps" --seed 7 --output out/':
-        "without --server it uses the fixed default address, or starts a ComfyUI of its own (test_first_picture runs that path)",
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
-        "without --server, as above (test_headless_runner runs --candidates against a server)",
+        "8 runs, a minute and more here: test_headless_runner.py::test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores "
+        "runs best of N with 3 candidates and --keep-best 2",
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": "benchmark runs: being reworked",
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
