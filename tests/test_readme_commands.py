@@ -202,6 +202,8 @@ PARSED_ONLY = {  # command -> why it is only parsed so far (its script's parser 
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
     "python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
+    "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
+        "48 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
 }
 
 PARSERS = {  # script -> its own argument parser, for the commands that are only parsed
@@ -209,6 +211,7 @@ PARSERS = {  # script -> its own argument parser, for the commands that are only
     "scripts/facediffuser_setup.py": setup.parse_args,
     "scripts/facediffuser_batch.py": batch.parse_args,
     "scripts/benchmark.py": benchmark.parse_arguments,
+    "scripts/identity_benchmark.py": pack_scripts.load("identity_benchmark").parse_args,
 }
 
 
