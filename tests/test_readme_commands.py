@@ -1,8 +1,8 @@
 """Every command README.md shows, read from README.md as printed (indented code blocks and inline code that is a
 whole command line), is accounted for here: run by a test exactly as printed, or listed in EXEMPT with the reason
 it cannot run on this machine (the README says so beside it), or in PARSED_ONLY (the script's own parser accepts it
-as printed; its run is still to be added). A command added to the README without one of these fails
-test_every_command_the_readme_shows_is_accounted_for.
+as printed; the reason says why it does not run here and which test runs its kind). A command added to the README
+without one of these fails test_every_command_the_readme_shows_is_accounted_for.
 
 What the runs substitute, and nothing else: HOME (so `~/ComfyUI` is a scratch copy), COMFYUI_PATH, HF_ENDPOINT and
 FACEDIFFUSER_INSIGHTFACE_SOURCE (a loopback hub stand-in instead of the internet), pip's index (a closed loopback
@@ -13,6 +13,7 @@ workflows (test_headless_runner.py)."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 import subprocess
@@ -193,7 +194,7 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "COMFYUI_PATH=~/comfyui-0.17.0:~/comfyui-0.33.0 scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
 }
 
-PARSED_ONLY = {  # command -> why it is only parsed so far (its script's parser accepts it as printed)
+PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as printed)
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
         "8 runs, a minute and more here: test_headless_runner.py::test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores "
         "runs best of N with 3 candidates and --keep-best 2",
@@ -216,6 +217,9 @@ PARSERS = {  # script -> its own argument parser, for the commands that are only
 
 
 def test_every_command_the_readme_shows_is_accounted_for():
+    for test in RUN:  # a renamed test must take its entry along
+        module, name = test.split(".py::")
+        assert callable(getattr(importlib.import_module(module), name, None)), f"no test {test}"
     shown = {command.text: command for command in readme_commands()}
     run = {command: test for test, select in RUN.items() for command in select()}
     assert set(run) <= set(shown), "RUN selects what the README does not show"
