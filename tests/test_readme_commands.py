@@ -157,6 +157,10 @@ def runner_workflow_commands() -> list[str]:
     return [c for c in commands_of("python scripts/facediffuser_run.py") if not arguments(c)[0].startswith("-") and "--candidates" not in c]
 
 
+def schema_lock_commands() -> list[str]:
+    return commands_of("cd tests && COMFYUI_PATH=~/ComfyUI python schema_lock.py")
+
+
 def plain_python_commands() -> list[str]:
     return commands_of("python -c")
 
@@ -169,6 +173,8 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
+    # the lock written to a scratch file beside the real one, which it must equal
+    "test_schema_lock_comfyui.py::test_the_regeneration_command_writes_the_lock": schema_lock_commands,
 }
 
 EXEMPT = {  # command -> (why it cannot run here, what the README says beside it)
@@ -194,14 +200,17 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "COMFYUI_PATH=~/comfyui-0.17.0:~/comfyui-0.33.0 scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
 }
 
+MEASURES = ("minutes of measurement (the README's figures); test_benchmark_comfyui.py runs its modes' code at a reduced size")
+
 PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as printed)
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
         "8 runs, a minute and more here: test_headless_runner.py::test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores "
         "runs best of N with 3 candidates and --keep-best 2",
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": "benchmark runs: being reworked",
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": MEASURES,
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
-    "python scripts/benchmark.py": "benchmark runs: minutes; being reworked",
+    "python scripts/benchmark.py": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --null-unet": MEASURES,
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "48 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
