@@ -99,10 +99,26 @@ def cells(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.where(empty[:, None, None], touched, covered)
 
 
+@dataclass
+class FusionArea:
+    """Where fusion may choose the SDM: inside any region. The area at a latent size is made once and kept on
+    its device, since every fusion evaluation of a run asks for the same one."""
+
+    masks: torch.Tensor  # (K, H, W)
+    _inside: dict = field(default_factory=dict, repr=False)
+
+    def restrict(self, sdm_chosen: torch.Tensor) -> torch.Tensor:
+        """SNF's choice (B, H, W) with the SDM chosen nowhere outside every region."""
+        key = (tuple(sdm_chosen.shape[-2:]), sdm_chosen.device)
+        inside = self._inside.get(key)
+        if inside is None:
+            inside = self._inside[key] = cells(self.masks, *key[0]).any(dim=0).to(key[1])
+        return sdm_chosen & inside
+
+
 def restrict_fusion(sdm_chosen: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """SNF's choice (B, H, W) with the SDM chosen nowhere outside every region."""
-    inside = cells(masks, *sdm_chosen.shape[-2:]).any(dim=0).to(sdm_chosen.device)
-    return sdm_chosen & inside
+    return FusionArea(masks).restrict(sdm_chosen)
 
 
 @dataclass

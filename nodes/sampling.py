@@ -9,6 +9,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
+from ..facediffuser_core import regions as region_core
 from ..facediffuser_core import snf
 from ..facediffuser_core.schedule import denoise_schedule
 from . import official_run
@@ -88,7 +89,7 @@ def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, 
         guider.set_conds(augmented, text, null)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
-    guider.fusion_regions = fusion_masks
+    guider.fusion_regions = None if fusion_masks is None else region_core.FusionArea(fusion_masks)
     return guider
 
 

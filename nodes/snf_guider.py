@@ -258,7 +258,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.schedule = None if schedule is None else schedule.detach().cpu()
         self.node = node  # named by the errors sampling raises, where ComfyUI shows the sampler node's name
         self.saliency = snf.SaliencyRecord()
-        self.fusion_regions = None  # (K, H, W) masks outside which fusion keeps the TDM (nodes.regions)
+        self.fusion_regions: regions.FusionArea | None = None  # outside it fusion keeps the TDM (nodes.regions)
         self.counted: list[tuple[int, Stage]] | None = None  # each evaluation's step and stage, where counted
         self.evaluated: list[torch.Tensor] = []  # the counted evaluations' sigmas, checked after the run
 
@@ -465,7 +465,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         raw = {side.name: side.last_predictions or Predictions(x, timestep, guided[side.name], guided[side.name]) for side in self.sides}
         decision = snf.decide(raw["tdm"].guidance(self.cfg), raw["sdm"].guidance(self.cfg))
         if self.fusion_regions is not None:
-            decision.sdm_chosen = regions.restrict_fusion(decision.sdm_chosen, self.fusion_regions)
+            decision.sdm_chosen = self.fusion_regions.restrict(decision.sdm_chosen)
         self.saliency.add(step, decision)
         fused = snf.fuse(guided["tdm"], guided["sdm"], decision)
         if post_cfg:
