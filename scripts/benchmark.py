@@ -478,8 +478,7 @@ class Bench:
     @contextmanager
     def _watching_predict_noise(self):
         """Marks the start of each evaluation: the sampler's call of the guider (CFGGuider.__call__, which the
-        SNFGuider inherits; it begins with the host read of the sigma: a sync on a GPU, after which the host
-        time to the UNet call is time the GPU may idle). The SNFGuider's sides are CFGGuiders too, but the
+        SNFGuider inherits; from there to the UNet call is host time the GPU may idle). The SNFGuider's sides are CFGGuiders too, but the
         guider calls their predictions directly, so each evaluation is marked once."""
         import comfy.samplers
 
@@ -888,7 +887,7 @@ def report(args, preset: Preset, timing: dict, memory: dict) -> str:
         f"| 4 | sampling working memory (peak RSS - RSS with the models) | {_working(memory['snf']) / gib:.3f} GiB | "
         f"{_working(memory['ksampler']) / gib:.3f} GiB | {_working(memory['snf']) / _working(memory['ksampler']):.2f} | |",
         f"| 4 | peak RSS of the process | {memory['snf']['rss_peak'] / gib:.2f} GiB | {memory['ksampler']['rss_peak'] / gib:.2f} GiB | | |",
-        f"| 5 | host time from predict_noise to the UNet call (the SNF guider's sigma read comes first) "
+        f"| 5 | host time from predict_noise to the UNet call (the SNF guider's stage look-up comes first) "
         f"| {ms(s['prelude_s']['snf_official'])} | {ms(s['prelude_s']['ksampler'])} | | |",
         f"| 5 | SNF maths per fusion step (isolated, {side}x{side}) | {timing['snf_maths_s'] * 1e6:.0f} us | UNet: {ms(ks_unet_per_row)} per row "
         f"| {timing['snf_maths_s'] / ks_unet_per_row:.2%} of a UNet evaluation | < 1% |",
