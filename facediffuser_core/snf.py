@@ -66,11 +66,18 @@ def smoothing_operator(size: int, device: torch.device) -> torch.Tensor:
     1, padding counted) to size - 1 values, then linear resizing back to size with half-pixel centres."""
     key = (size, device)
     if key not in _smoothing_operators:
-        unit_signals = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # each column of the identity as a signal
-        pooled = F.avg_pool1d(unit_signals, kernel_size=SMOOTHING_KERNEL, stride=1, padding=SMOOTHING_PADDING)
-        resized = F.interpolate(pooled, size=size, mode="linear", align_corners=False).squeeze(1)
-        _smoothing_operators[key] = resized.T.to(device=device, dtype=torch.float32).contiguous()
+        # Kept across runs: made inside ComfyUI's inference mode, it would be an inference tensor, which a later
+        # computation that autograd tracks (a sampler taking gradients) may not use.
+        with torch.inference_mode(False):
+            _smoothing_operators[key] = _smoothing_matrix(size).to(device)
     return _smoothing_operators[key]
+
+
+def _smoothing_matrix(size: int) -> torch.Tensor:
+    unit_signals = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # each column of the identity as a signal
+    pooled = F.avg_pool1d(unit_signals, kernel_size=SMOOTHING_KERNEL, stride=1, padding=SMOOTHING_PADDING)
+    resized = F.interpolate(pooled, size=size, mode="linear", align_corners=False).squeeze(1)
+    return resized.T.to(torch.float32).contiguous()
 
 
 @dataclass

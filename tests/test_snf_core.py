@@ -106,3 +106,14 @@ def test_record_summary_averages_decisions():
     record.clear()
     with pytest.raises(ValueError, match="no fusion step"):
         record.summary()
+
+
+def test_smoothing_made_in_inference_mode_serves_a_run_that_autograd_tracks():
+    """ComfyUI samples in inference mode; the smoothing matrices it makes there are kept for later runs, one of
+    which may take gradients (a sampler's guidance, a test outside inference mode)."""
+    snf._smoothing_operators.clear()
+    with torch.inference_mode():
+        snf.saliency_map(torch.randn(1, 4, 7, 9))
+    guidance = torch.randn(1, 4, 7, 9, requires_grad=True)
+    snf.saliency_map(guidance).max().backward()
+    assert guidance.grad is not None and guidance.grad.abs().sum() > 0
