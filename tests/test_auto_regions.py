@@ -92,3 +92,20 @@ def test_a_real_detector_finds_two_people_left_to_right(face_analysis):
     (x1, y1, x2, y2) = sorted(faces)[1]
     flipped = auto_regions.decide(detect(face_analysis, np.ascontiguousarray(picture[:, ::-1])), subjects=2, width=512, height=256)
     assert flipped.masks[0, round((y1 + y2) / 2), 511 - round((x1 + x2) / 2)] == 1
+
+
+def test_the_saliency_view_outlines_the_regions_and_changes_nothing_without():
+    from facediffuser_core import saliency_view, snf
+
+    summary = snf.SaliencySummary(torch.rand(1, 4, 8), torch.rand(1, 4, 8), torch.rand(1, 4, 8))
+    image = torch.rand(1, 32, 64, 3)
+    plain, mask = saliency_view.render(summary, (32, 64), image=image)
+    regions = auto_regions.box_masks([(0, 8, 24, 64), (40, 0, 64, 64)], 128, 64)  # drawn at twice the panel size
+    outlined, outlined_mask = saliency_view.render(summary, (32, 64), image=image, regions=regions)
+    assert torch.equal(outlined_mask, mask) and outlined.shape == plain.shape == (4, 32, 64, 3)
+    first, second = saliency_view.REGION_COLOURS[:2]
+    for panel in outlined:
+        assert torch.equal(panel[4, 5], first) and torch.equal(panel[20, 11], first)  # the top and right edges of region 1
+        assert torch.equal(panel[10, 20], second)  # the left edge of region 2
+    changed = (outlined != plain).any(dim=-1)
+    assert not changed[:, 6:, :10].any() and not changed[:, :, 13:19].any()  # inside region 1, between the regions

@@ -86,6 +86,13 @@ def test_found_regions_act_exactly_as_the_same_masks_given(comfyui, models, monk
     assert len(found_saliency) == len(given_saliency) > 0
     assert all(torch.equal(a.sdm_chosen, b.sdm_chosen) for a, b in zip(found_saliency.decisions, given_saliency.decisions))
     assert torch.equal(found_saliency.regions, masks) and given_saliency.regions is None
+    # The Saliency Preview outlines the regions found, in the subjects' colours, and changes nothing else.
+    colours = comfyui.pack("facediffuser_core.saliency_view").REGION_COLOURS
+    outlined, outlined_mask = comfyui.run("FaceDiffuserSaliencyPreview", saliency=found_saliency)
+    plain, plain_mask = comfyui.run("FaceDiffuserSaliencyPreview", saliency=given_saliency)
+    changed = (outlined != plain).any(dim=-1)
+    assert torch.equal(outlined_mask, plain_mask) and changed.any()
+    assert torch.equal(outlined[changed].unique(dim=0), colours[:2].unique(dim=0))
     without, _ = sample(comfyui, tdm, sdm, conds, steps=10)
     assert (found["samples"] - without["samples"]).abs().max() > 1e-3
 
