@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny_comfy
-from test_regions_comfyui import HEIGHT, WIDTH, sample, subject_conds
+from test_regions_comfyui import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 
 FACES = [(62.0, 10.0, 78.0, 28.0), (14.0, 16.0, 30.0, 34.0)]  # right, left, in the 96x64 picture
@@ -139,19 +139,9 @@ def test_guider_and_stage_sweep_find_regions_in_every_run(comfyui, models):
     auto, _, analysis = setup(comfyui, FACES, [FACES[0]])  # two people found in the first run, one in the second
     guider, saliency = comfyui.run("FaceDiffuserGuider", tdm=tdm, sdm=sdm, cfg=5.0, alpha=0.3, beta=0.6, auto_regions=auto, **conds)
     for reference in (expected, plain):
-        out, _ = comfyui.run(
-            "SamplerCustomAdvanced", noise=comfyui.run("RandomNoise", noise_seed=SEED)[0], guider=guider,
-            sampler=comfyui.run("KSamplerSelect", sampler_name="ddim")[0],
-            sigmas=comfyui.run("BasicScheduler", model=sdm, scheduler="ddim_uniform", steps=10, denoise=1.0)[0],
-            latent_image=tiny_comfy.empty_latent(1, HEIGHT, WIDTH),
-        )
-        torch.testing.assert_close(out["samples"], reference["samples"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sample_with_guider(comfyui, sdm, guider)["samples"], reference["samples"], rtol=1e-5, atol=1e-5)
     assert saliency.regions is None and len(analysis.pictures) == 2
-    auto, _, _ = setup(comfyui)
-    swept, _ = comfyui.run(
-        "FaceDiffuserStageSweep", tdm=tdm, sdm=sdm, latent_image=tiny_comfy.empty_latent(1, HEIGHT, WIDTH), seed=SEED, steps=10,
-        cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", alphas="0.3", betas="0.6", denoise=1.0, auto_regions=auto, **conds,
-    )
+    swept, _ = sweep(comfyui, tdm, sdm, conds, auto_regions=setup(comfyui)[0])
     torch.testing.assert_close(swept["samples"], expected["samples"], rtol=1e-5, atol=1e-5)
 
 
