@@ -343,7 +343,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         _, _, loaded_models = self._through_wrappers(
             WrappersMP.PREPARE_SAMPLING, [tdm], comfy.sampler_helpers.prepare_sampling,
             sdm.model_patcher, noise.shape, all_conds, model_options=sdm.model_options)
-        self.loaded_models = [sdm.model_patcher, *loaded_models]
+        self.loaded_models = loaded_models  # as CFGGuider keeps them
         for side in self.sides:
             side.inner_model = side.model_patcher.model
         self.inner_model = sdm.inner_model
@@ -451,9 +451,10 @@ class SNFGuider(comfy.samplers.CFGGuider):
         prediction, auto.scene_prediction = auto.scene_prediction, None
         latent = None if prediction is None else self.inner_model.process_latent_out(prediction.float())
         auto.decide(latent)
-        if latent is not None:
-            # Loading the VAE may have pushed the sampling's models off the device; a no-op where it did not.
-            comfy.model_management.load_models_gpu(self.loaded_models)
+        models = [self.model_patcher, *self.loaded_models]
+        loaded = comfy.model_management.loaded_models()
+        if any(model not in loaded for model in models):  # loading the VAE pushed one off the device: load it again
+            comfy.model_management.load_models_gpu(models)
         self.fusion_regions = auto.fusion
         self.saliency.regions = None if auto.attention is None else auto.found.masks
 

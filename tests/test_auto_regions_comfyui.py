@@ -19,13 +19,19 @@ SD15_SCALE = 0.18215
 
 
 class StandInVAE:
-    """Decodes a latent to a picture of its size x 8 and keeps what it was given."""
+    """Decodes a latent to a picture of its size x 8 and keeps what it was given; with `unload`, it first unloads
+    every model, as loading a real VAE into a full GPU does."""
 
-    def __init__(self):
+    def __init__(self, unload=False):
         self.latents = []
+        self.unload = unload
 
     def decode(self, latent):
         self.latents.append(latent.clone())
+        if self.unload:
+            import comfy.model_management
+
+            comfy.model_management.unload_all_models()
         picture = torch.sigmoid(latent[:, :3]).repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1)
         return picture.movedim(1, -1)
 
@@ -48,8 +54,8 @@ class StandInAnalysis:
         return [Face(box) for box in boxes]
 
 
-def setup(comfyui, *answers, expansion=1.0):
-    vae, analysis = StandInVAE(), StandInAnalysis(*(answers or (FACES,)))
+def setup(comfyui, *answers, expansion=1.0, unload=False):
+    vae, analysis = StandInVAE(unload), StandInAnalysis(*(answers or (FACES,)))
     (auto,) = comfyui.run("FaceDiffuserAutoRegions", vae=vae, face_analysis=analysis, expansion=expansion)
     return auto, vae, analysis
 
@@ -95,6 +101,28 @@ def test_found_regions_act_exactly_as_the_same_masks_given(comfyui, models, monk
     assert torch.equal(outlined[changed].unique(dim=0), colours[:2].unique(dim=0))
     without, _ = sample(comfyui, tdm, sdm, conds, steps=10)
     assert (found["samples"] - without["samples"]).abs().max() > 1e-3
+
+
+def test_models_the_vae_pushed_off_the_device_are_loaded_again(comfyui, models, monkeypatch):
+    import comfy.model_management
+
+    snf_guider = comfyui.pack("nodes.snf_guider")
+    tdm, sdm = models
+    conds = subject_conds(comfyui)
+    real_predict = snf_guider.ModelSide.predict
+    unloaded = []
+
+    def spy(side, x, timestep, options, seed, capture=False):
+        unloaded.append(side.model_patcher not in comfy.model_management.loaded_models())
+        return real_predict(side, x, timestep, options, seed, capture)
+
+    monkeypatch.setattr(snf_guider.ModelSide, "predict", spy)
+    auto, vae, _ = setup(comfyui, unload=True)
+    found, _ = sample(comfyui, tdm, sdm, conds, steps=10, auto_regions=auto)
+    assert vae.latents and unloaded and not any(unloaded)
+    monkeypatch.undo()
+    given, _ = sample(comfyui, tdm, sdm, conds, steps=10, regions=expected_masks(comfyui))
+    assert torch.equal(found["samples"], given["samples"])
 
 
 def test_too_few_faces_are_exactly_no_regions_and_say_so(comfyui, models, caplog):
