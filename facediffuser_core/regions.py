@@ -151,14 +151,26 @@ class RegionAttention:
         cond_or_uncond: per chunk of the batch, 0 for the augmented branch (the SDM's positive) and 1 for its
         text branch, which never sees the appended rows; keys: T + K, after `extend_context`.
         """
+        return self._cached("bias", self._bias, latent_shape, attention_shape, cond_or_uncond, batch, keys, dtype, device)
+
+    def groups(self, latent_shape, attention_shape, cond_or_uncond, batch: int, keys: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same attention for a cross-attention that takes no mask (another node's replacement of it): the
+        queries fall into groups that lie in the same regions, and within a group every query sees the same
+        keys. Per group: which of the T + K extended keys stand at the prompt's T places, (batch, T) indices, and
+        which queries belong to it, (batch, queries, 1) bool; every query belongs to exactly one group. Same
+        arguments as `bias`."""
+        return self._cached("groups", self._groups, latent_shape, attention_shape, cond_or_uncond, batch, keys, None, device)
+
+    def _cached(self, kind, make, latent_shape, attention_shape, cond_or_uncond, batch, keys, dtype, device):
         height, width = (int(side) for side in attention_shape[-2:])
-        key = (tuple(latent_shape[-2:]), height, width, tuple(cond_or_uncond), batch, keys, dtype, str(device))
+        key = (kind, tuple(latent_shape[-2:]), height, width, tuple(cond_or_uncond), batch, keys, dtype, str(device))
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = self._bias(latent_shape, height, width, cond_or_uncond, batch, keys, dtype, device)
+            cached = self._cache[key] = make(self._layout(latent_shape, height, width, keys, device), cond_or_uncond, batch, keys, dtype, device)
         return cached
 
-    def _bias(self, latent_shape, height, width, cond_or_uncond, batch, keys, dtype, device):
+    def _layout(self, latent_shape, height, width, keys, device) -> tuple[torch.Tensor, int]:
+        """Each subject's region at this attention resolution, (K, queries) bool, and the prompt's key count."""
         try:
             check_aspect(self.masks, int(latent_shape[-2]), int(latent_shape[-1]))
         except ValueError as error:
@@ -170,19 +182,46 @@ class RegionAttention:
                 f"{self.tokens.prompt_rows} rows (or a multiple) plus {self.subjects} subject rows: another patch changed the "
                 "conditioning's length, which regions cannot follow"
             )
-        inside = cells(self.masks, height, width).flatten(1).to(device)  # (K, queries)
-        allowed = torch.ones(2, height * width, keys, dtype=torch.bool, device=device)
+        return cells(self.masks, height, width).flatten(1).to(device), prompt_keys
+
+    def _subject_rows(self, prompt_keys: int, subject: int) -> list[int]:
         # ComfyUI repeats a shorter prompt to the batch's longest (a multiple of it): each copy has the token.
-        repeats = prompt_keys // self.tokens.prompt_rows
-        for subject, row in enumerate(self.tokens.rows):
-            for copy in range(repeats):
-                allowed[0, :, copy * self.tokens.prompt_rows + row] = inside[subject]
+        row, prompt_rows = self.tokens.rows[subject], self.tokens.prompt_rows
+        return [copy * prompt_rows + row for copy in range(prompt_keys // prompt_rows)]
+
+    @staticmethod
+    def _augmented(cond_or_uncond, batch, device) -> torch.Tensor:
+        """(batch,) bool: the batch entries of the augmented branch."""
+        per_chunk = batch // len(cond_or_uncond)
+        return torch.tensor([kind == 0 for kind in cond_or_uncond], device=device).repeat_interleave(per_chunk)
+
+    def _bias(self, layout, cond_or_uncond, batch, keys, dtype, device):
+        inside, prompt_keys = layout
+        allowed = torch.ones(2, inside.shape[1], keys, dtype=torch.bool, device=device)
+        for subject in range(self.subjects):
+            allowed[0, :, self._subject_rows(prompt_keys, subject)] = inside[subject].unsqueeze(-1)
             allowed[0, :, prompt_keys + subject] = ~inside[subject]
         allowed[1, :, prompt_keys:] = False
-        per_chunk = batch // len(cond_or_uncond)
-        chosen = torch.tensor([0 if kind == 0 else 1 for kind in cond_or_uncond], device=device).repeat_interleave(per_chunk)
+        chosen = (~self._augmented(cond_or_uncond, batch, device)).long()
         bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         return bias[chosen]
+
+    def _groups(self, layout, cond_or_uncond, batch, keys, dtype, device):
+        inside, prompt_keys = layout
+        membership = sum(inside[subject].long() << subject for subject in range(self.subjects))  # (queries,)
+        augmented = self._augmented(cond_or_uncond, batch, device).unsqueeze(-1)
+        prompt = torch.arange(prompt_keys, device=device)
+        groups = []
+        for position, member_of in enumerate(membership.unique().tolist()):  # one host read per shape: cached
+            columns = prompt.clone()
+            for subject in range(self.subjects):
+                if not member_of >> subject & 1:
+                    columns[self._subject_rows(prompt_keys, subject)] = prompt_keys + subject
+            here = membership == member_of
+            # The text branch sees the prompt alone wherever its queries are: its first group computes it.
+            queries = torch.where(augmented, here.unsqueeze(0), torch.full_like(here, position == 0).unsqueeze(0))
+            groups.append((torch.where(augmented, columns.unsqueeze(0), prompt.unsqueeze(0)), queries.unsqueeze(-1)))
+        return groups
 
 
 def layout_masks(layout: str, subjects: int, width: int, height: int, boxes: str = "") -> torch.Tensor:

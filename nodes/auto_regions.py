@@ -4,7 +4,8 @@ The node only gathers what finding them needs (the VAE, the insightface analysis
 Sampler, the Guider and the Stage Sweep take it as `auto_regions`, and their guider decides the regions in each
 run (`AutoRegionsRun`) at its first evaluation after scene construction: the TDM's last denoised prediction is
 decoded, the faces found, and the regions (facediffuser_core.auto_regions) go to the SDM's attention patch
-(nodes.regions.patched_sdm), which until then, and where too few faces were found, is ComfyUI's own attention.
+(nodes.regions.patched_sdm), which until then, and where too few faces were found, computes what ComfyUI would
+without it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ The patch goes on a clone of the SDM through ComfyUI's attention seams: an attn2
 rows to the cross-attention context, and an attn2 replace patch on every transformer block calls ComfyUI's
 optimized attention (whichever backend it selected, and any attention override) with the mask. Other
 attention patches of the SDM (attn1, attn2 and output patches) keep working; an attn2 replace patch
-already on a block (IPAdapter-style nodes) cannot take a mask, and is refused with an error.
+already on a block (IPAdapter-style nodes) takes no mask, so it runs once per group of queries that lie in
+the same regions, on the keys they see (RegionAttention.groups).
 """
 
 from __future__ import annotations
@@ -76,20 +77,14 @@ def scoped_sdm(node: str, sdm, augmented: list, masks: torch.Tensor):
         attention = core.RegionAttention(masks, tokens, node)
     except ValueError as error:
         raise ValueError(f"{node}: the 'regions' input: {error}") from error
-    return patched_sdm(node, sdm, lambda: attention, "regions")
+    return patched_sdm(sdm, lambda: attention)
 
 
-def patched_sdm(node: str, sdm, current, input_name: str):
+def patched_sdm(sdm, current):
     """A clone of the SDM with the region attention `current()` returns at each call; where it returns None
-    (auto regions not decided yet, or fallen back), the patches compute exactly ComfyUI's own cross-attention."""
-    blocks = _attention_blocks(sdm.model.diffusion_model)
+    (auto regions not decided yet, or fallen back), the patches compute exactly what ComfyUI would without them."""
+    blocks = set(_attention_blocks(sdm.model.diffusion_model))
     replaced = sdm.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    taken = sorted({key[:2] for key in replaced} & set(blocks))
-    if taken:
-        raise ValueError(
-            f"{node}: the SDM already has a cross-attention replacement on {taken[0]} (an IPAdapter-style node on the SDM's "
-            f"path), which cannot take the regions' mask: leave '{input_name}' unconnected or apply that node to the TDM"
-        )
     patched = sdm.clone()
 
     def extend(n, context, value, extra_options):
@@ -98,21 +93,46 @@ def patched_sdm(node: str, sdm, current, input_name: str):
             return n, context, value
         return n, attention.extend_context(context), attention.extend_context(value)
 
+    def shapes(q, k, extra_options):
+        return (extra_options["original_shape"], extra_options["activations_shape"], extra_options["cond_or_uncond"], q.shape[0], k.shape[1])
+
     def attend(q, k, v, extra_options):
         # The backend is looked up at call time: ComfyUI picks it at start-up and nodes may swap it.
         attention = current()
         if attention is None:  # what CrossAttention calls without a mask
             return comfy.ldm.modules.attention.optimized_attention(
                 q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
-        bias = attention.bias(extra_options["original_shape"], extra_options["activations_shape"], extra_options["cond_or_uncond"],
-                              q.shape[0], k.shape[1], q.dtype, q.device)
+        bias = attention.bias(*shapes(q, k, extra_options), q.dtype, q.device)
         return comfy.ldm.modules.attention.optimized_attention_masked(
             q, k, v, extra_options["n_heads"], bias, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
 
+    def attend_through(existing):
+        """Another node's replacement (IPAdapter-style) takes no mask: it runs once per group of queries that lie in
+        the same regions, on the keys those queries see, and each query keeps its group's result."""
+        def attend_groups(q, k, v, extra_options):
+            attention = current()
+            if attention is None:
+                return existing(q, k, v, extra_options)
+            out = None
+            for columns, queries in attention.groups(*shapes(q, k, extra_options), q.device):
+                result = existing(q, _take(k, columns), _take(v, columns), extra_options)
+                out = result if out is None else torch.where(queries, result, out)
+            return out
+        return attend_groups
+
     patched.set_model_attn2_patch(extend)
-    for kind, number in blocks:
+    for kind, number in sorted(blocks):
         patched.set_model_attn2_replace(attend, kind, number)
+    # ComfyUI prefers a replacement keyed with the transformer index over one keyed by the block alone.
+    for key, existing in replaced.items():
+        if key[:2] in blocks:
+            patched.set_model_attn2_replace(attend_through(existing), *key)
     return patched
+
+
+def _take(keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(batch, T + K, dim) keys or values -> (batch, T, dim), the given rows of each batch entry."""
+    return keys.gather(1, columns.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
 
 
 def fusion_masks(node: str, masks, outside: str, auto: bool = False):

@@ -88,7 +88,7 @@ def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, 
         sdm = region_inputs.scoped_sdm(node, sdm, augmented, masks)
     elif auto_regions is not None:
         auto = AutoRegionsRun(node, auto_regions, region_inputs.subject_tokens(node, augmented, "auto_regions"), outside_regions)
-        sdm = region_inputs.patched_sdm(node, sdm, lambda: auto.attention, "auto_regions")
+        sdm = region_inputs.patched_sdm(sdm, lambda: auto.attention)
     try:
         guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node)
         guider.set_conds(augmented, text, null)

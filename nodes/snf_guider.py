@@ -142,16 +142,12 @@ def with_additions(options: dict, additions: dict) -> dict:
 class Predictions:
     """One side's raw predictions at one evaluation, as its post-cfg functions saw them (denoised space)."""
 
-    x: torch.Tensor
     sigma: torch.Tensor
     cond: torch.Tensor
     uncond: torch.Tensor
 
     def guidance(self, cfg: float) -> torch.Tensor:
-        # For epsilon models denoised = x - sigma * eps. SNF's softmax is not scale-invariant, so the
-        # saliency must see epsilon, not denoised.
-        sigma = self.sigma.reshape(-1, *([1] * (self.x.dim() - 1)))
-        return snf.guidance_response(cond_eps=(self.x - self.cond) / sigma, uncond_eps=(self.x - self.uncond) / sigma, cfg=cfg)
+        return snf.guidance_response(self.cond, self.uncond, self.sigma, cfg)
 
 
 class ModelSide(comfy.samplers.CFGGuider):
@@ -213,7 +209,7 @@ class ModelSide(comfy.samplers.CFGGuider):
         return self.outer_predict_noise(x, timestep, options, seed)
 
     def _keep(self, args):
-        self.last_predictions = Predictions(args["input"], args["sigma"], args["cond_denoised"], args["uncond_denoised"])
+        self.last_predictions = Predictions(args["sigma"], args["cond_denoised"], args["uncond_denoised"])
         return args["denoised"]
 
 
@@ -485,7 +481,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
                   for side in self.sides}
         # A side whose every evaluation so far a cache skipped has no raw predictions: its guided one stands
         # in for both branches, a zero guidance response (a flat saliency map).
-        raw = {side.name: side.last_predictions or Predictions(x, timestep, guided[side.name], guided[side.name]) for side in self.sides}
+        raw = {side.name: side.last_predictions or Predictions(timestep, guided[side.name], guided[side.name]) for side in self.sides}
         decision = snf.decide(raw["tdm"].guidance(self.cfg), raw["sdm"].guidance(self.cfg))
         if self.fusion_regions is not None:
             decision.sdm_chosen = self.fusion_regions.restrict(decision.sdm_chosen)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny_comfy
-from test_regions_comfyui import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep
+from test_regions_comfyui import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep, with_replacements
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 
 FACES = [(62.0, 10.0, 78.0, 28.0), (14.0, 16.0, 30.0, 34.0)]  # right, left, in the 96x64 picture
@@ -149,6 +149,19 @@ def test_too_few_faces_are_exactly_no_regions_and_say_so(comfyui, models, caplog
     assert all(torch.equal(a.sdm_chosen, b) for a, b in zip(saliency.decisions, without_decisions))
 
 
+def test_with_a_replacement_on_the_sdm_found_regions_equal_given_ones_and_too_few_equal_none(comfyui, models):
+    import comfy.ldm.modules.attention as attention
+
+    tdm, sdm = models
+    conds = subject_conds(comfyui)
+    replaced = with_replacements(comfyui, sdm, lambda q, k, v, extra: attention.optimized_attention(q, k, v, extra["n_heads"]) + 0.5 * q.tanh())
+    found, _ = sample(comfyui, tdm, replaced, conds, auto_regions=setup(comfyui)[0])
+    given, _ = sample(comfyui, tdm, replaced, conds, regions=expected_masks(comfyui))
+    assert torch.equal(found["samples"], given["samples"])
+    fallback, _ = sample(comfyui, tdm, replaced, conds, auto_regions=setup(comfyui, [FACES[0]])[0])
+    assert torch.equal(fallback["samples"], sample(comfyui, tdm, replaced, conds)[0]["samples"])
+
+
 def test_auto_regions_cost_no_extra_unet_evaluation(comfyui, models):
     counts = []
     for region_inputs in ({}, {"auto_regions": setup(comfyui)[0], "outside_regions": "tdm"}):
@@ -195,9 +208,5 @@ def test_bad_auto_regions_name_the_node_the_input_and_the_fix(comfyui, models):
     bare = dict(conds, augmented=[[conds["augmented"][0][0], {}]])
     with pytest.raises(ValueError, match="Face-diffuser Guider: 'auto_regions' is connected but the 'augmented' conditioning carries no"):
         comfyui.run("FaceDiffuserGuider", tdm=tdm, sdm=sdm, cfg=5.0, alpha=0.3, beta=0.6, auto_regions=auto, **bare)
-    replaced = sdm.clone()
-    replaced.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1)
-    with pytest.raises(ValueError, match=r"Face-diffuser SNF Sampler: the SDM already has .* leave 'auto_regions' unconnected"):
-        sample(comfyui, tdm, replaced, conds, auto_regions=auto)
     with pytest.raises(ValueError, match="Face-diffuser Auto Regions: face_analysis must be an insightface FaceAnalysis"):
         comfyui.run("FaceDiffuserAutoRegions", vae=StandInVAE(), face_analysis=object(), expansion=1.0)

@@ -439,7 +439,12 @@ def start_batch(jobs_file: Path, urls, *options: str) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # a failed test leaves no batch running
+        process.communicate()
+        raise
     return process.returncode, out, err
 
 
@@ -701,3 +706,16 @@ def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         runs = all_runs(manifest_of(jobs_file))
         assert len(runs) == 2 and {run["state"] for run in runs.values()} == {DONE}
+
+
+def test_a_ray_head_that_does_not_answer_is_an_error_at_once(tmp_path):
+    """Ray itself retries a wrong head address for minutes; the batch says at once that nothing answers there."""
+    pytest.importorskip("ray", reason="--ray needs Ray (requirements-test.txt)")
+    shutil.copy(EXAMPLE, tmp_path / EXAMPLE.name)
+    shutil.copytree(EXAMPLE.parent / "api", tmp_path / "api")
+    port = comfy_server.free_port()
+    command = [sys.executable, str(SCRIPT), str(tmp_path / EXAMPLE.name), "--ray", f"127.0.0.1:{port}"]
+    code, out, err = finish(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), timeout=90)
+    assert code == 1, out + err
+    assert f"error: --ray 127.0.0.1:{port}: no Ray head answers there (Connection refused): start one with `ray start --head --port={port}`" in err
+    assert "Traceback" not in err

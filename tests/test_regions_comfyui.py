@@ -224,11 +224,62 @@ def test_bad_regions_name_the_node_the_input_and_the_fix(comfyui, models):
         comfyui.run("FaceDiffuserGuider", tdm=tdm, sdm=sdm, cfg=5.0, alpha=0.3, beta=0.6, regions=masks, **bare)
     with pytest.raises(ValueError, match="Face-diffuser SNF Sampler: outside_regions is 'tdm' but 'regions' is not connected"):
         sample(comfyui, tdm, sdm, conds, outside_regions="tdm")
+
+
+def with_replacements(comfyui, sdm, replacement):
+    """The SDM with another node's attn2 replacement (IPAdapter-style) on every transformer block, keyed by the
+    block on the first and by block and transformer index on the others (ComfyUI prefers the latter)."""
+    blocks = comfyui.pack("nodes.regions")._attention_blocks(sdm.model.diffusion_model)
     replaced = sdm.clone()
-    replaced.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1)
-    with pytest.raises(ValueError, match=r"Face-diffuser Stage Sweep: the SDM already has a cross-attention replacement on \('input', 1\)"):
-        comfyui.run(
-            "FaceDiffuserStageSweep", tdm=tdm, sdm=replaced, latent_image=tiny_comfy.empty_latent(1, HEIGHT, WIDTH), seed=SEED,
-            steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", alphas="0.3", betas="0.6", denoise=1.0,
-            regions=masks, **conds,
-        )
+    replaced.set_model_attn2_replace(replacement, *blocks[0])
+    for kind, number in blocks[1:]:
+        replaced.set_model_attn2_replace(replacement, kind, number, 0)
+    return replaced
+
+
+def test_a_replacement_already_on_the_sdm_runs_per_region_group(comfyui, models):
+    """A replacement that takes no mask (plain attention plus a term of each query's own, as IPAdapter adds its
+    image attention) runs once per group of queries lying in the same regions, on the keys they see, with the
+    prompt's length: exactly the masked attention plus its term."""
+    import comfy.ldm.modules.attention as attention
+
+    tdm, sdm = models
+    conds = subject_conds(comfyui)
+    masks = halves(comfyui)
+    key_counts = []
+
+    def ip_adapter_like(q, k, v, extra):
+        key_counts.append(k.shape[1])
+        return attention.optimized_attention(q, k, v, extra["n_heads"]) + 0.5 * q.tanh()
+
+    patched = comfyui.pack("nodes.regions").scoped_sdm("test", with_replacements(comfyui, sdm, ip_adapter_like), conds["augmented"], masks)
+    replacements = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    regions = comfyui.pack("facediffuser_core.regions")
+    scoped = regions.RegionAttention(masks, conds["augmented"][0][1][regions.SUBJECTS_KEY], "test")
+    generator = torch.Generator().manual_seed(3)
+    heads, width = 2, 16
+    q = torch.randn(2, HEIGHT * WIDTH, width, generator=generator)
+    k, v = (torch.randn(2, 77 + len(ROWS), width, generator=generator) for _ in range(2))
+    extra = {"n_heads": heads, "original_shape": [2, 4, HEIGHT, WIDTH], "activations_shape": [2, width, HEIGHT, WIDTH], "cond_or_uncond": [0, 1]}
+    bias = scoped.bias(extra["original_shape"], extra["activations_shape"], [0, 1], 2, k.shape[1], q.dtype, q.device)
+    expected = attention.optimized_attention_masked(q, k, v, heads, bias) + 0.5 * q.tanh()
+    keyed = [key for key in replacements if len(key) == 3] + [key for key in replacements if len(key) == 2][:1]
+    for key in keyed:
+        key_counts.clear()
+        torch.testing.assert_close(replacements[key](q, k, v, extra), expected, rtol=0, atol=1e-5)
+        assert key_counts == [77, 77]  # one call per group (left half, right half), with the prompt's keys
+    assert len(keyed) == len(comfyui.pack("nodes.regions")._attention_blocks(sdm.model.diffusion_model))
+
+
+def test_sampling_through_a_replacement_on_the_sdm_equals_the_masked_attention(comfyui, models):
+    import comfy.ldm.modules.attention as attention
+
+    tdm, sdm = models
+    conds = subject_conds(comfyui)
+    masks = halves(comfyui)
+    plain_attention = with_replacements(comfyui, sdm, lambda q, k, v, extra: attention.optimized_attention(q, k, v, extra["n_heads"]))
+    through, _ = sample(comfyui, tdm, plain_attention, conds, regions=masks)
+    masked, _ = sample(comfyui, tdm, sdm, conds, regions=masks)
+    torch.testing.assert_close(through["samples"], masked["samples"], rtol=1e-5, atol=1e-5)  # float rounding over 6 steps
+    without, _ = sample(comfyui, tdm, plain_attention, conds)
+    assert (through["samples"] - without["samples"]).abs().max() > 1e-3

@@ -30,6 +30,13 @@ def test_saliency_matches_reference(shape, seed, scale):
     np.testing.assert_allclose(actual.sum(dim=(1, 2)).numpy(), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (2, 4, 96, 128), (1, 4, 3, 200)])
+def test_saliency_matches_reference_at_picture_sizes(shape):
+    """512x512 and 768x1024 pictures' latents and a thin strip: the smoothing matrices at the sizes users sample."""
+    guidance = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    np.testing.assert_allclose(snf.saliency_map(guidance).numpy(), reference_saliency(guidance.numpy()), rtol=2e-5, atol=1e-12)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_fusion_takes_all_channels_of_the_more_salient_model(shape, seed, dtype):

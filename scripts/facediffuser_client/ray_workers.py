@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shlex
+import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .scheduler import interrupts_held
 
 RAY_VERSION = "2.60.0"  # the version the tests run; requirements-test.txt pins the same
 WORKER_NAME = "facediffuser-worker"
+HEAD_ANSWER_S = 5.0  # a head that does not take a TCP connection in this long is reported at once, not retried by Ray for minutes
 WORKER_POLL_S = 0.05  # a worker asks its own ComfyUI, on its node, whether its run is done: cheap, and short runs stay short
 # The workers' own output stays on their nodes (their errors come back with their runs); the nodes import this
 # package from the copy Ray ships them, so that only ComfyUI with the pack has to be installed there.
@@ -37,6 +39,19 @@ def import_ray():
     except ImportError:
         raise RunError(f"--ray needs Ray on this machine and on every node of the cluster: pip install ray=={RAY_VERSION}") from None
     return ray
+
+
+def check_head_answers(address: str) -> None:
+    """Ray keeps retrying a head address where nothing answers for minutes before it gives up; a `host:port` (or
+    `ray://host:port`) that takes no TCP connection is an error at once. `auto` and other forms are Ray's to read."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=HEAD_ANSWER_S).close()
+    except OSError as error:
+        raise RunError(f"--ray {address}: no Ray head answers there ({error.strerror or error}): start one with "
+                       f"`ray start --head --port={port}` on {host.strip('[]')}, or give the address `ray start` printed") from None
 
 
 class ComfyWorker:
@@ -116,6 +131,7 @@ class RayExecutor:
         if args.ray == "local":
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **QUIET_WITH_THIS_PACKAGE)
         else:
+            check_head_answers(args.ray)
             ray.init(address=args.ray, **QUIET_WITH_THIS_PACKAGE)
         try:
             self.workers = self.start_workers(args)
