@@ -20,6 +20,9 @@ _HEAT_STOPS = torch.tensor(
 TDM_TINT = torch.tensor([0.15, 0.45, 1.00])
 SDM_TINT = torch.tensor([1.00, 0.45, 0.10])
 OVERLAY_OPACITY = 0.45
+# Outlines of the regions auto regions found, by subject in marker order (then repeating).
+REGION_COLOURS = torch.tensor([[0.10, 0.90, 0.20], [0.95, 0.10, 0.85], [0.10, 0.90, 0.95], [1.00, 0.90, 0.10]])
+OUTLINE_FRACTION = 1 / 128  # the outline's width as a share of the panel's shorter side (at least one pixel)
 
 
 def heatmap(values: torch.Tensor) -> torch.Tensor:
@@ -36,9 +39,23 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=size, mode="nearest").squeeze(1)
 
 
-def render(summary: SaliencySummary, size: tuple[int, int], image: torch.Tensor | None = None):
+def outline(panels: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) pictures with each region's (K, h, w) border drawn in its subject's colour."""
+    height, width = panels.shape[1:3]
+    inside = _resize(regions.float(), (height, width)) >= 0.5
+    radius = max(1, round(min(height, width) * OUTLINE_FRACTION))
+    eroded = -F.max_pool2d(-inside.float().unsqueeze(1), 2 * radius + 1, stride=1, padding=radius).squeeze(1)
+    panels = panels.clone()
+    for subject, (region, core) in enumerate(zip(inside, eroded >= 0.5)):
+        panels[:, region & ~core] = REGION_COLOURS[subject % len(REGION_COLOURS)].to(panels)
+    return panels
+
+
+def render(summary: SaliencySummary, size: tuple[int, int], image: torch.Tensor | None = None,
+           regions: torch.Tensor | None = None):
     """Pictures of a run, per sample: TDM saliency, SDM saliency, share of fusion steps painted by the SDM,
     and, with `image` (B, H, W, 3), that image tinted blue where the TDM painted and orange where the SDM did.
+    With `regions` (K, h, w), the regions auto regions used, every picture outlines them.
 
     Both saliency maps of a sample share one colour scale, from the lower to the higher of their values, so
     their brightness compares directly.
@@ -65,4 +82,4 @@ def render(summary: SaliencySummary, size: tuple[int, int], image: torch.Tensor 
         tint = TDM_TINT * (1 - mask.unsqueeze(-1)) + SDM_TINT * mask.unsqueeze(-1)
         panels.append(image[..., :3].float() * (1 - OVERLAY_OPACITY) + tint * OVERLAY_OPACITY)
     images = torch.stack(panels, dim=1).reshape(-1, *size, 3)
-    return images, mask
+    return (images if regions is None else outline(images, regions)), mask

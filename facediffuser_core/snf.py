@@ -120,6 +120,7 @@ class SaliencyRecord:
 
     steps: list[int] = field(default_factory=list)
     decisions: list[FusionDecision] = field(default_factory=list)
+    regions: torch.Tensor | None = None  # (K, H, W) the regions auto regions found and used, at the picture's size
 
     def add(self, step: int, decision: FusionDecision) -> None:
         self.steps.append(step)
@@ -128,6 +129,7 @@ class SaliencyRecord:
     def clear(self) -> None:
         self.steps.clear()
         self.decisions.clear()
+        self.regions = None
 
     def __len__(self) -> int:
         return len(self.decisions)
@@ -137,7 +139,7 @@ class SaliencyRecord:
             FusionDecision(d.tdm_saliency.to(device), d.sdm_saliency.to(device), d.sdm_chosen.to(device))
             for d in self.decisions
         ]
-        return SaliencyRecord(list(self.steps), moved)
+        return SaliencyRecord(list(self.steps), moved, self.regions)
 
     def summary(self) -> "SaliencySummary":
         """Average over all recorded fusion evaluations."""

@@ -13,10 +13,10 @@ MODEL_FOLDER = "facediffuser"
 MODEL_EXTENSIONS = {".bin", ".safetensors"}
 
 from . import insightface_loader, loaders, official_run, reference_faces, saliency_preview, sampling, subject_prompt  # noqa: E402
-from . import identity_score, regions, stage_sweep  # noqa: E402
+from . import auto_regions, identity_score, regions, stage_sweep  # noqa: E402
 
 NODE_MODULES = [loaders, insightface_loader, reference_faces, subject_prompt, sampling, official_run, saliency_preview]  # each feature module exports NODES
-NODE_MODULES += [identity_score, stage_sweep, regions]
+NODE_MODULES += [identity_score, stage_sweep, regions, auto_regions]
 
 
 def register_model_folder() -> None:

@@ -16,6 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import regions as core
+from .types import AutoRegions
 
 LAYOUT_NAME = "Face-diffuser Region Layout"
 BLOCK_KINDS = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
@@ -33,17 +34,24 @@ def inputs() -> list:
         io.Combo.Input(
             "outside_regions", options=list(core.OUTSIDE_CHOICES), default=core.OUTSIDE_SNF, optional=True,
             tooltip="What fusion does outside every region: 'snf' the paper's per-pixel choice, 'tdm' the TDM alone "
-                    "(the scene model keeps the background). Needs 'regions'.",
+                    "(the scene model keeps the background). Needs 'regions' or 'auto_regions'.",
+        ),
+        AutoRegions.Input(
+            "auto_regions", optional=True,
+            tooltip="Regions found in the picture instead of given (Face-diffuser Auto Regions): at the end of scene "
+                    "construction the TDM's predicted picture is decoded, the people's faces found, and each widened to a "
+                    "person region, given to the markers left to right. Too few faces: no regions, with a warning. "
+                    "Not together with 'regions'.",
         ),
     ]
 
 
-def subject_tokens(node: str, augmented: list) -> core.SubjectTokens:
+def subject_tokens(node: str, augmented: list, input_name: str = "regions") -> core.SubjectTokens:
     """The marked rows the Subject Prompt recorded in the augmented conditioning."""
     found = [options.get(core.SUBJECTS_KEY) for _, options in augmented]
     if not found or any(tokens is None for tokens in found):
         raise ValueError(
-            f"{node}: 'regions' is connected but the 'augmented' conditioning carries no subject markers: connect the "
+            f"{node}: '{input_name}' is connected but the 'augmented' conditioning carries no subject markers: connect the "
             "'augmented' output of the Face-diffuser Subject Prompt (directly, or through nodes that keep its options)"
         )
     if any(tokens.rows != found[0].rows for tokens in found):
@@ -69,19 +77,32 @@ def scoped_sdm(node: str, sdm, augmented: list, masks: torch.Tensor):
         attention = core.RegionAttention(masks, tokens, node)
     except ValueError as error:
         raise ValueError(f"{node}: the 'regions' input: {error}") from error
+    return patched_sdm(sdm, lambda: attention)
+
+
+def patched_sdm(sdm, current):
+    """A clone of the SDM with the region attention `current()` returns at each call; where it returns None
+    (auto regions not decided yet, or fallen back), the patches compute exactly what ComfyUI would without them."""
     blocks = set(_attention_blocks(sdm.model.diffusion_model))
     replaced = sdm.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     patched = sdm.clone()
 
     def extend(n, context, value, extra_options):
+        attention = current()
+        if attention is None:
+            return n, context, value
         return n, attention.extend_context(context), attention.extend_context(value)
 
     def shapes(q, k, extra_options):
         return (extra_options["original_shape"], extra_options["activations_shape"], extra_options["cond_or_uncond"], q.shape[0], k.shape[1])
 
     def attend(q, k, v, extra_options):
+        # The backend is looked up at call time: ComfyUI picks it at start-up and nodes may swap it.
+        attention = current()
+        if attention is None:  # what CrossAttention calls without a mask
+            return comfy.ldm.modules.attention.optimized_attention(
+                q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
         bias = attention.bias(*shapes(q, k, extra_options), q.dtype, q.device)
-        # Looked up at call time: ComfyUI picks the backend at start-up and nodes may swap it.
         return comfy.ldm.modules.attention.optimized_attention_masked(
             q, k, v, extra_options["n_heads"], bias, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
 
@@ -89,6 +110,9 @@ def scoped_sdm(node: str, sdm, augmented: list, masks: torch.Tensor):
         """Another node's replacement (IPAdapter-style) takes no mask: it runs once per group of queries that lie in
         the same regions, on the keys those queries see, and each query keeps its group's result."""
         def attend_groups(q, k, v, extra_options):
+            attention = current()
+            if attention is None:
+                return existing(q, k, v, extra_options)
             out = None
             for columns, queries in attention.groups(*shapes(q, k, extra_options), q.device):
                 result = existing(q, _take(k, columns), _take(v, columns), extra_options)
@@ -111,13 +135,17 @@ def _take(keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return keys.gather(1, columns.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
 
 
-def fusion_masks(node: str, masks, outside: str):
-    """The masks SNF keeps the SDM inside of, or None for the paper's choice everywhere."""
+def fusion_masks(node: str, masks, outside: str, auto: bool = False):
+    """The masks SNF keeps the SDM inside of, or None for the paper's choice everywhere (or auto regions' choice)."""
     if outside not in core.OUTSIDE_CHOICES:
         raise ValueError(f"{node}: outside_regions is '{outside}'; it is one of {', '.join(core.OUTSIDE_CHOICES)}")
-    if outside == core.OUTSIDE_TDM and masks is None:
+    if masks is not None and auto:
+        raise ValueError(f"{node}: both 'regions' and 'auto_regions' are connected, two answers to where each person is: "
+                         "disconnect 'auto_regions' to use the regions given, or 'regions' to have them found in the picture")
+    if outside == core.OUTSIDE_TDM and masks is None and not auto:
         raise ValueError(f"{node}: outside_regions is '{core.OUTSIDE_TDM}' but 'regions' is not connected: connect the regions "
-                         f"(Face-diffuser Region Layout) or set outside_regions to '{core.OUTSIDE_SNF}'")
+                         f"(Face-diffuser Region Layout, or Face-diffuser Auto Regions to 'auto_regions') or set outside_regions "
+                         f"to '{core.OUTSIDE_SNF}'")
     return masks if outside == core.OUTSIDE_TDM else None
 
 

@@ -14,6 +14,7 @@ from ..facediffuser_core import snf
 from ..facediffuser_core.schedule import denoise_schedule
 from . import official_run
 from . import regions as region_inputs
+from .auto_regions import AutoRegionsRun
 from .snf_guider import SNFGuider
 from .types import Saliency
 
@@ -80,16 +81,21 @@ def _stage_inputs() -> list:
 
 
 def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None, masks=None,
-                  outside_regions: str = "snf") -> SNFGuider:
-    fusion_masks = region_inputs.fusion_masks(node, masks, outside_regions)
+                  outside_regions: str = "snf", auto_regions=None) -> SNFGuider:
+    fusion_masks = region_inputs.fusion_masks(node, masks, outside_regions, auto=auto_regions is not None)
+    auto = None
     if masks is not None:
         sdm = region_inputs.scoped_sdm(node, sdm, augmented, masks)
+    elif auto_regions is not None:
+        auto = AutoRegionsRun(node, auto_regions, region_inputs.subject_tokens(node, augmented, "auto_regions"), outside_regions)
+        sdm = region_inputs.patched_sdm(sdm, lambda: auto.attention)
     try:
         guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node)
         guider.set_conds(augmented, text, null)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
     guider.fusion_regions = None if fusion_masks is None else region_core.FusionArea(fusion_masks)
+    guider.auto_regions = auto
     return guider
 
 
@@ -132,11 +138,11 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta,
-                noise="comfyui", denoise=1.0, regions=None, outside_regions="snf") -> io.NodeOutput:
+                noise="comfyui", denoise=1.0, regions=None, outside_regions="snf", auto_regions=None) -> io.NodeOutput:
         noise, denoise = official_run.legacy_noise_and_denoise(cls.DISPLAY, noise, denoise)
         return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
                                          sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise,
-                                         masks=regions, outside_regions=outside_regions))
+                                         masks=regions, outside_regions=outside_regions, auto_regions=auto_regions))
 
 
 def sampling_schedule(node: str, model, steps: int, sampler_name: str, scheduler: str, denoise: float):
@@ -151,7 +157,7 @@ def sampling_schedule(node: str, model, steps: int, sampler_name: str, scheduler
 
 def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, seed: int, steps: int, cfg: float,
                sampler_name: str, scheduler: str, alpha: float, beta: float, denoise: float, noise_kind: str = "comfyui",
-               masks=None, outside_regions: str = "snf"):
+               masks=None, outside_regions: str = "snf", auto_regions=None):
     """KSampler's procedure with the SNF guider: the sampled LATENT and the run's saliency record (on the CPU).
     Errors name `node`, the node that asked for the sampling."""
     latent = latent_image["samples"]
@@ -164,7 +170,7 @@ def snf_sample(node: str, tdm, sdm, augmented, text, null, latent_image: dict, s
         out["samples"] = latent
         return out, snf.SaliencyRecord()
     guider = _build_guider(node, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule, masks=masks,
-                           outside_regions=outside_regions)
+                           outside_regions=outside_regions, auto_regions=auto_regions)
 
     callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1)
     samples = guider.sample(
@@ -213,9 +219,9 @@ class FaceDiffuserGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None, regions=None,
-                outside_regions="snf") -> io.NodeOutput:
+                outside_regions="snf", auto_regions=None) -> io.NodeOutput:
         guider = _build_guider(cls.DISPLAY, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=schedule, masks=regions,
-                               outside_regions=outside_regions)
+                               outside_regions=outside_regions, auto_regions=auto_regions)
         return io.NodeOutput(guider, guider.saliency)
 
 

@@ -255,6 +255,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.node = node  # named by the errors sampling raises, where ComfyUI shows the sampler node's name
         self.saliency = snf.SaliencyRecord()
         self.fusion_regions: regions.FusionArea | None = None  # outside it fusion keeps the TDM (nodes.regions)
+        self.auto_regions = None  # nodes.auto_regions.AutoRegionsRun: regions decided after scene construction
         self.counted: list[tuple[int, Stage]] | None = None  # each evaluation's step and stage, where counted
         self.evaluated: list[torch.Tensor] = []  # the counted evaluations' sigmas, checked after the run
 
@@ -289,6 +290,9 @@ class SNFGuider(comfy.samplers.CFGGuider):
             denoise_mask = comfy.sampler_helpers.prepare_mask(denoise_mask, latent_image.shape, self.model_patcher.load_device).float()
         self._place_evaluations(sigmas)
         self.saliency.clear()  # in place: a Guider node handed this record out before sampling
+        if self.auto_regions is not None:  # each run finds its own people
+            self.auto_regions.reset()
+            self.fusion_regions = None
         with contextlib.ExitStack() as stack:
             for side in self.sides:
                 stack.enter_context(side.prepared())
@@ -335,6 +339,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         _, _, loaded_models = self._through_wrappers(
             WrappersMP.PREPARE_SAMPLING, [tdm], comfy.sampler_helpers.prepare_sampling,
             sdm.model_patcher, noise.shape, all_conds, model_options=sdm.model_options)
+        self.loaded_models = loaded_models  # as CFGGuider keeps them
         for side in self.sides:
             side.inner_model = side.model_patcher.model
         self.inner_model = sdm.inner_model
@@ -357,7 +362,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         comfy.sampler_helpers.cleanup_models(all_conds, [model for model in loaded_models if model is not tdm.model_patcher])
         for side in self.sides:
             del side.inner_model
-        del self.inner_model
+        del self.inner_model, self.loaded_models
         return output
 
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, latent_shapes=None):
@@ -436,6 +441,19 @@ class SNFGuider(comfy.samplers.CFGGuider):
                 return function(sigma, denoise_mask, extra_options)
         return denoise_mask
 
+    def _decide_auto_regions(self) -> None:
+        """At the first evaluation after scene construction: the regions from the TDM's last prediction."""
+        auto = self.auto_regions
+        prediction, auto.scene_prediction = auto.scene_prediction, None
+        latent = None if prediction is None else self.inner_model.process_latent_out(prediction.float())
+        auto.decide(latent)
+        models = [self.model_patcher, *self.loaded_models]
+        loaded = comfy.model_management.loaded_models()
+        if any(model not in loaded for model in models):  # loading the VAE pushed one off the device: load it again
+            comfy.model_management.load_models_gpu(models)
+        self.fusion_regions = auto.fusion
+        self.saliency.regions = None if auto.attention is None else auto.found.masks
+
     def outer_predict_noise(self, x, timestep, model_options={}, seed=None):
         # Each side's PREDICT_NOISE wrappers wrap that side's own prediction (ModelSide.predict).
         return self.predict_noise(x, timestep, model_options, seed)
@@ -448,7 +466,12 @@ class SNFGuider(comfy.samplers.CFGGuider):
         # Samplers that change nothing pass the very options they were given: nothing to add then.
         additions = {} if model_options is self.sampler_options else sampler_additions(self.sampler_options, model_options)
         if stage is Stage.SCENE:
-            return self.tdm_side.predict(x, timestep, with_additions(self.tdm_side.sampling_options, additions), seed)
+            scene = self.tdm_side.predict(x, timestep, with_additions(self.tdm_side.sampling_options, additions), seed)
+            if self.auto_regions is not None:
+                self.auto_regions.scene_prediction = scene
+            return scene
+        if self.auto_regions is not None and not self.auto_regions.decided:
+            self._decide_auto_regions()
         if stage is Stage.SUBJECT:
             return self.sdm_side.predict(x, timestep, with_additions(self.sdm_side.sampling_options, additions), seed)
         # The sampler's own post-cfg functions (cfg++ capturing the unconditional prediction) see the fused

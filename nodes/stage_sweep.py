@@ -64,7 +64,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                alphas, betas, noise="comfyui", denoise=1.0, regions=None, outside_regions="snf") -> io.NodeOutput:
+                alphas, betas, noise="comfyui", denoise=1.0, regions=None, outside_regions="snf", auto_regions=None) -> io.NodeOutput:
         noise, denoise = official_run.legacy_noise_and_denoise(SWEEP_NAME, noise, denoise)
         try:
             grid = StageGrid.parse(alphas, betas)
@@ -87,7 +87,7 @@ class FaceDiffuserStageSweep(io.ComfyNode):
             logging.info("%s: cell %d of %d, alpha %g, beta %g", SWEEP_NAME, index + 1, len(cells), cell.alpha, cell.beta)
             out, _ = snf_sample(SWEEP_NAME, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
                                 sampler_name, scheduler, cell.alpha, cell.beta, denoise, noise_kind=noise,
-                                masks=regions, outside_regions=outside_regions)
+                                masks=regions, outside_regions=outside_regions, auto_regions=auto_regions)
             samples.append(out["samples"])
         out["samples"] = torch.cat(samples)
         out.pop("batch_index", None)  # the cells' batch, not the input's position in a larger one

@@ -12,3 +12,5 @@ Saliency = io.Custom("FACEDIFFUSER_SALIENCY")
 Identity = io.Custom("FACEDIFFUSER_IDENTITY")
 # The alpha x beta grid a Stage Sweep sampled (facediffuser_core.stage_sweep.StageGrid).
 StageSweep = io.Custom("FACEDIFFUSER_STAGE_SWEEP")
+# How to find the people's regions during sampling (nodes.auto_regions.AutoRegionsSetup).
+AutoRegions = io.Custom("FACEDIFFUSER_AUTO_REGIONS")

@@ -170,18 +170,27 @@ def test_guider_and_stage_sweep_take_regions(comfyui, models):
     masks = halves(comfyui)
     expected, _ = sample(comfyui, tdm, sdm, conds, steps=10, regions=masks)
     guider, _ = comfyui.run("FaceDiffuserGuider", tdm=tdm, sdm=sdm, cfg=5.0, alpha=0.3, beta=0.6, regions=masks, **conds)
-    out, _ = comfyui.run(
+    torch.testing.assert_close(sample_with_guider(comfyui, sdm, guider)["samples"], expected["samples"], rtol=1e-5, atol=1e-5)
+    swept, _ = sweep(comfyui, tdm, sdm, conds, regions=masks)
+    torch.testing.assert_close(swept["samples"], expected["samples"], rtol=1e-5, atol=1e-5)
+
+
+def sample_with_guider(comfyui, sdm, guider, steps=10):
+    """SamplerCustomAdvanced with ddim over `steps` ddim_uniform steps, as `sample` runs them."""
+    return comfyui.run(
         "SamplerCustomAdvanced", noise=comfyui.run("RandomNoise", noise_seed=SEED)[0], guider=guider,
         sampler=comfyui.run("KSamplerSelect", sampler_name="ddim")[0],
-        sigmas=comfyui.run("BasicScheduler", model=sdm, scheduler="ddim_uniform", steps=10, denoise=1.0)[0],
+        sigmas=comfyui.run("BasicScheduler", model=sdm, scheduler="ddim_uniform", steps=steps, denoise=1.0)[0],
         latent_image=tiny_comfy.empty_latent(1, HEIGHT, WIDTH),
+    )[0]
+
+
+def sweep(comfyui, tdm, sdm, conds, steps=10, **region_inputs):
+    """The Stage Sweep of the one cell alpha 0.3, beta 0.6: `sample`'s run."""
+    return comfyui.run(
+        "FaceDiffuserStageSweep", tdm=tdm, sdm=sdm, latent_image=tiny_comfy.empty_latent(1, HEIGHT, WIDTH), seed=SEED, steps=steps,
+        cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", alphas="0.3", betas="0.6", denoise=1.0, **conds, **region_inputs,
     )
-    torch.testing.assert_close(out["samples"], expected["samples"], rtol=1e-5, atol=1e-5)
-    swept, _ = comfyui.run(
-        "FaceDiffuserStageSweep", tdm=tdm, sdm=sdm, latent_image=tiny_comfy.empty_latent(1, HEIGHT, WIDTH), seed=SEED, steps=10,
-        cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", alphas="0.3", betas="0.6", denoise=1.0, regions=masks, **conds,
-    )
-    torch.testing.assert_close(swept["samples"], expected["samples"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows, tokens, text_tokens", [((5, 100), 154, 154), ((5, 9), 77, 154)])

@@ -1,0 +1,119 @@
+"""Face-diffuser Auto Regions: the people's regions found in the picture at the end of scene construction.
+
+The node only gathers what finding them needs (the VAE, the insightface analysis, the expansion); the SNF
+Sampler, the Guider and the Stage Sweep take it as `auto_regions`, and their guider decides the regions in each
+run (`AutoRegionsRun`) at its first evaluation after scene construction: the TDM's last denoised prediction is
+decoded, the faces found, and the regions (facediffuser_core.auto_regions) go to the SDM's attention patch
+(nodes.regions.patched_sdm), which until then, and where too few faces were found, computes what ComfyUI would
+without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from ..facediffuser_core import auto_regions as core
+from ..facediffuser_core import regions as region_core
+from .reference_faces import detect_face_boxes
+from .types import AutoRegions
+
+NODE_NAME = "Face-diffuser Auto Regions"
+
+
+@dataclass(frozen=True)
+class AutoRegionsSetup:
+    """The Auto Regions node's output: how a guider finds the regions."""
+
+    vae: object
+    face_analysis: object
+    expansion: float
+
+    def faces(self, latent: torch.Tensor) -> tuple[list, int, int]:
+        """The face boxes in the picture one latent (1, 4, h, w) decodes to, and the picture's width and height."""
+        picture = self.vae.decode(latent)
+        if picture.dim() == 5:  # VAEs of video models give (batch, frames, ...)
+            picture = picture.reshape(-1, *picture.shape[-3:])
+        return detect_face_boxes(self.face_analysis, picture[0]), int(picture.shape[2]), int(picture.shape[1])
+
+
+class AutoRegionsRun:
+    """A guider's auto regions, decided anew in every sampling run. `attention` and `fusion` are what the SDM's
+    patch and SNF read; None until decided, and after a fallback."""
+
+    def __init__(self, node: str, setup: AutoRegionsSetup, tokens: region_core.SubjectTokens, outside: str):
+        self.node, self.setup, self.tokens, self.outside = node, setup, tokens, outside
+        self.reset()
+
+    def reset(self) -> None:
+        self.attention: region_core.RegionAttention | None = None
+        self.fusion: region_core.FusionArea | None = None
+        self.found: core.AutoRegions | None = None
+        self.scene_prediction: torch.Tensor | None = None  # the TDM's latest denoised prediction, model space
+        self.decided = False
+
+    def decide(self, latent: torch.Tensor | None) -> None:
+        """Regions from the scene's predicted picture (a latent for the VAE), or the fallback when there is none."""
+        self.decided = True
+        subjects = len(self.tokens.rows)
+        if latent is None:
+            logging.warning("%s: auto_regions: this run has no scene construction step before fusion (alpha is 0, or the "
+                            "sampler got a later part of the schedule), so there is no scene to find %d people in: "
+                            "sampling goes on without regions (the paper's behaviour)", self.node, subjects)
+            return
+        if latent.shape[0] != 1:
+            logging.warning("%s: auto_regions works on one picture at a time, this batch has %d: sampling goes on without "
+                            "regions (the paper's behaviour); give the pictures regions yourself with 'regions', or use batch "
+                            "size 1", self.node, latent.shape[0])
+            return
+        faces, width, height = self.setup.faces(latent)
+        self.found = core.decide(faces, subjects, width, height, self.setup.expansion)
+        if self.found.fallback:
+            logging.warning("%s: auto_regions %s", self.node, self.found.describe())
+            return
+        logging.info("%s: auto_regions %s", self.node, self.found.describe())
+        self.attention = region_core.RegionAttention(self.found.masks, self.tokens, self.node)
+        if self.outside == region_core.OUTSIDE_TDM:
+            self.fusion = region_core.FusionArea(self.found.masks)
+
+
+class FaceDiffuserAutoRegions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FaceDiffuserAutoRegions",
+            display_name=NODE_NAME,
+            category="facediffuser/conditioning",
+            description=(
+                "Finds the people's regions instead of taking them from a layout: connect it to 'auto_regions' of the SNF "
+                "Sampler, the Guider or the Stage Sweep. At the end of scene construction the TDM's predicted picture is "
+                "decoded with this VAE, the faces are found with the insightface analysis, each face is widened to a person "
+                "region (by 'expansion' face sizes sideways and upwards, down to the picture's bottom; overlaps split between "
+                "the faces), and the regions go to the <|image|> markers left to right. With fewer faces than markers, or no "
+                "scene construction step, the sampling goes on without regions and the log says so. The Saliency Preview "
+                "outlines the regions used."
+            ),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE of the SDM or TDM loader, to decode the scene's predicted picture."),
+                io.FaceAnalysis.Input("face_analysis", tooltip="From the Face-diffuser InsightFace Loader: finds the faces."),
+                io.Float.Input("expansion", default=core.DEFAULT_EXPANSION, min=0.0, max=10.0, step=0.05,
+                               tooltip="How far a person's region reaches beyond their face, in face sizes: sideways and "
+                                       "upwards (down to the picture's bottom always). 0 keeps the face box's width."),
+            ],
+            outputs=[AutoRegions.Output("auto_regions", tooltip="For 'auto_regions' of the SNF Sampler, Guider or Stage Sweep.")],
+        )
+
+    @classmethod
+    def execute(cls, vae, face_analysis, expansion: float) -> io.NodeOutput:
+        if not hasattr(face_analysis, "get"):
+            raise ValueError(f"{NODE_NAME}: face_analysis must be an insightface FaceAnalysis, such as the Face-diffuser "
+                             f"InsightFace Loader gives; got {type(face_analysis).__name__}")
+        if expansion < 0:
+            raise ValueError(f"{NODE_NAME}: expansion is {expansion}; it is 0 or more (face sizes)")
+        return io.NodeOutput(AutoRegionsSetup(vae, face_analysis, float(expansion)))
+
+
+NODES = [FaceDiffuserAutoRegions]
