@@ -39,8 +39,8 @@ comfy.model_management.load_models_gpu and on the model patcher's load, partial 
 memory is the kernel's high-water mark of the resident set (VmHWM, reset before sampling) and, on CUDA,
 torch.cuda.max_memory_allocated, each in a fresh process holding only the models its sampler needs.
 
-ComfyUI runs in this process, started by the test harness in tests/comfy_harness.py (COMFYUI_PATH names
-the ComfyUI checkout).
+ComfyUI runs in this process, started as the test suite starts it, by facediffuser_devkit.comfy_harness
+(COMFYUI_PATH names the ComfyUI checkout).
 """
 
 from __future__ import annotations
@@ -63,17 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from facediffuser_client.pack import core
+from facediffuser_devkit import comfy_harness, tiny_comfy
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for path in (REPO_ROOT, REPO_ROOT / "tests"):  # facediffuser_core (plain PyTorch) and the test harness
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import comfy_harness  # noqa: E402  (ComfyUI in-process, the same way the test suite starts it)
-import tiny_comfy  # noqa: E402  (random weights at a scale that keeps activations finite)
-
-from facediffuser_core import snf  # noqa: E402
-from facediffuser_core.schedule import OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA, StageSchedule, StepLocator  # noqa: E402
+snf = core("snf")
+_schedule = core("schedule")
+OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA = _schedule.OFFICIAL_DEMO_ALPHA, _schedule.OFFICIAL_DEMO_BETA
+StageSchedule, StepLocator = _schedule.StageSchedule, _schedule.StepLocator
 
 SDM, TDM = "SDM", "TDM"
 SEED = 0
@@ -125,24 +121,18 @@ PRESETS = {
 
 
 def start_comfyui(device: str):
-    """ComfyUI in this process; the test harness forces CPU, so for CUDA the device is settled first."""
+    """ComfyUI in this process, as the tests start it; on CUDA without the harness's CPU flag."""
+    if comfy_harness.comfyui_path() is None:
+        raise SystemExit(f"benchmark: {comfy_harness.SKIP_REASON}")
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("benchmark: --device cuda needs a CUDA build of torch and a visible GPU; "
                              f"this torch ({torch.__version__}) sees none. Run without --device for the CPU figures.")
-        root = comfy_harness.comfyui_path()
-        if root is None:
-            raise SystemExit(f"benchmark: {comfy_harness.SKIP_REASON}")
-        sys.path.insert(0, str(root))
-        sys.argv = [sys.argv[0]]
         try:
             import torchvision  # noqa: F401  (a real build: the harness's CPU stand-ins then stay out of the way)
         except ImportError:
             pass
-        import comfy.model_management  # noqa: F401  (picks the GPU now; the harness's later cpu flag no longer matters)
-    elif comfy_harness.comfyui_path() is None:
-        raise SystemExit(f"benchmark: {comfy_harness.SKIP_REASON}")
-    comfyui = comfy_harness.start()
+    comfyui = comfy_harness.start(cpu=device != "cuda")
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # same for both samplers; tqdm would only add noise to the timings
@@ -777,10 +767,17 @@ def region_setting(bench: Bench, side: int) -> tuple[dict, torch.Tensor]:
     return conds, masks
 
 
-def regions_timing(bench: Bench, steps: int, side: int, repeats: int, log) -> dict:
+REGION_PAIRS = 8
+
+
+def regions_timing(bench: Bench, steps: int, side: int, repeats: int, log, pairs: int = REGION_PAIRS) -> dict:
     """The three-stage run at the official split with and without regions, same prompts and seed,
-    interleaved (the order alternating, so that a drift of the machine's speed falls on both sides)."""
+    interleaved (the order alternating, so that a drift of the machine's speed falls on both sides). First,
+    `pairs` pairs of one-step runs of the SDM alone (alpha = beta = 0: one UNet call of both branches per run),
+    with and without regions in turn: seconds apart, so that a change of a shared machine's speed over minutes,
+    which the whole runs suffer, falls on both sides of each pair alike."""
     official = StageSchedule.from_fractions(OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA, steps)
+    one_step = StageSchedule.from_fractions(0.0, 0.0, 1)
     latent = empty_latent(side)
     conds, masks = region_setting(bench, side)
     settings = {
@@ -788,16 +785,41 @@ def regions_timing(bench: Bench, steps: int, side: int, repeats: int, log) -> di
         "regions": lambda run_steps, alpha, beta: bench.snf(latent, run_steps, alpha, beta, conds=conds, regions=masks),
     }
     runs: dict[str, list[RunFigures]] = {name: [] for name in settings}
+    calls: dict[str, list[RunFigures]] = {name: [] for name in settings}
     with bench.instruments():
         log("warm-up runs (load both models)")
         for run in settings.values():
             run(2, 0.5, 1.0)
+        log(f"{pairs} pairs of one-call runs of the SDM")
+        for pair in range(pairs):
+            for name in (settings if pair % 2 == 0 else reversed(settings)):
+                calls[name].append(bench.measure(name, lambda: settings[name](1, 0.0, 0.0), 1, one_step))
+        single = one_call_summary(calls)
+        log(f"one SDM call with/without regions: {single['regions_s_per_row']:.3f}/{single['plain_s_per_row']:.3f} s per row, "
+            f"ratio {single['ratio']:.3f}")
         for repetition in range(repeats):
             log(f"repetition {repetition + 1}/{repeats}")
             for name in (settings if repetition % 2 == 0 else reversed(settings)):
                 runs[name].append(bench.measure(
                     name, lambda: settings[name](steps, OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA), steps, official))
-    return {"parameters_per_unet": parameter_count(bench.patchers[SDM]), "runs": runs, "summary": regions_summary(runs)}
+            so_far = regions_summary(runs)  # a long run that is cut short has still shown its figures
+            log(f"UNet time per row with/without regions: SDM {so_far[SDM]['ratio']:.3f}, TDM {so_far[TDM]['ratio']:.3f}, "
+                f"SDM over TDM {so_far['sdm_over_tdm']['ratio']:.3f} (per-row seconds: SDM {so_far[SDM]['regions_s_per_row']:.3f}/"
+                f"{so_far[SDM]['plain_s_per_row']:.3f}, TDM {so_far[TDM]['regions_s_per_row']:.3f}/{so_far[TDM]['plain_s_per_row']:.3f})")
+    return {"parameters_per_unet": parameter_count(bench.patchers[SDM]), "runs": runs, "one_call_runs": calls,
+            "summary": {**regions_summary(runs), "one_call": one_call_summary(calls)}}
+
+
+def one_call_summary(calls: dict[str, list[RunFigures]]) -> dict:
+    """The SDM's UNet seconds per row in the one-call runs with and without regions; their ratio over each two
+    consecutive pairs (one in each order, so that whatever the second run of a pair gains or loses cancels),
+    the median of those; and whether every such run made one call of the same rows."""
+    plain, scoped = calls["plain"], calls["regions"]
+    per_row = lambda run: run.unet_s / run.rows[SDM]
+    quads = [(per_row(scoped[i]) + per_row(scoped[i + 1])) / (per_row(plain[i]) + per_row(plain[i + 1])) for i in range(0, len(plain) - 1, 2)]
+    return {"pairs": len(plain), "plain_s_per_row": statistics.median(map(per_row, plain)),
+            "regions_s_per_row": statistics.median(map(per_row, scoped)), "ratio": statistics.median(quads),
+            "rows_per_call": plain[0].rows[SDM], "counts_equal": all(r.calls == {SDM: 1} and r.rows == plain[0].rows for r in plain + scoped)}
 
 
 def regions_summary(runs: dict[str, list[RunFigures]]) -> dict:
@@ -841,10 +863,14 @@ def regions_report(preset: Preset, timing: dict) -> str:
     seconds = lambda value: f"{value:.3f} s" if value >= 0.1 else f"{value * 1000:.1f} ms"
     calls = lambda run: ", ".join(f"{model} {run.calls[model]} calls, {run.rows[model]} rows" for model in (SDM, TDM))
     side = preset.latent_side
+    single = s["one_call"]
     lines = [
         f"| measure (official split {OFFICIAL_DEMO_ALPHA}/{OFFICIAL_DEMO_BETA}, two subjects, regions: left and right halves of "
         f"{side * 8}x{side * 8}) | with regions | without | ratio | goal |",
         "|---|---|---|---|---|",
+        f"| SDM alone, one UNet call per run ({single['rows_per_call']} rows), runs with and without regions in turn, "
+        f"{single['pairs']} pairs: UNet time per row, median over each two pairs (one in each order) | {seconds(single['regions_s_per_row'])} "
+        f"| {seconds(single['plain_s_per_row'])} | {single['ratio']:.3f} | <= 1.03 |",
     ]
     for model, what, goal in ((SDM, "SDM (regions mask its cross-attention)", "<= 1.03"),
                               (TDM, "TDM (unchanged: identical work, so this ratio is the measurement's noise)", "1")):
@@ -860,7 +886,7 @@ def regions_report(preset: Preset, timing: dict) -> str:
         f"| SDM's UNet time per row over the TDM's in the same run (a change of the machine's speed between runs cancels), "
         f"median of the per-repetition ratios | {relative['regions']:.3f} | {relative['plain']:.3f} | {relative['ratio']:.3f} | <= 1.03 |",
         f"| UNet rows per step by stage | {_stage_rows(scoped)} | {_stage_rows(plain)} | "
-        f"{'equal' if s['counts_equal'] else 'DIFFERENT'} in every run | equal |",
+        f"{'equal' if s['counts_equal'] and single['counts_equal'] else 'DIFFERENT'} in every run | equal |",
         f"| UNet calls and rows per run | {calls(scoped)} | {calls(plain)} | | equal |",
     ]
     return "\n".join(lines)

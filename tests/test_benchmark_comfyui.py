@@ -8,7 +8,7 @@ import re
 import pytest
 
 import pack_scripts
-import tiny_comfy
+from facediffuser_devkit import tiny_comfy
 
 STEPS = 10  # at the official 0.32/0.62: scene steps 0-2, fusion 3-5, subject 6-9
 
@@ -175,11 +175,15 @@ def test_regions_evaluate_the_same_rows_and_report_the_ratio(benchmark, bench):
         assert run.stage_rows_per_step == {"scene": [2] * 3, "fusion": [4] * 3, "subject": [2] * 4}
         assert run.rows == {"TDM": 12, "SDM": 14} and run.calls == {"TDM": 6, "SDM": 7}
         assert {model: len(seconds) for model, seconds in run.call_s.items()} == run.calls
+    assert len(timing["one_call_runs"]["plain"]) == len(timing["one_call_runs"]["regions"]) == benchmark.REGION_PAIRS
+    for run in timing["one_call_runs"]["plain"] + timing["one_call_runs"]["regions"]:
+        assert run.calls == {"SDM": 1} and run.rows == {"SDM": 2}  # both branches of one step in one call
     summary = timing["summary"]
-    assert summary["counts_equal"] is True
+    assert summary["counts_equal"] is True and summary["one_call"]["counts_equal"] is True
     preset = benchmark.dataclasses.replace(benchmark.PRESETS["quick"], latent_side=8, steps=STEPS, repeats=2)
     table = benchmark.regions_report(preset, timing)
     assert re.search(r"\| SDM \(regions mask its cross-attention\): UNet time per row[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
+    assert re.search(r"\| SDM alone, one UNet call per run \(2 rows\)[^\n]* 8 pairs[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
     assert re.search(r"\| SDM's UNet time per row over the TDM's in the same run[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
     assert "| equal in every run | equal |" in table
 
@@ -209,3 +213,18 @@ def test_regions_summary(benchmark):
     assert summary["sdm_over_tdm"] == pytest.approx({"plain": (1.0 + 2.0) / 2, "regions": (1.1 + 2.2) / 2, "ratio": 1.1})
     runs["regions"][1] = run([1.0, 3.4], stage_rows={"subject": [2, 4]})
     assert benchmark.regions_summary(runs)["counts_equal"] is False
+
+
+def test_one_call_ratio_cancels_the_order_within_a_pair(benchmark):
+    """The pairs alternate their order; a second run of a pair that is always 20% slower moves no ratio."""
+
+    def run(seconds):
+        return benchmark.RunFigures(label="", wall_s=1.0, unet_s=seconds, rows={"SDM": 2}, predict_noise_preludes_s=[], calls={"SDM": 1},
+                                    stage_rows_per_step={}, load_requests=[], weight_loads={}, weight_unloads={}, moves_during_sampling=0)
+
+    # Regions cost 5%; pair 0 runs plain first, pair 1 regions first, and so on; the load doubles after two pairs.
+    plain = [run(1.0), run(1.2), run(2.0), run(2.4)]
+    scoped = [run(1.05 * 1.2), run(1.05), run(1.05 * 2.4), run(1.05 * 2.0)]
+    summary = benchmark.one_call_summary({"plain": plain, "regions": scoped})
+    assert summary["ratio"] == pytest.approx(1.05) and summary["pairs"] == 4 and summary["counts_equal"] is True
+    assert summary["rows_per_call"] == 2
