@@ -17,11 +17,15 @@ models of SD1.5's architecture (the SDM and the TDM), and prints a Markdown tabl
 6. the host time outside the UNet per UNet evaluation, by stage, against KSampler's at the same steps, and
    the host reads of tensor values per run (each a host sync on a GPU). With --null-unet the UNets cost
    next to nothing (SD1.5's interface and latent, 512x512, 50 steps), so that this is all a run measures.
+7. with --regions, instead of 1-6: the cost of per-subject regions (the SDM's cross-attention masked per
+   subject), the same three-stage run for two subjects with and without two half-picture regions: UNet
+   time per SDM row with regions against without, and UNet rows per step and stage (equal by design).
 
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py                # SD1.5-size UNets on CPU, 16x16 latent
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick        # small UNets of SD1.5's structure
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda  # SD1.5 size, 512x512, 50 steps, fp16
     COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --null-unet    # the host work per evaluation alone
+    COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --regions --latent 64  # regions' cost at 512x512
 
 How it measures. Every call of each model's `diffusion_model.forward` is wrapped: it is counted (calls,
 rows, and the noise level, from which the step and stage of every row are derived after the run) and timed
@@ -35,8 +39,8 @@ comfy.model_management.load_models_gpu and on the model patcher's load, partial 
 memory is the kernel's high-water mark of the resident set (VmHWM, reset before sampling) and, on CUDA,
 torch.cuda.max_memory_allocated, each in a fresh process holding only the models its sampler needs.
 
-ComfyUI runs in this process, started by the test harness in tests/comfy_harness.py (COMFYUI_PATH names
-the ComfyUI checkout).
+ComfyUI runs in this process, started as the test suite starts it, by facediffuser_devkit.comfy_harness
+(COMFYUI_PATH names the ComfyUI checkout).
 """
 
 from __future__ import annotations
@@ -59,17 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from facediffuser_client.pack import core
+from facediffuser_devkit import comfy_harness, tiny_comfy
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for path in (REPO_ROOT, REPO_ROOT / "tests"):  # facediffuser_core (plain PyTorch) and the test harness
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import comfy_harness  # noqa: E402  (ComfyUI in-process, the same way the test suite starts it)
-import tiny_comfy  # noqa: E402  (random weights at a scale that keeps activations finite)
-
-from facediffuser_core import snf  # noqa: E402
-from facediffuser_core.schedule import OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA, StageSchedule, StepLocator  # noqa: E402
+snf = core("snf")
+_schedule = core("schedule")
+OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA = _schedule.OFFICIAL_DEMO_ALPHA, _schedule.OFFICIAL_DEMO_BETA
+StageSchedule, StepLocator = _schedule.StageSchedule, _schedule.StepLocator
 
 SDM, TDM = "SDM", "TDM"
 SEED = 0
@@ -121,24 +121,18 @@ PRESETS = {
 
 
 def start_comfyui(device: str):
-    """ComfyUI in this process; the test harness forces CPU, so for CUDA the device is settled first."""
+    """ComfyUI in this process, as the tests start it; on CUDA without the harness's CPU flag."""
+    if comfy_harness.comfyui_path() is None:
+        raise SystemExit(f"benchmark: {comfy_harness.SKIP_REASON}")
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("benchmark: --device cuda needs a CUDA build of torch and a visible GPU; "
                              f"this torch ({torch.__version__}) sees none. Run without --device for the CPU figures.")
-        root = comfy_harness.comfyui_path()
-        if root is None:
-            raise SystemExit(f"benchmark: {comfy_harness.SKIP_REASON}")
-        sys.path.insert(0, str(root))
-        sys.argv = [sys.argv[0]]
         try:
             import torchvision  # noqa: F401  (a real build: the harness's CPU stand-ins then stay out of the way)
         except ImportError:
             pass
-        import comfy.model_management  # noqa: F401  (picks the GPU now; the harness's later cpu flag no longer matters)
-    elif comfy_harness.comfyui_path() is None:
-        raise SystemExit(f"benchmark: {comfy_harness.SKIP_REASON}")
-    comfyui = comfy_harness.start()
+    comfyui = comfy_harness.start(cpu=device != "cuda")
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # same for both samplers; tqdm would only add noise to the timings
@@ -289,10 +283,11 @@ class UNetMeter:
         evaluations, self.evaluations = self.evaluations, []
         return evaluations
 
+    def call_seconds(self, call: UNetCall) -> float:
+        return call.start.elapsed_time(call.end) / 1000.0 if self.device == "cuda" else call.end - call.start
+
     def seconds(self, calls: list[UNetCall]) -> float:
-        if self.device == "cuda":
-            return sum(c.start.elapsed_time(c.end) for c in calls) / 1000.0
-        return sum(c.end - c.start for c in calls)
+        return sum(self.call_seconds(c) for c in calls)
 
 
 @dataclass
@@ -421,6 +416,7 @@ class RunFigures:
     step_rows: list[int] = dataclasses.field(default_factory=list)
     fixed_s: float = 0.0
     step_snf_maths_s: list[float] = dataclasses.field(default_factory=list)  # host time in the guider's SNF maths by step
+    call_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # model -> seconds of each UNet call, in order
 
     @property
     def outside_s(self) -> float:
@@ -500,10 +496,11 @@ class Bench:
         return self.comfyui.nodes.common_ksampler(sdm, SEED, steps, CFG, sampler, SCHEDULER,
                                                   self.conds["augmented"], self.conds["text"], latent)
 
-    def snf(self, latent: dict, steps: int, alpha: float, beta: float, sampler: str = SAMPLER):
+    def snf(self, latent: dict, steps: int, alpha: float, beta: float, sampler: str = SAMPLER, conds: dict | None = None, **inputs):
+        """The SNF Sampler node; `conds` replace the benchmark's prompts, `inputs` are further node inputs (regions)."""
         return self.comfyui.run("FaceDiffuserSNFSampler", tdm=self.patchers[TDM], sdm=self.patchers[SDM], latent_image=latent,
                                 seed=SEED, steps=steps, cfg=CFG, sampler_name=sampler, scheduler=SCHEDULER,
-                                alpha=alpha, beta=beta, denoise=1.0, **self.conds)
+                                alpha=alpha, beta=beta, denoise=1.0, **(conds or self.conds), **inputs)
 
     def measure(self, label: str, run, steps: int, schedule: StageSchedule) -> RunFigures:
         """Run once under the instruments (which must be active) and account for every UNet row and load."""
@@ -534,6 +531,7 @@ class Bench:
             weight_unloads=_count([e for e in events if e.kind in ("partial_unload", "offload")], lambda e: 1, key=lambda e: e.models[0]),
             moves_during_sampling=sum(e.kind != "load_models_gpu" and e.during_sampling for e in events),
             step_outside_s=step_outside, step_rows=step_rows, fixed_s=fixed, step_snf_maths_s=step_snf,
+            call_s={name: [self.meter.call_seconds(c) for c in calls if c.model == name] for name in self.patchers},
         )
 
     def count_host_reads(self, run) -> dict:
@@ -744,6 +742,153 @@ def summarise(runs: dict[str, list[RunFigures]], official: StageSchedule) -> dic
         "official_equal_unet_over_floor": median(
             (evaluation_ratio * k.unet_s + f.outside_s) / (evaluation_ratio * k.wall_s) for f, k in zip(full, ks)),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Regions: what the SDM's token-scoped cross-attention costs
+
+
+SUBJECT_ROWS = (5, 9)  # the two subjects' <|image|> rows in the benchmark's prompt
+
+
+def region_setting(bench: Bench, side: int) -> tuple[dict, torch.Tensor]:
+    """The three prompts as the Subject Prompt makes them for two subjects (the augmented prompt is the text
+    prompt with fused rows at the markers, and carries the rows and the text's states there), and two
+    half-picture regions from the Region Layout node."""
+    regions = bench.comfyui.pack("facediffuser_core.regions")
+    text = bench.conds["text"][0][0]
+    augmented = text.clone()
+    rows = list(SUBJECT_ROWS)
+    augmented[0, rows] = bench.conds["augmented"][0][0][0, rows]
+    subjects = regions.SubjectTokens(SUBJECT_ROWS, CONTEXT_TOKENS, text[0, rows].clone())
+    conds = {**bench.conds, "augmented": [[augmented, {regions.SUBJECTS_KEY: subjects}]]}
+    masks = bench.comfyui.run("FaceDiffuserRegionLayout", layout="halves", subjects=2, width=side * 8, height=side * 8, boxes="")[0]
+    return conds, masks
+
+
+REGION_PAIRS = 8
+
+
+def regions_timing(bench: Bench, steps: int, side: int, repeats: int, log, pairs: int = REGION_PAIRS) -> dict:
+    """The three-stage run at the official split with and without regions, same prompts and seed,
+    interleaved (the order alternating, so that a drift of the machine's speed falls on both sides). First,
+    `pairs` pairs of one-step runs of the SDM alone (alpha = beta = 0: one UNet call of both branches per run),
+    with and without regions in turn: seconds apart, so that a change of a shared machine's speed over minutes,
+    which the whole runs suffer, falls on both sides of each pair alike."""
+    official = StageSchedule.from_fractions(OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA, steps)
+    one_step = StageSchedule.from_fractions(0.0, 0.0, 1)
+    latent = empty_latent(side)
+    conds, masks = region_setting(bench, side)
+    settings = {
+        "plain": lambda run_steps, alpha, beta: bench.snf(latent, run_steps, alpha, beta, conds=conds),
+        "regions": lambda run_steps, alpha, beta: bench.snf(latent, run_steps, alpha, beta, conds=conds, regions=masks),
+    }
+    runs: dict[str, list[RunFigures]] = {name: [] for name in settings}
+    calls: dict[str, list[RunFigures]] = {name: [] for name in settings}
+    with bench.instruments():
+        log("warm-up runs (load both models)")
+        for run in settings.values():
+            run(2, 0.5, 1.0)
+        log(f"{pairs} pairs of one-call runs of the SDM")
+        for pair in range(pairs):
+            for name in (settings if pair % 2 == 0 else reversed(settings)):
+                calls[name].append(bench.measure(name, lambda: settings[name](1, 0.0, 0.0), 1, one_step))
+        single = one_call_summary(calls)
+        log(f"one SDM call with/without regions: {single['regions_s_per_row']:.3f}/{single['plain_s_per_row']:.3f} s per row, "
+            f"ratio {single['ratio']:.3f}")
+        for repetition in range(repeats):
+            log(f"repetition {repetition + 1}/{repeats}")
+            for name in (settings if repetition % 2 == 0 else reversed(settings)):
+                runs[name].append(bench.measure(
+                    name, lambda: settings[name](steps, OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA), steps, official))
+            so_far = regions_summary(runs)  # a long run that is cut short has still shown its figures
+            log(f"UNet time per row with/without regions: SDM {so_far[SDM]['ratio']:.3f}, TDM {so_far[TDM]['ratio']:.3f}, "
+                f"SDM over TDM {so_far['sdm_over_tdm']['ratio']:.3f} (per-row seconds: SDM {so_far[SDM]['regions_s_per_row']:.3f}/"
+                f"{so_far[SDM]['plain_s_per_row']:.3f}, TDM {so_far[TDM]['regions_s_per_row']:.3f}/{so_far[TDM]['plain_s_per_row']:.3f})")
+    return {"parameters_per_unet": parameter_count(bench.patchers[SDM]), "runs": runs, "one_call_runs": calls,
+            "summary": {**regions_summary(runs), "one_call": one_call_summary(calls)}}
+
+
+def one_call_summary(calls: dict[str, list[RunFigures]]) -> dict:
+    """The SDM's UNet seconds per row in the one-call runs with and without regions; their ratio over each two
+    consecutive pairs (one in each order, so that whatever the second run of a pair gains or loses cancels),
+    the median of those; and whether every such run made one call of the same rows."""
+    plain, scoped = calls["plain"], calls["regions"]
+    per_row = lambda run: run.unet_s / run.rows[SDM]
+    quads = [(per_row(scoped[i]) + per_row(scoped[i + 1])) / (per_row(plain[i]) + per_row(plain[i + 1])) for i in range(0, len(plain) - 1, 2)]
+    return {"pairs": len(plain), "plain_s_per_row": statistics.median(map(per_row, plain)),
+            "regions_s_per_row": statistics.median(map(per_row, scoped)), "ratio": statistics.median(quads),
+            "rows_per_call": plain[0].rows[SDM], "counts_equal": all(r.calls == {SDM: 1} and r.rows == plain[0].rows for r in plain + scoped)}
+
+
+def regions_summary(runs: dict[str, list[RunFigures]]) -> dict:
+    """Per model, UNet seconds per row with and without regions and their ratio, as the median of the
+    per-repetition ratios and from each call's quickest repetition (the calls of a run come in the same
+    order every time); the TDM has no regions, so its ratio is what identical work measures here. Then the
+    SDM's time per row relative to the TDM's in the same run, with regions against without: the two UNets
+    have the same architecture and alternate within a run, so a change of the machine's speed between runs
+    cancels. And whether every run evaluated the same UNet rows at every step and stage."""
+    plain, scoped = runs["plain"], runs["regions"]
+    median = statistics.median
+
+    def per_row(run: RunFigures, model: str) -> float:
+        return sum(run.call_s[model]) / run.rows[model]
+
+    def quickest_per_row(rs: list[RunFigures], model: str) -> float:
+        return sum(map(min, zip(*(r.call_s[model] for r in rs)))) / rs[0].rows[model]
+
+    summary = {}
+    for model in (SDM, TDM):
+        summary[model] = {
+            "plain_s_per_row": median(per_row(r, model) for r in plain),
+            "regions_s_per_row": median(per_row(r, model) for r in scoped),
+            "ratio": median(per_row(s, model) / per_row(p, model) for p, s in zip(plain, scoped)),
+            "quickest_plain_s_per_row": quickest_per_row(plain, model),
+            "quickest_regions_s_per_row": quickest_per_row(scoped, model),
+        }
+        summary[model]["quickest_ratio"] = summary[model]["quickest_regions_s_per_row"] / summary[model]["quickest_plain_s_per_row"]
+    relative = lambda run: per_row(run, SDM) / per_row(run, TDM)
+    summary["sdm_over_tdm"] = {"plain": median(map(relative, plain)), "regions": median(map(relative, scoped)),
+                               "ratio": median(relative(s) / relative(p) for p, s in zip(plain, scoped))}
+    first = plain[0]
+    summary["counts_equal"] = all(
+        (r.stage_rows_per_step, r.rows, r.calls) == (first.stage_rows_per_step, first.rows, first.calls) for r in plain + scoped)
+    return summary
+
+
+def regions_report(preset: Preset, timing: dict) -> str:
+    s = timing["summary"]
+    plain, scoped = timing["runs"]["plain"][0], timing["runs"]["regions"][0]
+    seconds = lambda value: f"{value:.3f} s" if value >= 0.1 else f"{value * 1000:.1f} ms"
+    calls = lambda run: ", ".join(f"{model} {run.calls[model]} calls, {run.rows[model]} rows" for model in (SDM, TDM))
+    side = preset.latent_side
+    single = s["one_call"]
+    lines = [
+        f"| measure (official split {OFFICIAL_DEMO_ALPHA}/{OFFICIAL_DEMO_BETA}, two subjects, regions: left and right halves of "
+        f"{side * 8}x{side * 8}) | with regions | without | ratio | goal |",
+        "|---|---|---|---|---|",
+        f"| SDM alone, one UNet call per run ({single['rows_per_call']} rows), runs with and without regions in turn, "
+        f"{single['pairs']} pairs: UNet time per row, median over each two pairs (one in each order) | {seconds(single['regions_s_per_row'])} "
+        f"| {seconds(single['plain_s_per_row'])} | {single['ratio']:.3f} | <= 1.03 |",
+    ]
+    for model, what, goal in ((SDM, "SDM (regions mask its cross-attention)", "<= 1.03"),
+                              (TDM, "TDM (unchanged: identical work, so this ratio is the measurement's noise)", "1")):
+        figures = s[model]
+        lines += [
+            f"| {what}: UNet time per row, median of the per-repetition ratios | {seconds(figures['regions_s_per_row'])} "
+            f"| {seconds(figures['plain_s_per_row'])} | {figures['ratio']:.3f} | {goal} |",
+            f"| {model}: same, each UNet call's quickest repetition | {seconds(figures['quickest_regions_s_per_row'])} "
+            f"| {seconds(figures['quickest_plain_s_per_row'])} | {figures['quickest_ratio']:.3f} | {goal} |",
+        ]
+    relative = s["sdm_over_tdm"]
+    lines += [
+        f"| SDM's UNet time per row over the TDM's in the same run (a change of the machine's speed between runs cancels), "
+        f"median of the per-repetition ratios | {relative['regions']:.3f} | {relative['plain']:.3f} | {relative['ratio']:.3f} | <= 1.03 |",
+        f"| UNet rows per step by stage | {_stage_rows(scoped)} | {_stage_rows(plain)} | "
+        f"{'equal' if s['counts_equal'] and single['counts_equal'] else 'DIFFERENT'} in every run | equal |",
+        f"| UNet calls and rows per run | {calls(scoped)} | {calls(plain)} | | equal |",
+    ]
+    return "\n".join(lines)
 
 
 def memory_probe(comfyui, preset: Preset, device: str, sampler: str) -> dict:
@@ -973,6 +1118,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--quick", action="store_true", help="small UNets of SD1.5's structure (about a minute on 2 CPU cores)")
     parser.add_argument("--null-unet", action="store_true",
                         help="UNets that cost next to nothing (SD1.5's interface and latent): the host work per evaluation alone")
+    parser.add_argument("--regions", action="store_true",
+                        help="only the cost of per-subject regions: the three-stage run with and without two half-picture regions")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, help="sampling steps (default: 10 on CPU, 50 on CUDA)")
     parser.add_argument("--latent", type=int, help="latent side, an image side / 8 (default: 16 on CPU, 64 on CUDA)")
@@ -984,6 +1131,8 @@ def parse_arguments(argv=None):
     args = parser.parse_args(argv)
     if args.quick and args.null_unet:
         parser.error("--quick and --null-unet are two UNet sizes: give one")
+    if args.regions and args.null_unet:
+        parser.error("--regions measures masked cross-attention, which the null UNet does not have: leave out --null-unet")
     base = PRESETS["null" if args.null_unet else "sd15-cuda" if args.device == "cuda" else "quick" if args.quick else "sd15-cpu"]
     if args.quick and args.device == "cuda":
         base = dataclasses.replace(base, name=PRESETS["quick"].name, unet_config=SMALL_UNET)
@@ -1013,10 +1162,19 @@ def main(argv=None) -> int:
     log = lambda message: print(f"benchmark: {message}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     memory = {}
-    if not args.null_unet:  # a null UNet's memory is nothing to measure
+    if not (args.null_unet or args.regions):  # a null UNet's memory is nothing to measure; regions add no model
         log("memory probes (a fresh process each)")
         memory = run_memory_probes(args)
     comfyui = start_comfyui(args.device)
+    if args.regions:
+        log(f"building two {preset.name} ({preset.dtype}) and timing with and without regions")
+        bench = Bench(comfyui, preset.unet_config, DTYPES[preset.dtype], args.device)
+        timing = regions_timing(bench, preset.steps, preset.latent_side, preset.repeats, log)
+        print(f"{header(args, preset, timing)}\n\n{regions_report(preset, timing)}\n\n"
+              f"Command: `{command}` ({time.perf_counter() - started:.0f} s in all).")
+        if args.json:
+            write_json(args, preset, timing, memory)
+        return 0
     if args.null_unet:
         # With next to no arithmetic a second thread only adds waits for it (on a shared machine, long ones).
         torch.set_num_threads(1)
@@ -1028,9 +1186,13 @@ def main(argv=None) -> int:
     table = "\n\n".join([*tables, per_evaluation_report(preset, timing)])
     print(f"{table}\n\nCommand: `{command}` ({time.perf_counter() - started:.0f} s in all).")
     if args.json:
-        args.json.write_text(json.dumps({"preset": dataclasses.asdict(preset), "device": args.device, "machine": machine_description(args.device),
-                                         "timing": timing, "memory": memory}, indent=1, default=_as_json))
+        write_json(args, preset, timing, memory)
     return 0
+
+
+def write_json(args, preset: Preset, timing: dict, memory: dict) -> None:
+    args.json.write_text(json.dumps({"preset": dataclasses.asdict(preset), "device": args.device, "machine": machine_description(args.device),
+                                     "timing": timing, "memory": memory}, indent=1, default=_as_json))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
+from facediffuser_client.pack import PACK_ROOT
 
 CHILD = """
 import sys, logging
@@ -34,11 +34,9 @@ print(f"{before:.0f} {status('VmHWM'):.0f} {status('RssAnon'):.0f} {status('RssF
 
 
 def make_fake(path: Path, megabytes: int) -> None:
-    sys.path.insert(0, str(PACK_ROOT / "tests"))
-    sys.path.insert(0, str(PACK_ROOT))
     import torch
 
-    import official_checkpoints
+    from facediffuser_devkit import official_checkpoints
 
     state = official_checkpoints.official_state_dict(official_checkpoints.build_tdm(), with_position_ids=False)
     share = megabytes * 2**20 // (4 * len(state))

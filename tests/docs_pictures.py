@@ -24,14 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-import comfy_harness
-
-for path in (comfy_harness.REPO_ROOT, comfy_harness.REPO_ROOT / "scripts"):  # facediffuser_core and the client, as pytest.ini gives the tests
-    sys.path.insert(0, str(path))
-import comfy_server  # noqa: E402
-import pack_scripts  # noqa: E402
-import workflow_builder  # noqa: E402
-from face_photos import comfy_image  # noqa: E402
+import standalone  # noqa: F401  (facediffuser_core, the client and the dev kit, as pytest.ini gives the tests)
+import comfy_server
+import pack_scripts
+import workflow_builder
+from face_photos import comfy_image
+from facediffuser_devkit import comfy_harness
 
 DOCS = comfy_harness.REPO_ROOT / "docs"
 SUBJECT_COLOURS = (torch.tensor([1.0, 0.55, 0.1]), torch.tensor([0.2, 0.5, 1.0]))
@@ -81,7 +79,7 @@ def regions_picture(comfyui) -> Image.Image:
     """Masks and the SDM's share of the fusion steps per latent pixel, each panel labelled."""
     from PIL import ImageDraw
 
-    import tiny_comfy
+    from facediffuser_devkit import tiny_comfy
     from test_regions_comfyui import HEIGHT, WIDTH, sample, subject_conds
 
     tdm, sdm = tiny_comfy.model_pair()

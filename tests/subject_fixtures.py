@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import official_checkpoints
+from facediffuser_devkit import official_checkpoints
 
 
 @dataclass

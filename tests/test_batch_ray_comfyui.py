@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import comfy_harness
+from facediffuser_devkit import comfy_harness
 import comfy_server
 from test_batch import SCRIPT, all_runs, face_workflow, finish, manifest_of, photo, start_batch, wait_for, write_jobs
 

@@ -3,10 +3,12 @@ run, and the ratios it derives. Timings are never asserted: they belong to the b
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import pack_scripts
-import tiny_comfy
+from facediffuser_devkit import tiny_comfy
 
 STEPS = 10  # at the official 0.32/0.62: scene steps 0-2, fusion 3-5, subject 6-9
 
@@ -157,3 +159,72 @@ def test_host_reads_per_run(benchmark, bench, sampler):
         assert extra == {"sampling snf_guider.py:_check_counted": 1}
     assert snf["sampling"] == ksampler["sampling"] + sum(extra.values())
     assert snf["set-up"] == ksampler["set-up"] + 2 and snf["places"]["set-up snf_guider.py:_place_evaluations"] == 2
+
+
+def test_regions_evaluate_the_same_rows_and_report_the_ratio(benchmark, bench):
+    """--regions: the three-stage run for two subjects with two half-picture regions evaluates the UNets as
+    often, at every step and stage, as the same run without them (the masks go into the SDM's attention,
+    not into more evaluations), and the report gives the UNet time per SDM row as a ratio. The regions reach
+    the SDM: the same run's latent differs with them."""
+    import torch
+
+    timing = benchmark.regions_timing(bench, STEPS, 8, 2, lambda message: None)
+    runs = timing["runs"]
+    assert len(runs["plain"]) == len(runs["regions"]) == 2
+    for run in runs["plain"] + runs["regions"]:
+        assert run.stage_rows_per_step == {"scene": [2] * 3, "fusion": [4] * 3, "subject": [2] * 4}
+        assert run.rows == {"TDM": 12, "SDM": 14} and run.calls == {"TDM": 6, "SDM": 7}
+        assert {model: len(seconds) for model, seconds in run.call_s.items()} == run.calls
+    assert len(timing["one_call_runs"]["plain"]) == len(timing["one_call_runs"]["regions"]) == benchmark.REGION_PAIRS
+    for run in timing["one_call_runs"]["plain"] + timing["one_call_runs"]["regions"]:
+        assert run.calls == {"SDM": 1} and run.rows == {"SDM": 2}  # both branches of one step in one call
+    summary = timing["summary"]
+    assert summary["counts_equal"] is True and summary["one_call"]["counts_equal"] is True
+    preset = benchmark.dataclasses.replace(benchmark.PRESETS["quick"], latent_side=8, steps=STEPS, repeats=2)
+    table = benchmark.regions_report(preset, timing)
+    assert re.search(r"\| SDM \(regions mask its cross-attention\): UNet time per row[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
+    assert re.search(r"\| SDM alone, one UNet call per run \(2 rows\)[^\n]* 8 pairs[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
+    assert re.search(r"\| SDM's UNet time per row over the TDM's in the same run[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
+    assert "| equal in every run | equal |" in table
+
+    conds, masks = benchmark.region_setting(bench, 8)
+    latent = benchmark.empty_latent(8)
+    alpha, beta = benchmark.OFFICIAL_DEMO_ALPHA, benchmark.OFFICIAL_DEMO_BETA
+    plain = bench.snf(latent, STEPS, alpha, beta, conds=conds)[0]["samples"]
+    assert not torch.equal(plain, bench.snf(latent, STEPS, alpha, beta, conds=conds, regions=masks)[0]["samples"])
+
+
+def test_regions_summary(benchmark):
+    """Per model, the median of the per-repetition ratios of UNet time per row and the ratio of each call's
+    quickest repetition; counts that differ in any run are reported."""
+
+    def run(sdm_calls, tdm_calls=(1.0, 1.0), sdm_rows=4, stage_rows=None):
+        return benchmark.RunFigures(label="", wall_s=10.0, unet_s=5.0, rows={"SDM": sdm_rows, "TDM": 4}, predict_noise_preludes_s=[],
+                                    calls={"SDM": len(sdm_calls), "TDM": 2}, stage_rows_per_step=stage_rows or {"subject": [2, 2]},
+                                    load_requests=[], weight_loads={}, weight_unloads={}, moves_during_sampling=0,
+                                    call_s={"SDM": list(sdm_calls), "TDM": list(tdm_calls)})
+
+    runs = {"plain": [run([1.0, 1.0]), run([1.0, 3.0])], "regions": [run([1.2, 1.0]), run([1.0, 3.4])]}
+    summary = benchmark.regions_summary(runs)
+    assert summary["SDM"]["ratio"] == pytest.approx((1.1 + 1.1) / 2)
+    assert summary["SDM"]["quickest_plain_s_per_row"] == pytest.approx(2.0 / 4)
+    assert summary["SDM"]["quickest_ratio"] == pytest.approx(2.0 / 2.0)
+    assert summary["TDM"]["ratio"] == 1.0 and summary["counts_equal"] is True
+    assert summary["sdm_over_tdm"] == pytest.approx({"plain": (1.0 + 2.0) / 2, "regions": (1.1 + 2.2) / 2, "ratio": 1.1})
+    runs["regions"][1] = run([1.0, 3.4], stage_rows={"subject": [2, 4]})
+    assert benchmark.regions_summary(runs)["counts_equal"] is False
+
+
+def test_one_call_ratio_cancels_the_order_within_a_pair(benchmark):
+    """The pairs alternate their order; a second run of a pair that is always 20% slower moves no ratio."""
+
+    def run(seconds):
+        return benchmark.RunFigures(label="", wall_s=1.0, unet_s=seconds, rows={"SDM": 2}, predict_noise_preludes_s=[], calls={"SDM": 1},
+                                    stage_rows_per_step={}, load_requests=[], weight_loads={}, weight_unloads={}, moves_during_sampling=0)
+
+    # Regions cost 5%; pair 0 runs plain first, pair 1 regions first, and so on; the load doubles after two pairs.
+    plain = [run(1.0), run(1.2), run(2.0), run(2.4)]
+    scoped = [run(1.05 * 1.2), run(1.05), run(1.05 * 2.4), run(1.05 * 2.0)]
+    summary = benchmark.one_call_summary({"plain": plain, "regions": scoped})
+    assert summary["ratio"] == pytest.approx(1.05) and summary["pairs"] == 4 and summary["counts_equal"] is True
+    assert summary["rows_per_call"] == 2

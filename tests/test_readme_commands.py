@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-import comfy_harness
+from facediffuser_devkit import comfy_harness
 import pack_scripts
 from test_first_run_check import fake_comfyui
 
@@ -211,6 +211,7 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
     "python scripts/benchmark.py": MEASURES,
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --null-unet": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --regions --latent 64": MEASURES,
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "48 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
@@ -314,7 +315,7 @@ def test_the_convert_commands_run_as_printed(tmp_path):
     from safetensors import safe_open
 
     import hub_stand_in
-    import official_checkpoints
+    from facediffuser_devkit import official_checkpoints
     from test_first_picture import official_bin
     from test_setup import serve_everything
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_comfy
+from facediffuser_devkit import tiny_comfy
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 
 ROWS = (5, 9)  # the two subjects' token rows in the tiny prompts

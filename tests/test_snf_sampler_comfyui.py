@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_comfy
+from facediffuser_devkit import tiny_comfy
 
 SEED = 3
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pack_scripts
-import tiny_comfy
+from facediffuser_devkit import tiny_comfy
 
 SETTINGS = dict(seed=11, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 import insightface_test_pack
-import official_checkpoints
+from facediffuser_devkit import official_checkpoints
 import workflow_builder
 
 

@@ -1,5 +1,6 @@
 """On PYTHONPATH for a command under test that starts a ComfyUI by itself (the headless runner's own server):
-that ComfyUI's main.py then gets the CPU shims tests/comfy_server.py's servers get (tests/comfy_harness.py).
+that ComfyUI's main.py then gets the CPU shims tests/comfy_server.py's servers get (scripts/facediffuser_devkit/comfy_harness.py,
+loaded by its path: that process has neither tests/ nor scripts/ on sys.path).
 Python imports `sitecustomize` at start-up in every interpreter; it does nothing unless the script is main.py."""
 
 import importlib.util
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 if sys.argv and Path(sys.argv[0]).name == "main.py":
-    spec = importlib.util.spec_from_file_location("comfy_harness", Path(__file__).resolve().parent.parent / "comfy_harness.py")
+    spec = importlib.util.spec_from_file_location("comfy_harness", Path(__file__).resolve().parents[2] / "scripts" / "facediffuser_devkit" / "comfy_harness.py")
     comfy_harness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(comfy_harness)
     comfy_harness.register_cpu_torchvision_ops()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent))  # tests/: schema_lock, and standalone for the dev kit's path
+import standalone  # noqa: E402,F401
 
 
 def git(*args: str) -> bytes:
@@ -55,8 +56,8 @@ def freeze_workflows() -> None:
 
 
 def freeze_schemas() -> None:
-    import comfy_harness
     import schema_lock
+    from facediffuser_devkit import comfy_harness
 
     comfyui = comfy_harness.start()
     mappings = comfyui.nodes.NODE_CLASS_MAPPINGS

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from facediffuser_client.pack import core
 
-import comfy_harness
+from . import comfy_harness
 
 # diffusers and transformers import torchvision, whose registry build needs CPU stand-ins for its ops.
 comfy_harness.register_cpu_torchvision_ops()
@@ -34,7 +35,7 @@ from transformers import (  # noqa: E402
 
 import safetensors.torch  # noqa: E402
 
-from facediffuser_core.postfuse import PostfuseModule  # noqa: E402
+PostfuseModule = core("postfuse").PostfuseModule
 
 HIDDEN = 32  # text width, UNet context width, vision projection width and postfuse width alike
 VOCAB_SIZE = 49408

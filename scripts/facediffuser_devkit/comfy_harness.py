@@ -1,7 +1,9 @@
-"""Runs ComfyUI in this test process, on CPU, with this pack loaded the way ComfyUI loads custom nodes.
+"""Runs ComfyUI in this process, on CPU unless asked otherwise, with this pack loaded the way ComfyUI loads
+custom nodes: the tests' ComfyUI tier and the benchmark.
 
 The ComfyUI tier of the tests needs a ComfyUI checkout: set COMFYUI_PATH to it. Without one those tests
-are skipped with a reason and the plain tier (facediffuser_core alone) still runs.
+are skipped with a reason and the plain tier (facediffuser_core alone) still runs. Standard library only at
+import: tests/comfy_startup/sitecustomize.py loads this file by its path into ComfyUI servers for the shims.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def comfyui_path() -> Path | None:
@@ -105,7 +107,7 @@ def stand_in_for_missing_torchaudio() -> None:
 class ComfyUI:
     """ComfyUI's modules after start-up, and this pack's node classes by node id."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cpu: bool = True):
         self.root = root
         register_cpu_torchvision_ops()
         stand_in_for_missing_torchaudio()
@@ -113,7 +115,7 @@ class ComfyUI:
         sys.argv = [sys.argv[0]]  # ComfyUI parses the command line on import
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.cpu = cpu
         comfy.cli_args.args.disable_api_nodes = True
         import utils.extra_config  # noqa: F401  (before `nodes`, which shadows the root `utils`)
         import folder_paths
@@ -152,11 +154,13 @@ class ComfyUI:
 _instance: ComfyUI | None = None
 
 
-def start() -> ComfyUI:
+def start(cpu: bool = True) -> ComfyUI:
+    """The process's one ComfyUI, started at the first call, on CPU unless `cpu` is False: then ComfyUI picks its
+    device itself (the GPU, for the benchmark's --device cuda)."""
     global _instance
     if _instance is None:
         root = comfyui_path()
         if root is None:
             raise RuntimeError(SKIP_REASON)
-        _instance = ComfyUI(root)
+        _instance = ComfyUI(root, cpu)
     return _instance
