@@ -46,15 +46,15 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
     client_id = uuid.uuid4().hex
     listener = ProgressListener(client.server, client_id)  # before the job: its progress goes to this client id
     display = ProgressDisplay(workflow, sys.stdout)
-    try:
-        prompt_id = client.submit(workflow, client_id=client_id)
+    submitted = []
+
+    def on_submitted(prompt_id: str) -> None:
+        submitted.append(prompt_id)
         print(f"submitted to {client.server} as job {prompt_id}")
-        try:
-            entry = client.wait(prompt_id, args.timeout, report=display.state, tick=lambda: display.step(listener.progress(prompt_id)))
-        except KeyboardInterrupt:
-            display.close()
-            cancel(client, [prompt_id])
-            raise
+
+    try:
+        _, entry = client.run_job(workflow, client_id, args.timeout, on_submitted=on_submitted, report=display.state,
+                                  tick=lambda: display.step(listener.progress(submitted[0])))
     finally:
         display.close()
         listener.close()
