@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -12,7 +11,8 @@ from pathlib import Path
 from .best_of_n import best_of_n_node, identity_scorers
 from .files import run_key
 from .http_api import RunError
-from .api_workflow import (OVERRIDE_TARGETS, load_api_workflow, reference_image_loaders, set_override, shipped_workflow)
+from .api_workflow import (OVERRIDE_TARGETS, load_api_workflow, override_input, override_targets, reference_image_loaders,
+                           shipped_workflow, with_inputs)
 
 
 # Runner overrides a job may set, besides the prompt and the seed, which jobs set in their own way.
@@ -27,12 +27,43 @@ class JobsFileError(Exception):
     """The jobs file cannot be read as a whole (a line that is not JSON, two jobs with one id)."""
 
 
-@dataclass
+class WorkflowFile:
+    """A workflow file, read once for all the jobs naming it, with what they ask of it worked out once: a jobs file
+    of a hundred thousand lines names a few workflows. A question the workflow cannot answer keeps its RunError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.workflow = load_api_workflow(path)
+        self.answers: dict[tuple, object] = {}
+
+    def ask(self, question, *arguments):
+        key = (question, *arguments)
+        if key not in self.answers:
+            try:
+                self.answers[key] = question(self.workflow, *arguments)
+            except RunError as error:
+                self.answers[key] = error
+        answer = self.answers[key]
+        if isinstance(answer, RunError):
+            raise answer
+        return answer
+
+    def values(self, option: str, value) -> dict[str, dict]:
+        """{node id: {input: value}}: where `option` puts `value` in this workflow."""
+        return {node_id: {name: value} for node_id, name in self.ask(option_inputs, option)}
+
+
+def option_inputs(workflow: dict, option: str) -> list[tuple[str, str]]:
+    """(node id, input name) of every input `option` sets in `workflow`."""
+    return [(node_id, override_input(workflow, node_id, option)) for node_id in override_targets(workflow, option)]
+
+
+@dataclass(eq=False, slots=True)
 class Job:
     id: str
     line: int
     spec: dict
-    workflow: dict | None = None  # with the job's prompt and overrides set; None when the job cannot run
+    source: WorkflowFile | None = None
     faces: list[Path] = field(default_factory=list)
     face_hashes: list[str] = field(default_factory=list)
     loaders: list[str] = field(default_factory=list)  # LoadImage node ids taking the faces, in order
@@ -42,8 +73,64 @@ class Job:
     best_node: str | None = None  # the Identity Score node best-of-N ranks by
     problem: str | None = None  # why the job fails without running
 
+    @property
+    def workflow(self) -> dict | None:
+        """The job's workflow with its prompt and overrides set; None when the job cannot run. Built when asked for,
+        sharing the nodes it leaves alone with its file's: no job holds a workflow of its own."""
+        if self.source is None or self.problem is not None:
+            return None
+        return with_inputs(self.source.workflow, self.values())
+
+    def values(self) -> dict[str, dict]:
+        """The job's prompt and overrides, as with_inputs takes them."""
+        values: dict[str, dict] = {}
+        for option in ("prompt", *OVERRIDES):
+            if option in self.spec:
+                for node_id, inputs in self.source.values(option, self.spec[option]).items():
+                    values.setdefault(node_id, {}).update(inputs)
+        return values
+
     def run_keys(self) -> list[str]:
         return [run_key(seed) for seed in self.seeds]
+
+
+class JobsFolder:
+    """What the jobs of one jobs file share: its folder, and each workflow file, photo path and photo hash read once."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.workflows: dict[str | int, WorkflowFile | RunError] = {}
+        self.paths: dict[str, Path] = {}
+        self.hashes: dict[Path, str | RunError] = {}
+
+    def workflow_file(self, name: str | None, faces: int) -> WorkflowFile:
+        """The job's "workflow" (a path from the jobs file's folder), or the shipped workflow for `faces` people."""
+        key = name if name is not None else faces
+        if key not in self.workflows:
+            try:
+                self.workflows[key] = WorkflowFile(self.base / name if name is not None else shipped_workflow(faces))
+            except RunError as error:
+                self.workflows[key] = error
+        found = self.workflows[key]
+        if isinstance(found, RunError):
+            raise found
+        return found
+
+    def photo(self, name: str) -> Path:
+        if name not in self.paths:
+            self.paths[name] = (self.base / name).expanduser()
+        return self.paths[name]
+
+    def photo_hash(self, path: Path) -> str:
+        if path not in self.hashes:
+            try:
+                self.hashes[path] = file_hash(path)
+            except OSError as error:
+                self.hashes[path] = RunError(f"cannot read the photo {path}: {error.strerror}")
+        found = self.hashes[path]
+        if isinstance(found, RunError):
+            raise found
+        return found
 
 
 def job_id(spec: dict) -> str:
@@ -77,7 +164,7 @@ def job_seeds(spec: dict) -> list[int | None]:
     return list(range(first, first + count))
 
 
-def prepare_job(job: Job, base: Path, keep_best: int = 0) -> None:
+def prepare_job(job: Job, folder: JobsFolder, keep_best: int = 0) -> None:
     """Read the job's workflow and photos and set its prompt and overrides; a problem is kept on the job.
     `keep_best` is the best-of-N of the jobs that set no "keep_best"."""
     spec = job.spec
@@ -90,35 +177,28 @@ def prepare_job(job: Job, base: Path, keep_best: int = 0) -> None:
         faces = spec.get("faces", [])
         if not isinstance(faces, list) or not all(isinstance(face, str) for face in faces):
             raise RunError('"faces" must be a list of photo paths, in the order of the prompt\'s <|image|> markers')
-        job.faces = [(base / face).expanduser() for face in faces]
+        job.faces = [folder.photo(face) for face in faces]
         job.seeds = job_seeds(spec)
         keep_best = spec.get("keep_best", keep_best)
         if not isinstance(keep_best, int) or isinstance(keep_best, bool) or keep_best < 0:
             raise RunError('"keep_best" must be an integer: the pictures to keep across the job\'s seeds (0: no best-of-N)')
-        workflow_path = base / spec["workflow"] if "workflow" in spec else shipped_workflow(len(job.faces))
-        workflow = load_api_workflow(Path(workflow_path))
-        if "prompt" in spec:
-            set_override(workflow, "prompt", spec["prompt"])
-        for option in OVERRIDES:
+        source = folder.workflow_file(spec.get("workflow"), len(job.faces))
+        for option in ("prompt", *OVERRIDES):
             if option in spec:
-                set_override(workflow, option, spec[option])
+                source.ask(option_inputs, option)  # the workflow must take each
         if job.seeds != [None]:
-            set_override(copy.deepcopy(workflow), "seed", 0)  # the workflow must take a seed
+            source.ask(override_targets, "seed")  # the workflow must take a seed
         if job.faces:
-            job.loaders = reference_image_loaders(workflow)
+            job.loaders = source.ask(reference_image_loaders)
             if len(job.loaders) != len(job.faces):
                 raise RunError(f'"faces" lists {len(job.faces)} photo(s) but the workflow loads {len(job.loaders)} reference '
                                       f"photo(s) (LoadImage nodes {', '.join(job.loaders) or 'none'})")
-        for face in job.faces:
-            try:
-                job.face_hashes.append(file_hash(face))
-            except OSError as error:
-                raise RunError(f"cannot read the photo {face}: {error.strerror}") from None
-        job.scorers = identity_scorers(workflow)
+        job.face_hashes = [folder.photo_hash(face) for face in job.faces]
+        job.scorers = source.ask(identity_scorers)
         if keep_best:
-            job.best_node = best_of_n_node(workflow, from_command_line="keep_best" not in spec)
+            job.best_node = source.ask(best_of_n_node, "keep_best" not in spec)
         job.keep_best = keep_best
-        job.workflow = workflow
+        job.source = source
     except RunError as error:
         job.problem = str(error)
         job.seeds = job.seeds or [None]  # one run to carry the failure into the manifest and the summary
@@ -129,7 +209,7 @@ def load_jobs(path: Path, keep_best: int = 0) -> list[Job]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise JobsFileError(f"cannot read the jobs file {path}: {error.strerror}") from None
-    jobs, seen = [], {}
+    jobs, seen, folder = [], {}, JobsFolder(path.parent)
     for number, text in enumerate(lines, 1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
@@ -143,7 +223,7 @@ def load_jobs(path: Path, keep_best: int = 0) -> list[Job]:
         if job.id in seen:
             raise JobsFileError(f"{path}, lines {seen[job.id]} and {number}: both are job {job.id!r}; give each job its own \"id\"")
         seen[job.id] = number
-        prepare_job(job, path.parent, keep_best)
+        prepare_job(job, folder, keep_best)
         jobs.append(job)
     if not jobs:
         raise JobsFileError(f"{path} has no jobs (one JSON object per line)")
