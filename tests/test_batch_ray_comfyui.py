@@ -105,7 +105,7 @@ def test_lost_comfyui_and_lost_worker_cost_no_run_and_server_gives_the_same_pict
         assert run["state"] == "done" and len(run["files"]) == 2, run  # the picture and the face crop, once
         assert sorted(p.name for p in (ray_run_dir / "outputs" / "me" / f"seed-{seed}").iterdir()) == sorted(Path(f).name for f in run["files"])
         assert out.count(f"done    me seed-{seed} ") == 1
-    assert "no face" in runs[("blank", "seed-workflow")]["error"].lower() and runs[("blank", "seed-workflow")]["attempts"] == 0
+    assert "no face" in runs[("blank", "seed-workflow")]["error"].lower() and runs[("blank", "seed-workflow")]["attempts"] == 1
     assert runs[("zero-steps", "seed-workflow")]["error"].startswith("ComfyUI rejected the workflow")
     wait_for(lambda: not worker_comfyuis(base), timeout=60, what="the workers' ComfyUIs gone with the batch")
 
