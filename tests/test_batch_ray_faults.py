@@ -171,9 +171,18 @@ def test_a_rerun_with_nothing_left_starts_nothing(tmp_path, stand_in, ray_env):
     assert sent(stand_in) == {0: 1, 1: 1}
 
 
-def test_plain_ray_starts_a_cluster_of_its_own_whatever_ray_address_says(tmp_path, stand_in, ray_env):
+@pytest.mark.parametrize("known", ["RAY_ADDRESS", "a record of a cluster"])
+def test_plain_ray_starts_a_cluster_of_its_own_whatever_cluster_is_known(known, tmp_path, stand_in, ray_env):
+    """RAY_ADDRESS, or the record `ray start --head` leaves of its cluster (here a stale one): ray.init connected to
+    it, and refused the batch's num_cpus with a traceback."""
     jobs_file = seeded_jobs(tmp_path, range(2))
-    code, out, err = finish(ray_batch(jobs_file, stand_in, {**ray_env, "RAY_ADDRESS": "127.0.0.1:1"}), timeout=300)
+    if known == "RAY_ADDRESS":
+        ray_env = {**ray_env, "RAY_ADDRESS": "127.0.0.1:1"}
+    else:
+        record = Path(ray_env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"  # where `ray start --head` leaves it
+        record.parent.mkdir()
+        record.write_text("127.0.0.1:1")
+    code, out, err = finish(ray_batch(jobs_file, stand_in, ray_env), timeout=300)
     assert code == 0, out + err
     assert "Traceback" not in err and all(run["state"] == "done" for run in runs(jobs_file).values())
 
@@ -283,3 +292,45 @@ def test_a_lost_result_runs_again_photos_go_once_and_the_clock_stops_at_the_last
     assert all(run["state"] == "done" for run in runs(jobs_file).values())
     assert not any(carries(args, photo.read_bytes()) for args in sent_arguments), "the photo's bytes went with a task"
     assert float(re.search(r"^6 run\(s\) ended in ([\d.]+) s", out, re.M).group(1)) < 1000, out
+
+
+def test_a_workers_comfyui_dies_with_it_and_no_python_runs_between_fork_and_exec(monkeypatch, tmp_path, stand_in):
+    from facediffuser_client.own_comfyui import OwnComfyUI
+
+    options, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        options.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    own = OwnComfyUI(stand_in, [], report=lambda text: None, die_with_parent=True, log=tmp_path / "comfyui.log")
+    own.wait_until_ready(30)
+    own.stop()
+    monkeypatch.undo()
+    assert options and all("preexec_fn" not in kwargs for kwargs in options)
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path[:0] = {[str(pack_scripts.SCRIPTS_DIR)]!r}
+from pathlib import Path
+from facediffuser_client.own_comfyui import OwnComfyUI
+own = OwnComfyUI(Path({str(stand_in)!r}), [], report=lambda text: None, die_with_parent=True, log=Path({str(tmp_path / 'child.log')!r}))
+own.wait_until_ready(30)
+print(own.process.pid, flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        comfyui = int(parent.stdout.readline())
+        assert alive(comfyui)
+        parent.kill()  # SIGKILL: no chance to stop its ComfyUI
+        wait_for(lambda: not alive(comfyui), timeout=30, what="the ComfyUI to die with its parent")
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,7 +1,8 @@
 """The batch's manifest: the state of every run of a run directory, resumable.
 
-The live state is manifest.sqlite (SQLite in WAL mode, one row per run, one transaction per change), so that a
-change costs the same at ten runs and at a hundred thousand, and a killed client loses nothing it had recorded.
+The live state is manifest.sqlite (SQLite in WAL mode, one row per run, a transaction per change or per look at
+the executor, Manifest.changes), so that a change costs the same at ten runs and at a hundred thousand, and a
+killed client loses at most what it did in its last moment (runs that then run again, or are picked up).
 manifest.json, the readable copy with the fields documented in the README, is written whole from it whenever
 the batch stops (export_json); a manifest.json without manifest.sqlite (0.3.0 kept only that) is imported."""
 
@@ -122,15 +123,24 @@ class Manifest:
 
     # -- writing --
 
-    def add_jobs(self, jobs: list[Job], retry_failed: bool, say=print) -> None:
+    @contextlib.contextmanager
+    def changes(self):
+        """The changes made in the block go to the database as one transaction (one inside another is part of it),
+        committed however the block ends: what the client did, it did, Ctrl-C included. A client killed outright
+        loses the changes of the block it was in: its runs are then run again, or picked up where they are."""
+        if self.database.in_transaction:
+            yield
+            return
         self.database.execute("BEGIN")
         try:
+            yield
+        finally:
+            self.database.execute("COMMIT")
+
+    def add_jobs(self, jobs: list[Job], retry_failed: bool, say=print) -> None:
+        with self.changes():
             for job in jobs:
                 self.add_job(job, retry_failed, say)
-            self.database.execute("COMMIT")
-        except BaseException:
-            self.database.execute("ROLLBACK")
-            raise
 
     def add_job(self, job: Job, retry_failed: bool, say) -> None:
         entry = self.jobs.get(job.id)
@@ -161,8 +171,8 @@ class Manifest:
                     self.move(job.id, key, FAILED, error=job.problem)
 
     def move(self, job_id: str, key: str, state: str, **fields) -> dict:
-        """The one place a run changes state (TRANSITIONS), one transaction. A run is on a server (`server`,
-        `prompt_id`) only while running; done keeps the prompt id it was done as."""
+        """The one place a run changes state (TRANSITIONS), a transaction of its own unless in changes(). A run is
+        on a server (`server`, `prompt_id`) only while running; done keeps the prompt id it was done as."""
         run = self.run(job_id, key)
         before = run["state"]
         if state not in TRANSITIONS[before]:
@@ -195,16 +205,11 @@ class Manifest:
     def decide_best(self, job_id: str, best: dict, kept: dict[str, dict]) -> None:
         """A best-of-N job's decision and the records of its runs whose pictures it keeps (`kept`: run key ->
         record with `kept_as` set on those pictures' scores), in one transaction."""
-        self.database.execute("BEGIN")
-        try:
+        with self.changes():
             self.database.execute("UPDATE jobs SET best = ? WHERE job_id = ?", (json.dumps(best), job_id))
             for key, record in kept.items():
                 self.records[(job_id, key)] = record
                 self.write_run(job_id, key)
-            self.database.execute("COMMIT")
-        except BaseException:
-            self.database.execute("ROLLBACK")
-            raise
         self.jobs[job_id]["best"] = best
 
     def export_json(self) -> None:
@@ -263,6 +268,7 @@ def create_database(path: Path, data: dict) -> None:
     temporary.unlink(missing_ok=True)
     database = sqlite3.connect(temporary, isolation_level=None)
     try:
+        database.execute("PRAGMA page_size=1024")  # a change rewrites one page of the log: a run's row fits in 1 KiB
         database.executescript(SCHEMA)
         database.execute("BEGIN")
         database.executemany("INSERT INTO meta VALUES (?, ?)", [

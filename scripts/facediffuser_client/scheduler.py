@@ -67,8 +67,9 @@ class Scheduler:
         """Take `executor` on: the pending runs queued, those an earlier invocation left running handed to it."""
         self.executor = executor
         self.ready.extend(self.manifest.keys_in(PENDING))
-        executor.adopt_running()
-        self.decide_all_best()
+        with self.manifest.changes():
+            executor.adopt_running()
+            self.decide_all_best()
 
     def run(self, executor: Executor) -> None:
         self.start(executor)
@@ -78,8 +79,9 @@ class Scheduler:
                 raise GiveUp(why)
             if executor.unusable_for() > self.give_up_after:
                 raise GiveUp(f"{executor.unusable} for {self.give_up_after:g} s")
-            busy = executor.poll()
-            busy |= self.dispatch()
+            with self.manifest.changes():  # what one look at the executor changed, one transaction
+                busy = executor.poll()
+                busy |= self.dispatch()
             self.progress()
             if not busy:
                 executor.wait(self.poll_s)

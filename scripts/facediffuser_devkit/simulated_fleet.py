@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import math
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from facediffuser_client.executor import RunOrder
-from facediffuser_client.worker_pool import ResultLost, WorkerLost
+from facediffuser_client.executor import ExecutorSettings, RunOrder
+from facediffuser_client.jobs import load_jobs
+from facediffuser_client.manifest import Manifest
+from facediffuser_client.scheduler import Scheduler
+from facediffuser_client.worker_pool import ResultLost, WorkerLost, WorkerPool
 
 
 class SimulatedClock:
@@ -177,20 +183,19 @@ class SimulatedFleet:
 @dataclass
 class Simulation:
     """What a simulated batch did: its scheduler (and through it the manifest), the pool, the fleet, and the
-    driver's own time (CPU seconds of this process, from loading the jobs file to the last result)."""
+    driver's own time, in CPU seconds of this process: reading the jobs file and opening the manifest (start), and
+    the batch itself, from the first run sent to the last result (batch)."""
     scheduler: object
     pool: object
     fleet: SimulatedFleet
-    driver_seconds: float
+    start_seconds: float
+    batch_seconds: float
     simulated_seconds: float
+    stopped: bool = False  # by stop_after
 
 
-def write_jobs_file(folder, jobs: int) -> "Path":
+def write_jobs_file(folder: Path, jobs: int) -> Path:
     """A jobs file of `jobs` one-run jobs of the shipped single-subject workflow, each its own prompt and seed."""
-    import json
-    from pathlib import Path
-
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "face.png").write_bytes(b"\x89PNG a face photo")
     path = folder / "jobs.jsonl"
@@ -201,29 +206,33 @@ def write_jobs_file(folder, jobs: int) -> "Path":
     return path
 
 
-def simulate(jobs_file, run_dir, workers: int = 256, faults: Faults | None = None, seed: int = 0, max_attempts: int = 3,
-             job_timeout: float = 600.0, say=lambda text: None) -> Simulation:
+def simulate(jobs_file: Path, run_dir: Path, workers: int = 256, faults: Faults | None = None, seed: int = 0,
+             max_attempts: int = 3, job_timeout: float = 600.0, stop_after: int | None = None, say=lambda text: None) -> Simulation:
     """The batch of `jobs_file` into `run_dir` on a simulated fleet, through the client's own scheduler, manifest
-    and worker pool, as facediffuser_batch.py wires them."""
-    import time
-    from pathlib import Path
-
-    from facediffuser_client.executor import ExecutorSettings
-    from facediffuser_client.jobs import load_jobs
-    from facediffuser_client.manifest import Manifest
-    from facediffuser_client.scheduler import Scheduler
-    from facediffuser_client.worker_pool import WorkerPool
-
+    and worker pool, wired as facediffuser_batch.py wires them. With `stop_after`, the client stops (as at Ctrl-C)
+    once that many runs have ended, leaving a manifest to resume."""
     began = time.process_time()
-    jobs = load_jobs(Path(jobs_file))
-    run_dir = Path(run_dir)
+    jobs = load_jobs(jobs_file)
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir, Path(jobs_file), say=say)
+    manifest = Manifest(run_dir, jobs_file, say=say)
     manifest.add_jobs(jobs, retry_failed=False, say=say)
     clock = SimulatedClock()
-    scheduler = Scheduler(jobs, manifest, run_dir, max_attempts=max_attempts, poll=0.5, progress_every=3600.0, say=say, clock=clock)
+    ended = itertools.count(1)
+
+    def listen(text: str) -> None:
+        say(text)
+        if stop_after is not None and text.startswith(("done ", "failed ")) and next(ended) >= stop_after:
+            raise KeyboardInterrupt
+
+    scheduler = Scheduler(jobs, manifest, run_dir, max_attempts=max_attempts, poll=0.5, progress_every=3600.0, say=listen, clock=clock)
     fleet = SimulatedFleet(workers, clock, faults, seed)
     pool = WorkerPool(scheduler, ExecutorSettings(max_in_flight=2, job_timeout=job_timeout, poll=0.5), fleet, clock)
-    scheduler.run(pool)
+    started = time.process_time()
+    stopped = False
+    try:
+        scheduler.run(pool)
+    except KeyboardInterrupt:
+        stopped = True
+    finished = time.process_time()
     pool.close()
-    return Simulation(scheduler, pool, fleet, time.process_time() - began, clock.now())
+    return Simulation(scheduler, pool, fleet, started - began, finished - started, clock.now(), stopped)
