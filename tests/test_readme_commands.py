@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from dev.benchmarks import cli as benchmarks_cli
 from facediffuser_devkit import comfy_harness
 import pack_scripts
 from test_first_run_check import fake_comfyui
@@ -31,7 +32,6 @@ README = comfy_harness.REPO_ROOT / "README.md"
 runner = pack_scripts.load("facediffuser_run")
 setup = pack_scripts.load("facediffuser_setup")
 batch = pack_scripts.load("facediffuser_batch")
-benchmark = pack_scripts.load("benchmark")
 
 # The first word of a command line, after environment assignments: a program or a script of the pack.
 COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
@@ -206,12 +206,11 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
         "8 runs, a minute and more here: test_headless_runner.py::test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores "
         "runs best of N with 3 candidates and --keep-best 2",
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
-    "python scripts/benchmark.py": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --null-unet": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --regions --latent 64": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --quick": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --device cuda": "an NVIDIA GPU",
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --null-unet": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --regions --latent 64": MEASURES,
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "48 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
@@ -221,7 +220,7 @@ PARSERS = {  # script -> its own argument parser, for the commands that are only
     "scripts/facediffuser_run.py": runner.parse_args,
     "scripts/facediffuser_setup.py": setup.parse_args,
     "scripts/facediffuser_batch.py": batch.parse_args,
-    "scripts/benchmark.py": benchmark.parse_arguments,
+    "-m dev.benchmarks": benchmarks_cli.parse_arguments,
     "scripts/identity_benchmark.py": pack_scripts.load("identity_benchmark").parse_args,
 }
 
