@@ -10,7 +10,6 @@ import pytest
 
 from dev.benchmarks import bench as bench_module
 from dev.benchmarks import models, overhead, regions
-from facediffuser_devkit import tiny_comfy
 
 STEPS = 10  # at the official 0.32/0.62: scene steps 0-2, fusion 3-5, subject 6-9
 
@@ -20,7 +19,7 @@ def bench(comfyui):
     import torch
 
     # Fresh models, so that the first run below is the cold one that loads them.
-    return bench_module.Bench(comfyui, {**tiny_comfy.TINY_UNET_CONFIG, "context_dim": models.CONTEXT_DIM}, torch.float32, "cpu")
+    return bench_module.Bench(comfyui, models.TINY_UNET, torch.float32, "cpu")
 
 
 def test_rows_per_step_and_loads_per_run(bench):
@@ -184,7 +183,7 @@ def test_regions_evaluate_the_same_rows_and_report_the_ratio(bench):
     assert re.search(r"\| SDM's UNet time per row over the TDM's in the same run[^\n]* \| \d+\.\d{3} \| <= 1\.03 \|", table), table
     assert "| equal in every run | equal |" in table
 
-    conds, masks = regions.region_setting(bench, 8)
+    conds, masks = regions.region_setting(bench.comfyui, bench.conds, 8)
     latent = models.empty_latent(8)
     alpha, beta = models.OFFICIAL_DEMO_ALPHA, models.OFFICIAL_DEMO_BETA
     plain = bench.snf(latent, STEPS, alpha, beta, conds=conds)[0]["samples"]

@@ -21,6 +21,7 @@ def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dev.benchmarks", description=sys.modules[__package__].__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small UNets of SD1.5's structure (about a minute on 2 CPU cores)")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny UNets: seconds, to rehearse the measurements (no figures)")
     parser.add_argument("--null-unet", action="store_true",
                         help="UNets that cost next to nothing (SD1.5's interface and latent): the host work per evaluation alone")
     parser.add_argument("--regions", action="store_true",
@@ -34,11 +35,13 @@ def parse_arguments(argv=None):
     parser.add_argument("--comfyui", type=Path, help="ComfyUI checkout (default: $COMFYUI_PATH)")
     parser.add_argument("--memory-probe", choices=("ksampler", "snf"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick and args.null_unet:
-        parser.error("--quick and --null-unet are two UNet sizes: give one")
+    sizes = [flag for flag, given in (("--quick", args.quick), ("--tiny", args.tiny), ("--null-unet", args.null_unet)) if given]
+    if len(sizes) > 1:
+        parser.error(f"{' and '.join(sizes)} are UNet sizes: give one")
     if args.regions and args.null_unet:
         parser.error("--regions measures masked cross-attention, which the null UNet does not have: leave out --null-unet")
-    base = PRESETS["null" if args.null_unet else "sd15-cuda" if args.device == "cuda" else "quick" if args.quick else "sd15-cpu"]
+    base = PRESETS["null" if args.null_unet else "tiny" if args.tiny else "sd15-cuda" if args.device == "cuda" else "quick" if args.quick
+                   else "sd15-cpu"]
     if args.quick and args.device == "cuda":
         base = dataclasses.replace(base, name=PRESETS["quick"].name, unet_config=SMALL_UNET)
     args.steps = args.steps or base.steps

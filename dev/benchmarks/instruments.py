@@ -135,37 +135,52 @@ class LoadSpy:
         self.events.append(LoadEvent(kind, models, during_sampling=bool(self.meter.calls)))
 
     @contextmanager
-    def watching(self, patcher_class):
+    def watching(self, *patcher_classes):
+        """Spies on the loads of these patcher classes (and of their bases that define the methods: a subclass's
+        override and the base's method it calls are one event, the outermost call's)."""
         import comfy.model_management
 
         spy = self
         real_load_models_gpu = comfy.model_management.load_models_gpu
-        real_load, real_partially_unload, real_unpatch = patcher_class.load, patcher_class.partially_unload, patcher_class.unpatch_model
+        depth = [0]
 
         def load_models_gpu(models, *args, **kwargs):
             spy._record("load_models_gpu", models)
             return real_load_models_gpu(models, *args, **kwargs)
 
-        def load(self, *args, **kwargs):
-            spy._record("load", [self])
-            return real_load(self, *args, **kwargs)
+        def spied(real, kind):
+            def method(patcher, *args, **kwargs):
+                if depth[0] == 0 and kind(patcher, *args, **kwargs):
+                    spy._record(kind.__name__, [patcher])
+                depth[0] += 1
+                try:
+                    return real(patcher, *args, **kwargs)
+                finally:
+                    depth[0] -= 1
 
-        def partially_unload(self, *args, **kwargs):
-            spy._record("partial_unload", [self])
-            return real_partially_unload(self, *args, **kwargs)
+            return method
 
-        def unpatch_model(self, device_to=None, unpatch_weights=True):
-            if device_to is not None and unpatch_weights:
-                spy._record("offload", [self])
-            return real_unpatch(self, device_to, unpatch_weights)
+        def load(patcher, *args, **kwargs):
+            return True
 
+        def partial_unload(patcher, *args, **kwargs):
+            return True
+
+        def offload(patcher, device_to=None, unpatch_weights=True):  # an unpatch that moves the weights back
+            return device_to is not None and unpatch_weights
+
+        kinds = {"load": load, "partially_unload": partial_unload, "unpatch_model": offload}
+        owners = {(owner, name) for cls in patcher_classes for owner in cls.__mro__ for name in kinds if name in vars(owner)}
+        originals = {(owner, name): vars(owner)[name] for owner, name in owners}
         comfy.model_management.load_models_gpu = load_models_gpu
-        patcher_class.load, patcher_class.partially_unload, patcher_class.unpatch_model = load, partially_unload, unpatch_model
+        for (owner, name), real in originals.items():
+            setattr(owner, name, spied(real, kinds[name]))
         try:
             yield self
         finally:
             comfy.model_management.load_models_gpu = real_load_models_gpu
-            patcher_class.load, patcher_class.partially_unload, patcher_class.unpatch_model = real_load, real_partially_unload, real_unpatch
+            for (owner, name), real in originals.items():
+                setattr(owner, name, real)
 
     def take(self) -> list[LoadEvent]:
         events, self.events = self.events, []

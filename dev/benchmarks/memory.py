@@ -37,6 +37,9 @@ def memory_probe(comfyui, preset: Preset, device: str, sampler: str) -> dict:
               "rss_before_models": baseline * 1024, "rss_with_models": built * 1024, "rss_peak": _proc_status_kib("VmHWM") * 1024}
     if device == "cuda":
         result["vram_peak"] = torch.cuda.max_memory_allocated()
+        # Dynamic VRAM's weights are comfy-aimdo's allocations, which torch's counter does not see: the device's own.
+        free, total = torch.cuda.mem_get_info()
+        result["vram_in_use_after"] = total - free
     return result
 
 
@@ -63,5 +66,5 @@ def run_memory_probes(args) -> dict:
 
 def forwarded_arguments(args) -> list[str]:
     forwarded = ["--device", args.device, "--steps", str(args.steps), "--latent", str(args.latent), "--dtype", args.dtype]
-    return forwarded + (["--quick"] if args.quick else []) + (["--null-unet"] if args.null_unet else [])
+    return forwarded + [flag for flag, given in (("--quick", args.quick), ("--tiny", args.tiny), ("--null-unet", args.null_unet)) if given]
 

@@ -31,6 +31,8 @@ SD15_UNET = {
 }
 # The same blocks, attention layers and text context with a tenth of the channels (10.4M parameters).
 SMALL_UNET = {**SD15_UNET, "model_channels": 32}
+# The tests' tiny UNet at SD1.5's text width: a run in seconds, for rehearsals of the measurements, not figures.
+TINY_UNET = {**tiny_comfy.TINY_UNET_CONFIG, "context_dim": CONTEXT_DIM}
 # SD1.5's model around a NullUNet: ComfyUI builds no UNet from this configuration.
 NULL_UNET = {**SD15_UNET, "disable_unet_model_creation": True}
 
@@ -53,6 +55,7 @@ PRESETS = {
     "quick": Preset("small UNets of SD1.5's structure", SMALL_UNET, latent_side=16, steps=10, dtype="fp32", repeats=5),
     "sd15-cuda": Preset("SD1.5-size UNets", SD15_UNET, latent_side=64, steps=50, dtype="fp16", repeats=3),
     # 512x512 and the official 50 steps: a run is then the samplers' and the pack's host work alone.
+    "tiny": Preset("tiny UNets (the tests' size, for rehearsals)", TINY_UNET, latent_side=8, steps=10, dtype="fp32", repeats=1),
     "null": Preset("null UNets (SD1.5's interface and latent, next to no work)", NULL_UNET, latent_side=64, steps=50, dtype="fp32", repeats=25),
 }
 

@@ -16,19 +16,19 @@ from .report import stage_rows
 SUBJECT_ROWS = (5, 9)  # the two subjects' <|image|> rows in the benchmark's prompt
 
 
-def region_setting(bench: Bench, side: int) -> tuple[dict, torch.Tensor]:
+def region_setting(comfyui, conds: dict, side: int) -> tuple[dict, torch.Tensor]:
     """The three prompts as the Subject Prompt makes them for two subjects (the augmented prompt is the text
-    prompt with fused rows at the markers, and carries the rows and the text's states there), and two
-    half-picture regions from the Region Layout node."""
-    regions = bench.comfyui.pack("facediffuser_core.regions")
-    text = bench.conds["text"][0][0]
+    prompt with the augmented prompt's rows at the markers, and carries the rows and the text's states there),
+    and two half-picture regions from the Region Layout node."""
+    regions = comfyui.pack("facediffuser_core.regions")
+    text = conds["text"][0][0]
     augmented = text.clone()
     rows = list(SUBJECT_ROWS)
-    augmented[0, rows] = bench.conds["augmented"][0][0][0, rows]
+    augmented[0, rows] = conds["augmented"][0][0][0, rows]
     subjects = regions.SubjectTokens(SUBJECT_ROWS, CONTEXT_TOKENS, text[0, rows].clone())
-    conds = {**bench.conds, "augmented": [[augmented, {regions.SUBJECTS_KEY: subjects}]]}
-    masks = bench.comfyui.run("FaceDiffuserRegionLayout", layout="halves", subjects=2, width=side * 8, height=side * 8, boxes="")[0]
-    return conds, masks
+    with_subjects = {**conds, "augmented": [[augmented, {**conds["augmented"][0][1], regions.SUBJECTS_KEY: subjects}]]}
+    masks = comfyui.run("FaceDiffuserRegionLayout", layout="halves", subjects=2, width=side * 8, height=side * 8, boxes="")[0]
+    return with_subjects, masks
 
 
 REGION_PAIRS = 8
@@ -43,7 +43,7 @@ def regions_timing(bench: Bench, steps: int, side: int, repeats: int, log, pairs
     official = StageSchedule.from_fractions(OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA, steps)
     one_step = StageSchedule.from_fractions(0.0, 0.0, 1)
     latent = empty_latent(side)
-    conds, masks = region_setting(bench, side)
+    conds, masks = region_setting(bench.comfyui, bench.conds, side)
     settings = {
         "plain": lambda run_steps, alpha, beta: bench.snf(latent, run_steps, alpha, beta, conds=conds),
         "regions": lambda run_steps, alpha, beta: bench.snf(latent, run_steps, alpha, beta, conds=conds, regions=masks),
