@@ -81,14 +81,9 @@ def stand_in_if_missing(package: str) -> bool:
     True when the stand-in was installed."""
     import importlib.util
 
-    if package in sys.modules:
+    if package in sys.modules or importlib.util.find_spec(package) is not None:
         return False
-    try:
-        if importlib.util.find_spec(package) is not None:
-            return False
-    except ImportError:  # a finder that refuses it (the GPU kit's rehearsal of a machine without it)
-        pass
-    sys.meta_path.insert(0, _StandInFinder(package))
+    sys.meta_path.append(_StandInFinder(package))
     return True
 
 
