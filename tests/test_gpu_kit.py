@@ -139,3 +139,10 @@ def test_what_the_deadline_leaves_no_time_for_is_not_run(tmp_path, monkeypatch):
     conductor = conduct(tmp_path, monkeypatch, ["ok-a", "ok-b"], {"start": (300, 300), "ok-a": (5, 5), "ok-b": (5, 5)}, deadline=10)
     assert [(r["name"], r["status"]) for r in conductor.records] == [("ok-a", "not run"), ("ok-b", "not run")]
     assert "deadline" in conductor.records[0]["error"]
+
+
+def test_the_performance_page_keeps_a_gpu_table_with_a_row_for_each_measurement_none_measured():
+    page = (child_process.REPO_ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    table = [line for line in page.split("\n## On a GPU\n", 1)[1].splitlines() if line.startswith("| **")]
+    assert {line.split("**")[1] for line in table} == set(plan.MEASUREMENTS)
+    assert all(line.split(" | ")[1] == "not measured yet" for line in table)
