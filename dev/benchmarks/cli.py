@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         log("memory probes (a fresh process each)")
         probes = memory.run_memory_probes(args)
     comfyui = start_comfyui(args.device)
+    log(f"ComfyUI's dynamic VRAM: {comfyui.dynamic_vram}")  # on a GPU, main.py's default, as the harness starts it
     if args.regions:
         log(f"building two {preset.name} ({preset.dtype}) and timing with and without regions")
         bench = Bench(comfyui, preset.unet_config, DTYPES[preset.dtype], args.device)

@@ -72,10 +72,6 @@ def start_comfyui(device: str):
         if not torch.cuda.is_available():
             raise SystemExit("benchmark: --device cuda needs a CUDA build of torch and a visible GPU; "
                              f"this torch ({torch.__version__}) sees none. Run without --device for the CPU figures.")
-        try:
-            import torchvision  # noqa: F401  (a real build: the harness's CPU stand-ins then stay out of the way)
-        except ImportError:
-            pass
     comfyui = comfy_harness.start(cpu=device != "cuda")
     import comfy.utils
 

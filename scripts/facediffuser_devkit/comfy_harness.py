@@ -35,11 +35,21 @@ SKIP_REASON = (
 def register_cpu_torchvision_ops() -> None:
     """The registry's only torchvision build is a CUDA one, whose `import` fails next to CPU torch because
     its C++ ops `torchvision::nms` and `qnms` are missing; ComfyUI imports torchvision at start-up.
-    Defining them in pure torch before torchvision is imported lets it load (these tests never call them)."""
+    Defining them in pure torch before torchvision is imported lets it load (these tests never call them).
+    A torchvision built for this torch (a GPU machine's) loads its own ops, and then nothing is defined."""
+    import importlib.util
+
     import torch
 
     if "torchvision" in sys.modules:
         return
+    spec = importlib.util.find_spec("torchvision")
+    for library in Path(spec.submodule_search_locations[0]).glob("_C*.so") if spec else ():
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:  # built for another torch
+            pass
     try:
         for op in ("nms", "qnms"):
             torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
