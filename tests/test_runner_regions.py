@@ -90,6 +90,7 @@ def test_a_layout_that_does_not_fit_is_an_error_before_anything_starts(tmp_path,
 
 
 @pytest.mark.parametrize("faces, message", [
+    (0, r"--regions halves without a workflow file .* but --face is given 0 time\(s\): give --face twice$"),
     (1, r"--regions halves without a workflow file runs the shipped two-person workflow facediffuser_two_subjects_regions, but "
         r"--face is given 1 time\(s\): regions keep several people apart: for one person leave --regions out"),
     (3, r"--face is given 3 time\(s\): give --face twice, or pass a workflow of your own that loads 3 reference photos and has a "

@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regions", choices=CHOICES,
                         help="keep each person in a region of the picture, in marker order: 'halves' (two people, left and "
                              "right), 'thirds' (three), 'boxes' (--boxes), or 'auto' (found where the scene puts their "
-                             "faces). Sets the workflow's Face-diffuser Region Layout (auto: needs a Face-diffuser Auto "
-                             "Regions node); without a workflow file the shipped two-person regions workflow runs")
+                             "faces). Sets the workflow's Face-diffuser Region Layout, its size the Empty Latent Image's (auto: "
+                             "needs a Face-diffuser Auto Regions node); without a workflow file the shipped two-person "
+                             "regions or auto-regions workflow runs")
     parser.add_argument("--boxes", metavar='"X0 Y0 X1 Y1; ..."',
                         help=f"with --regions boxes: one box per person in marker order, fractions of the picture's width "
                              f"and height, separated by ';', e.g. \"{layouts.BOXES_EXAMPLE}\"")
@@ -58,9 +59,10 @@ def shipped_regions_workflow(regions: str, faces: int) -> Path:
     """The shipped workflow that --regions runs when no workflow file is given."""
     name = SHIPPED[_node_kind(regions)]
     if faces != SHIPPED_PEOPLE:
-        advice = ("regions keep several people apart: for one person leave --regions out" if faces == 1 else
-                  f"give --face twice, or pass a workflow of your own that loads {faces} reference photos and has a "
-                  f"{NODE_NAMES[_node_kind(regions)]} node")
+        advice = "regions keep several people apart: for one person leave --regions out" if faces == 1 else "give --face twice"
+        if faces > SHIPPED_PEOPLE:
+            advice += (f", or pass a workflow of your own that loads {faces} reference photos and has a "
+                       f"{NODE_NAMES[_node_kind(regions)]} node")
         raise RunError(f"--regions {regions} without a workflow file runs the shipped two-person workflow {Path(name).stem}, "
                        f"but --face is given {faces} time(s): {advice}")
     return PACK_ROOT / "workflows" / "api" / name
