@@ -219,12 +219,12 @@ def test_an_auto_regions_run_that_finds_no_face_says_so_in_the_runners_output(se
 
 
 def test_the_readmes_regions_commands_run_as_printed(server, tmp_path, monkeypatch, capsys):
-    """Each --regions command of README.md with its words as printed, from a folder outside the pack. Substituted: the
+    """Each --regions command of the README and docs/ with its words as printed, from a folder outside the pack. Substituted: the
     default address it uses becomes the test server's, and the shipped workflows it runs are at the tiny models' size
     (64 px, 3 steps); the photos are the test's two faces under the names the command gives."""
     import tiny_install
     from facediffuser_client import own_comfyui
-    from test_readme_commands import README, arguments, runner_regions_commands
+    from test_readme_commands import DOCUMENTS, arguments, runner_regions_commands
 
     tiny_install.install_models(server.models_dir)
     monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)
@@ -243,6 +243,7 @@ def test_the_readmes_regions_commands_run_as_printed(server, tmp_path, monkeypat
         prefix = "facediffuser_two_auto_regions" if layout == "auto" else "facediffuser_two_regions"
         assert re.search(rf"^saved facediffuser_output/{prefix}_\d+_\.png$", out, re.M), out
         if layout == "auto":  # tiny random models paint no face: the warning as the README shows it
-            (shown,) = [line.strip() for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("    ComfyUI log: ")]
+            (shown,) = [line.strip() for document in DOCUMENTS for line in document.read_text(encoding="utf-8").splitlines()
+                        if line.startswith("    ComfyUI log: ")]
             on_this_comfyui = shown if "[WARNING]" in out else shown.replace("[WARNING] ", "")  # 0.17 writes no level
             assert re.search(rf"^  {re.escape(on_this_comfyui)}$", out, re.M), out
