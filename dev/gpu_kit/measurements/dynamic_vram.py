@@ -99,7 +99,8 @@ def measure(context: Context) -> Result:
     row = lambda measure, figure, goal: Row(f"same: {measure} in runs 1-{RUNS}", per_run("snf", figure), per_run("ksampler", figure), "", goal)
     rows = [
         Row("dynamic VRAM with LoRA hooks on every prompt, a ControlNet and regions: the loaders' patchers (KSampler: the SDM "
-            "alone, the same prompts, after them)", f"TDM {patchers['TDM']}, SDM {patchers['SDM']} (dynamic: {'yes' if all(dynamic.values()) else 'no'})", "", "", ""),
+            "alone, the same prompts, after them)",
+            f"TDM {patchers['TDM']}, SDM {patchers['SDM']} (dynamic: {'yes' if all(dynamic.values()) else 'no'})", "", "", ""),
         row(f"checkpoint file reads (loading read {reads_loading})", lambda run: str(run["file_reads"]), "none after the first run"),
         row("load requests", lambda run: str(run["load_requests"]), "one per run"),
         row("weight loads (other: a non-dynamic copy or the ControlNet)", loads, "KSampler's, for both models"),
