@@ -131,6 +131,24 @@ def test_a_worker_whose_restart_fails_is_given_up_and_sent_nothing(tmp_path, sta
     assert runs(jobs_file)[20]["attempts"] == 2 == sent(stand_in)[20]
 
 
+def test_a_batch_whose_every_worker_is_given_up_stops_resumable_with_the_last_error(tmp_path, stand_in, ray_env):
+    jobs_file = seeded_jobs(tmp_path, range(30))
+    process = ray_batch(jobs_file, stand_in, ray_env)
+    try:
+        wait_for(lambda: sum(run["state"] == "done" for run in runs(jobs_file).values()) >= 2, timeout=300, what="two runs done")
+        (stand_in / "refuse_start").write_text("")
+        (stand_in / "faults.json").write_text(json.dumps({"die": list(range(30)), "seconds": 0.2}))  # every ComfyUI dies
+        code, out, err = finish(process, timeout=300)
+    finally:
+        process.kill()
+    assert code == 3, out + err
+    assert err.strip().splitlines()[-1].startswith(
+        "stopped: every ray worker failed to start 3 times in a row; the last error: the ComfyUI started from "), err
+    assert err.strip().endswith("Run the same command again to resume.")
+    recorded = runs(jobs_file)
+    assert {run["state"] for run in recorded.values()} <= {"done", "pending", "failed"} and any(r["state"] == "pending" for r in recorded.values())
+
+
 def test_a_run_that_hangs_its_comfyui_restarts_the_worker_and_the_next_runs_go_through(tmp_path, stand_in, ray_env):
     (stand_in / "faults.json").write_text(json.dumps({"hang_once": [2]}))
     jobs_file = seeded_jobs(tmp_path, range(12))

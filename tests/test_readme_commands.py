@@ -149,6 +149,11 @@ def block_after(marker: str, document: Path = README) -> list[str]:
     return [without_comment(line) for _, line in block]
 
 
+def cluster_commands() -> list[str]:
+    """docs/batches.md's recipe for several machines: make a token, start the head, join a node, run the batch."""
+    return block_after("**Several machines.**", comfy_harness.REPO_ROOT / "docs" / "batches.md")
+
+
 def install_commands() -> list[str]:
     """The install section's by-hand block, its CPU face-detection line, and the optional packages' pip lines."""
     return (block_after("**By hand.**") + block_after("Without a GPU, or on macOS")
@@ -200,6 +205,9 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_convert_commands_run_as_printed": convert_commands,
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
+    # with 127.0.0.1 for <head address>, --num-cpus 1 on each node and the CPU options for the batch
+    "test_batch_ray_comfyui.py::test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_server_gives_the_same_pictures":
+        cluster_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
     "test_runner_regions.py::test_the_readmes_regions_commands_run_as_printed": runner_regions_commands,
     # the lock written to a scratch file beside the real one, which it must equal
@@ -226,10 +234,7 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
                        "not tested here"),
     "python main.py --port 8188 --cuda-device 0": ("NVIDIA GPUs", "not tested here"),
     "ray start": ("a multi-machine Ray cluster", "several machines are not tested here"),
-    "ray start --head --port 6379": ("a multi-machine Ray cluster", "several machines are not tested here"),
-    "ray start --address <its address>:6379": ("a multi-machine Ray cluster", "several machines are not tested here"),
     "python scripts/facediffuser_batch.py portraits.jsonl --ray": ("GPU workers", "GPU workers"),
-    "python scripts/facediffuser_batch.py portraits.jsonl --ray auto": ("a Ray cluster that `ray start` made", "several machines are not tested here"),
     "scripts/run_tests.sh": ("it is the suite itself, and builds its virtual environment from the internet", "CI (`.ci/run`) runs"),
     "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .best_of_n import best_of_n_node, identity_scorers
@@ -60,15 +61,17 @@ def option_inputs(workflow: dict, option: str) -> list[tuple[str, str]]:
 
 @dataclass(eq=False, slots=True)
 class Job:
+    # Defaults are shared and never changed (prepare_job assigns): a hundred thousand jobs make no empty lists.
     id: str
     line: int
     spec: dict
+    text: str  # the line as written: the manifest compares it with the one it knows before it parses either
     source: WorkflowFile | None = None
-    faces: list[Path] = field(default_factory=list)
-    face_hashes: list[str] = field(default_factory=list)
-    loaders: list[str] = field(default_factory=list)  # LoadImage node ids taking the faces, in order
-    seeds: list[int | None] = field(default_factory=list)  # None: the workflow's own seed
-    scorers: dict[str, str | None] = field(default_factory=dict)  # Identity Score node id -> Save Image node of its pictures
+    faces: Sequence[Path] = ()
+    face_hashes: Sequence[str] = ()
+    loaders: Sequence[str] = ()  # LoadImage node ids taking the faces, in order
+    seeds: Sequence[int | None] = ()  # None: the workflow's own seed
+    scorers: Mapping[str, str | None] | None = None  # Identity Score node id -> Save Image node of its pictures (a job that runs)
     keep_best: int = 0  # best-of-N: pictures kept across the job's seeds; 0 keeps no selection
     best_node: str | None = None  # the Identity Score node best-of-N ranks by
     problem: str | None = None  # why the job fails without running
@@ -219,7 +222,7 @@ def load_jobs(path: Path, keep_best: int = 0) -> list[Job]:
             raise JobsFileError(f"{path}, line {number}: not a JSON object ({error})") from None
         if not isinstance(spec, dict):
             raise JobsFileError(f"{path}, line {number}: a job is a JSON object ({{...}}), got {type(spec).__name__}")
-        job = Job(job_id(spec), number, spec)
+        job = Job(job_id(spec), number, spec, text.strip())
         if job.id in seen:
             raise JobsFileError(f"{path}, lines {seen[job.id]} and {number}: both are job {job.id!r}; give each job its own \"id\"")
         seen[job.id] = number

@@ -34,7 +34,7 @@ TRANSITIONS = {PENDING: {RUNNING, PENDING, FAILED}, RUNNING: {DONE, PENDING, FAI
 
 SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE jobs (job_id TEXT PRIMARY KEY, line INTEGER NOT NULL, spec TEXT NOT NULL, best TEXT);
+CREATE TABLE jobs (job_id TEXT PRIMARY KEY, line INTEGER NOT NULL, spec TEXT NOT NULL, best TEXT);  -- spec: the line's JSON
 CREATE TABLE runs (job_id TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, record TEXT NOT NULL,
                    UNIQUE (job_id, key));
 """
@@ -145,16 +145,14 @@ class Manifest:
     def add_job(self, job: Job, retry_failed: bool, say) -> None:
         entry = self.jobs.get(job.id)
         if entry is None:
-            entry = self.jobs[job.id] = {"line": job.line, "spec": job.spec, "keys": []}
-            self.database.execute("INSERT INTO jobs (job_id, line, spec) VALUES (?, ?, ?)",
-                                  (job.id, job.line, json.dumps(job.spec, sort_keys=True)))
-        elif entry["spec"] != job.spec or entry["line"] != job.line:
-            if entry["spec"] != job.spec:
+            entry = self.jobs[job.id] = {"line": job.line, "spec_text": job.text, "keys": []}
+            self.database.execute("INSERT INTO jobs (job_id, line, spec) VALUES (?, ?, ?)", (job.id, job.line, job.text))
+        elif entry["spec_text"] != job.text or entry["line"] != job.line:
+            if json.loads(entry["spec_text"]) != job.spec:
                 say(f"note    job {job.id} (line {job.line}) changed since the earlier invocation; its finished runs are kept "
                     f"(give it a new id to run it afresh)")
-            entry.update(line=job.line, spec=job.spec)
-            self.database.execute("UPDATE jobs SET line = ?, spec = ? WHERE job_id = ?",
-                                  (job.line, json.dumps(job.spec, sort_keys=True), job.id))
+            entry.update(line=job.line, spec_text=job.text)
+            self.database.execute("UPDATE jobs SET line = ?, spec = ? WHERE job_id = ?", (job.line, job.text, job.id))
         for key, seed in zip(job.run_keys(), job.seeds):
             if (job.id, key) not in self.records:
                 text = json.dumps({"seed": seed, "state": PENDING, "attempts": 0, "errors": []})
@@ -225,7 +223,7 @@ class Manifest:
                 runs = ", ".join(f"{json.dumps(key)}: {record_text(job_id, key)}" for key in entry["keys"])
                 best = f', "best": {json.dumps(entry["best"])}' if "best" in entry else ""
                 file.write(f'{", " if number else ""}\n{json.dumps(job_id)}: {{"line": {entry["line"]}, '
-                           f'"spec": {json.dumps(entry["spec"])}, "runs": {{{runs}}}{best}}}')
+                           f'"spec": {entry["spec_text"]}, "runs": {{{runs}}}{best}}}')
             file.write("\n}}\n")
 
     def close(self) -> None:
@@ -274,7 +272,7 @@ def create_database(path: Path, data: dict) -> None:
         database.executemany("INSERT INTO meta VALUES (?, ?)", [
             ("format", str(MANIFEST_FORMAT)), ("jobs_file", data["jobs_file"]), ("created", data["created"])])
         for job_id, entry in data["jobs"].items():
-            database.execute("INSERT INTO jobs VALUES (?, ?, ?, ?)", (job_id, entry["line"], json.dumps(entry["spec"], sort_keys=True),
+            database.execute("INSERT INTO jobs VALUES (?, ?, ?, ?)", (job_id, entry["line"], json.dumps(entry["spec"]),
                                                                      json.dumps(entry["best"]) if "best" in entry else None))
             database.executemany("INSERT INTO runs (job_id, key, state, record) VALUES (?, ?, ?, ?)",
                                  [(job_id, key, run["state"], json.dumps(run)) for key, run in entry["runs"].items()])
@@ -285,14 +283,14 @@ def create_database(path: Path, data: dict) -> None:
 
 
 def read_database(database: sqlite3.Connection, states: dict, records: dict) -> tuple[dict, dict]:
-    """The manifest's meta data and jobs ({job id: {"line", "spec", "keys", "best"}}); each run's state goes into
+    """The manifest's meta data and jobs ({job id: {"line", "spec_text", "keys", "best"}}); each run's state goes into
     `states` and its row's text into `records`."""
     meta = dict(database.execute("SELECT name, value FROM meta"))
     if int(meta.get("format", 0)) != MANIFEST_FORMAT:
         raise sqlite3.DatabaseError(f"written by another version of this script (format {meta.get('format')})")
     jobs: dict[str, dict] = {}
     for job_id, line, spec, best in database.execute("SELECT job_id, line, spec, best FROM jobs ORDER BY rowid"):
-        jobs[job_id] = {"line": line, "spec": json.loads(spec), "keys": [], **({"best": json.loads(best)} if best is not None else {})}
+        jobs[job_id] = {"line": line, "spec_text": spec, "keys": [], **({"best": json.loads(best)} if best is not None else {})}
     for job_id, key, state, record in database.execute("SELECT job_id, key, state, record FROM runs ORDER BY rowid"):
         jobs[job_id]["keys"].append(key)
         states[state][(job_id, key)] = None
@@ -325,7 +323,7 @@ def read_manifest(run_dir: Path) -> dict:
         meta, jobs = read_database(database, states, records)
     finally:
         database.close()
-    return {**meta, "jobs": {job_id: {"line": entry["line"], "spec": entry["spec"],
+    return {**meta, "jobs": {job_id: {"line": entry["line"], "spec": json.loads(entry["spec_text"]),
                                       "runs": {key: json.loads(records[(job_id, key)]) for key in entry["keys"]},
                                       **({"best": entry["best"]} if "best" in entry else {})}
                              for job_id, entry in jobs.items()}}

@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -75,6 +76,20 @@ def check_head_answers(address: str, what: str) -> None:
                        f"address `ray start --head` printed (its --port, 6379 by default)")
 
 
+@contextlib.contextmanager
+def stderr_silenced():
+    """File descriptor 2 to /dev/null for the block: what Ray's C++ core writes there too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as nothing:
+            os.dup2(nothing.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def known_address() -> str | None:
     """The cluster address `--ray auto` would use, as Ray finds it: RAY_ADDRESS, else the one `ray start` recorded on
     this machine, else a Ray head running here; None when there is none."""
@@ -106,11 +121,22 @@ def connect(ray, address: str) -> None:
                                   f"head running here) but it does not answer as one; it has stopped?")
     else:
         check_head_answers(address, f"--ray {address}")
+        found = address
+    token_needed = RunError(f"--ray {address}: the Ray head uses token authentication and this machine has not its token: copy "
+                            f"the head's ~/.ray/auth_token here (or set RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token")
+    if address != "auto" and not found.startswith("ray://"):
+        try:  # ray.init would retry a refused token for twenty seconds; the head's own client refuses it at once
+            from ray._raylet import GcsClient
+            with stderr_silenced():  # its core logs the refusal as a warning line of its own
+                GcsClient(address=found, cluster_id=None)
+        except ray.exceptions.AuthenticationError:
+            raise token_needed from None
+        except Exception:  # anything else is for ray.init to report
+            pass
     try:
         ray.init(address=address, **QUIET_WITH_THIS_PACKAGE)
     except ray.exceptions.AuthenticationError:
-        raise RunError(f"--ray {address}: the Ray head uses token authentication and this machine has not its token: copy "
-                       f"the head's ~/.ray/auth_token here (or set RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token") from None
+        raise token_needed from None
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise RunError(f"--ray {address}: cannot join the Ray cluster there ({str(error).splitlines()[0]}): check the address "
                        f"`ray start --head` printed, and that this machine has the same Ray ({RAY_VERSION}) and Python") from None
@@ -328,9 +354,10 @@ class RayBackend:
                 exceptions.NodeDiedError, exceptions.LocalRayletDiedError) as error:
             return WorkerLost(reason(error))
 
-    def stop(self, handle) -> None:
-        with contextlib.suppress(Exception):  # a worker already gone has nothing left to stop
-            self.ray.get(handle.close.remote(), timeout=STOP_WAIT_S)
+    def stop(self, handle, gracefully: bool) -> None:
+        if gracefully:
+            with contextlib.suppress(Exception):  # a worker gone meanwhile has nothing left to stop
+                self.ray.get(handle.close.remote(), timeout=STOP_WAIT_S)
         with contextlib.suppress(Exception):
             self.ray.kill(handle, no_restart=True)
 

@@ -54,8 +54,9 @@ class WorkerBackend(Protocol):
     def collect(self) -> list[tuple[object, object]]:
         """(ticket, outcome or WorkerLost/ResultLost) of every start and run that ended since the last call."""
 
-    def stop(self, handle: object) -> None:
-        """End a worker and everything it started (its ComfyUI, its scratch folder); never raises."""
+    def stop(self, handle: object, gracefully: bool) -> None:
+        """End a worker and everything it started (its ComfyUI, its scratch folder); never raises. `gracefully`:
+        the worker is up and is first asked to clear up itself (else it is killed outright)."""
 
     def close(self) -> None: ...
 
@@ -124,13 +125,13 @@ class WorkerPool:
             self.take_outcomes()
         if not self.ready_workers():
             for worker in self.workers:
-                self.backend.stop(worker.handle)
+                self.backend.stop(worker.handle, gracefully=False)
             self.backend.close()
             raise RunError(f"--{self.backend.name}: no worker could start: {self.workers[0].last_error}")
 
     def started(self, worker: Worker, outcome) -> None:
         if isinstance(outcome, WorkerLost):
-            self.backend.stop(worker.handle)
+            self.backend.stop(worker.handle, gracefully=False)
             worker.failed_starts += 1
             worker.last_error = str(outcome)
             if worker.failed_starts >= START_FAILURES:
@@ -150,15 +151,16 @@ class WorkerPool:
         if worker.replaced:
             self.ledger.say(f"{self.backend.name:<7} {worker.name} ready again on {worker.node}")
 
-    def replace(self, worker: Worker, why: str) -> None:
-        """Stop `worker` (lost, broken or hung), retry its runs elsewhere and start it afresh."""
+    def replace(self, worker: Worker, why: str, alive: bool = True) -> None:
+        """Stop `worker` (lost, broken or hung; `alive`: its process may still be there), retry its runs elsewhere
+        and start it afresh."""
         self.retire(worker)
         for ticket, (job_id, key) in worker.in_flight.items():
             self.owner.pop(ticket, None)
             worker.retried += 1
             self.ledger.retry(job_id, key, worker.name, why)
         worker.in_flight = {}
-        self.backend.stop(worker.handle)
+        self.backend.stop(worker.handle, gracefully=alive)
         worker.replaced += 1
         self.ledger.say(f"{self.backend.name:<7} {worker.name} replaced: {why}")
         self.start(worker)
@@ -252,7 +254,7 @@ class WorkerPool:
         now = self.clock.now()
         self.last_result_at = worker.heard_at = now
         if isinstance(outcome, WorkerLost):
-            self.replace(worker, f"the worker was lost ({outcome})")
+            self.replace(worker, f"the worker was lost ({outcome})", alive=False)
             return
         self.free(worker, ticket)
         if isinstance(outcome, ResultLost):
@@ -303,9 +305,10 @@ class WorkerPool:
         return None
 
     def close(self) -> None:
-        for worker in self.workers:
+        # Those starting first: a ready worker clearing up also clears the folders its node's dead workers left.
+        for worker in sorted(self.workers, key=lambda worker: worker.state == "ready"):
             if worker.state != "given up":
-                self.backend.stop(worker.handle)
+                self.backend.stop(worker.handle, gracefully=worker.state == "ready")
         self.backend.close()
 
     # -- reports --

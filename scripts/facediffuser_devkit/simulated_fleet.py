@@ -172,7 +172,7 @@ class SimulatedFleet:
             ended.append((ticket, outcome))
         return ended
 
-    def stop(self, handle: SimulatedWorker) -> None:
+    def stop(self, handle: SimulatedWorker, gracefully: bool) -> None:
         if handle is not None:
             handle.stopped = True
 
