@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 if side == "ray":
                     rates["ray"].append(run_batch(args.jobs, run_dir, [*common, *ray]))
                     continue
-                servers = [OwnComfyUI(args.comfyui, [*extra, *private_folders(scratch / f"server{repeat}-{i}")], report=lambda text: None)
-                           for i in range(args.workers)]
+                servers = [OwnComfyUI(args.comfyui, [*extra, *private_folders(scratch / f"server{repeat}-{i}")], report=lambda text: None,
+                                      log=scratch / f"server{repeat}-{i}.log") for i in range(args.workers)]
                 try:
                     for server in servers:
                         server.wait_until_ready()

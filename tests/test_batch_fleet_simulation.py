@@ -58,3 +58,21 @@ def test_a_hundred_thousand_jobs_on_a_failing_fleet_each_end_once_within_their_a
               f"{simulation.batch_seconds / JOBS * 1000:.2f} ms per run")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_fleet_benchmark_reports_the_drivers_cost_the_resume_and_the_memory():
+    import re
+    import subprocess
+    import sys
+
+    import pack_scripts
+
+    done = subprocess.run([sys.executable, str(pack_scripts.SCRIPTS_DIR / "benchmark_fleet.py"), "--jobs", "2000", "--workers", "16"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    batch, resume, again = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"batch of 2000 jobs on 16 simulated workers \([\d.]+ h simulated\): driver [\d.]+ ms CPU per run; reading "
+                        r"the jobs and making the manifest [\d.]+ s CPU; workers busy [\d.]+%; peak memory \d+ MB; \d+ s in all", batch)
+    assert re.fullmatch(r"resume after a stop at 1000 runs ended: [\d.]+ s from reading the jobs file to the first run sent again "
+                        r"\(\d+ runs left\); peak memory \d+ MB", resume)
+    assert re.fullmatch(r"the finished batch run again \(nothing to do\): [\d.]+ s, start to exit, manifest.json written", again)

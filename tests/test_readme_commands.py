@@ -252,7 +252,10 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --device cuda": "an NVIDIA GPU",
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --null-unet": MEASURES,
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --regions --latent 64": MEASURES,
-    "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
+    'python scripts/benchmark_batch.py jobs.jsonl --workers 2 --ray-cpus-per-worker 1 --comfyui-args "--cpu" --repeat 5':
+        "benchmark runs: a Ray cluster and servers, minutes; test_batch_ray_comfyui.py runs it with one worker on 3 runs",
+    "python scripts/benchmark_fleet.py --jobs 100000 --workers 256":
+        "minutes; test_batch_fleet_simulation.py runs it on 2,000 jobs",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "72 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
 }
@@ -297,8 +300,8 @@ def test_every_script_command_of_the_readme_parses(command):
     PARSERS[script](arguments(command))
 
 
-def test_the_benchmark_batch_commands_parse():
-    for command in commands_of("python scripts/benchmark_batch.py"):
+def test_the_benchmark_batch_and_fleet_commands_parse():
+    for command in commands_of("python scripts/benchmark_batch.py") + commands_of("python scripts/benchmark_fleet.py"):
         # No parse function of its own: argparse reads every word before --help, then prints the help.
         done = run_typed(command + " --help", comfy_harness.REPO_ROOT, {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr

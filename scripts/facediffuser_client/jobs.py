@@ -28,9 +28,23 @@ class JobsFileError(Exception):
     """The jobs file cannot be read as a whole (a line that is not JSON, two jobs with one id)."""
 
 
+def remembered(cache: dict, key, compute, *arguments):
+    """compute(*arguments) once per key; a RunError it raises is remembered and raised again for the key."""
+    found = cache.get(key, cache)  # the cache itself: nothing remembered yet
+    if found is cache:
+        try:
+            found = compute(*arguments)
+        except RunError as error:
+            found = error
+        cache[key] = found
+    if isinstance(found, RunError):
+        raise found
+    return found
+
+
 class WorkflowFile:
     """A workflow file, read once for all the jobs naming it, with what they ask of it worked out once: a jobs file
-    of a hundred thousand lines names a few workflows. A question the workflow cannot answer keeps its RunError."""
+    of a hundred thousand lines names a few workflows."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -38,16 +52,7 @@ class WorkflowFile:
         self.answers: dict[tuple, object] = {}
 
     def ask(self, question, *arguments):
-        key = (question, *arguments)
-        if key not in self.answers:
-            try:
-                self.answers[key] = question(self.workflow, *arguments)
-            except RunError as error:
-                self.answers[key] = error
-        answer = self.answers[key]
-        if isinstance(answer, RunError):
-            raise answer
-        return answer
+        return remembered(self.answers, (question, *arguments), question, self.workflow, *arguments)
 
     def values(self, option: str, value) -> dict[str, dict]:
         """{node id: {input: value}}: where `option` puts `value` in this workflow."""
@@ -108,16 +113,10 @@ class JobsFolder:
 
     def workflow_file(self, name: str | None, faces: int) -> WorkflowFile:
         """The job's "workflow" (a path from the jobs file's folder), or the shipped workflow for `faces` people."""
-        key = name if name is not None else faces
-        if key not in self.workflows:
-            try:
-                self.workflows[key] = WorkflowFile(self.base / name if name is not None else shipped_workflow(faces))
-            except RunError as error:
-                self.workflows[key] = error
-        found = self.workflows[key]
-        if isinstance(found, RunError):
-            raise found
-        return found
+        return remembered(self.workflows, name if name is not None else faces, self.open_workflow, name, faces)
+
+    def open_workflow(self, name: str | None, faces: int) -> WorkflowFile:
+        return WorkflowFile(self.base / name if name is not None else shipped_workflow(faces))
 
     def photo(self, name: str) -> Path:
         if name not in self.paths:
@@ -125,15 +124,7 @@ class JobsFolder:
         return self.paths[name]
 
     def photo_hash(self, path: Path) -> str:
-        if path not in self.hashes:
-            try:
-                self.hashes[path] = file_hash(path)
-            except OSError as error:
-                self.hashes[path] = RunError(f"cannot read the photo {path}: {error.strerror}")
-        found = self.hashes[path]
-        if isinstance(found, RunError):
-            raise found
-        return found
+        return remembered(self.hashes, path, photo_hash, path)
 
 
 def job_id(spec: dict) -> str:
@@ -143,8 +134,12 @@ def job_id(spec: dict) -> str:
     return "job-" + hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def photo_hash(path: Path) -> str:
+    """The photo's sha256: the same photo under two names is uploaded once."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise RunError(f"cannot read the photo {path}: {error.strerror}") from None
 
 
 def job_seeds(spec: dict) -> list[int | None]:
