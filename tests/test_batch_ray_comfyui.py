@@ -29,8 +29,6 @@ import pack_scripts
 from test_batch import SCRIPT, all_runs, face_workflow, finish, manifest_of, photo, start_batch, wait_for, write_jobs
 
 pytest.importorskip("ray", reason="the --ray tests need Ray (requirements-test.txt)")
-if comfy_harness.comfyui_path() is None:
-    pytest.skip(comfy_harness.SKIP_REASON, allow_module_level=True)
 
 STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"  # the workers' ComfyUIs get the tests' CPU shims
 # Ray gives a worker with one CPU one thread; the --server ComfyUI compared with it gets the same, since sums of
@@ -41,8 +39,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The ComfyUI base folder both workers start from: the pack and the tiny models (each worker writes its own
-    inputs and outputs elsewhere)."""
+    inputs and outputs elsewhere). The module's tests need a ComfyUI (this module imports without one: the docs'
+    test finds its tests here)."""
     import tiny_install
+
+    if comfy_harness.comfyui_path() is None:
+        pytest.skip(comfy_harness.SKIP_REASON)
 
     base = comfy_server.install_pack(tmp_path_factory.mktemp("ray_comfyui"))
     tiny_install.install_models(base / "models")

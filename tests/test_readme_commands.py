@@ -233,7 +233,6 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "python main.py": ("ComfyUI's own start on its fixed port without --cpu: an NVIDIA GPU (tests start it with --cpu on free ports)",
                        "not tested here"),
     "python main.py --port 8188 --cuda-device 0": ("NVIDIA GPUs", "not tested here"),
-    "ray start": ("a multi-machine Ray cluster", "several machines are not tested here"),
     "python scripts/facediffuser_batch.py portraits.jsonl --ray": ("GPU workers", "GPU workers"),
     "scripts/run_tests.sh": ("it is the suite itself, and builds its virtual environment from the internet", "CI (`.ci/run`) runs"),
     "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
