@@ -36,7 +36,7 @@ batch = pack_scripts.load("facediffuser_batch")
 benchmark = pack_scripts.load("benchmark")
 
 # The first word of a command line, after environment assignments: a program or a script of the pack.
-COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
+COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|apt-get|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
 # Code blocks that show something other than commands, by how they start.
 NOT_COMMANDS = {
     "no ComfyUI answers at": "the runner's output",
@@ -211,6 +211,7 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/comfyui-0.17.0:~/comfyui-0.33.0 scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
+    "apt-get install -y chromium": ("a system package, installed as root: no test installs one", "CI (`.ci/run`) installs it"),
 }
 
 MEASURES = ("minutes of measurement (the README's figures); test_benchmark_comfyui.py runs its modes' code at a reduced size")
