@@ -77,6 +77,8 @@ def template(name: str) -> Template:
         splits, columns = [(inputs["alpha"], inputs["beta"])], 1
     if "FaceDiffuserRegionLayout" in by_type:
         extras.append(f"regions: {by_type['FaceDiffuserRegionLayout']['layout']}")
+    if "FaceDiffuserAutoRegions" in by_type:
+        extras.append("regions: found around the scene's faces")
     if inputs.get("noise") == "official":
         extras.append("official noise")
     return Template(name, people, sampling, steps, splits, columns, extras)

@@ -619,7 +619,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
 
 
 def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_path, monkeypatch, capsys):
-    """Each runner command of README.md and docs/ that names a workflow file, with its words as printed, in a folder that holds
+    """Each runner command of README.md that names a workflow file, with its words as printed, in a folder that holds
     the pack's workflows as the pack's folder does. Substituted: the server it names, or the default address it uses
     without one, becomes the test server's; the shipped workflows are at the tiny models' size (64 px, 3 steps)."""
     import tiny_install
@@ -629,9 +629,10 @@ def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_
     monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "workflows" / "api").mkdir(parents=True)
-    commands = runner_workflow_commands()
-    for name in sorted({re.search(r"workflows/api/(\w+)\.json", command).group(1) for command in commands}):
+    for name in ("facediffuser_single_subject", "facediffuser_two_subjects"):
         (tmp_path / "workflows" / "api" / f"{name}.json").write_text(json.dumps(tiny_install.small_api_workflow(name)))
+    commands = runner_workflow_commands()
+    assert len(commands) == 2
     for command in commands:
         tiny_install.write_face_photos(tmp_path, names=tuple(re.findall(r"--face (\S+)", command)))
         typed = re.sub(r"--server \S+", f"--server {server.url}", command)
