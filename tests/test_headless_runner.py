@@ -603,19 +603,26 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
 
     workflow = {"8": {"class_type": "FaceDiffuserSNFSampler", "inputs": {}}}
     for stream in (io.StringIO(), Terminal()):
-        display = ProgressDisplay(workflow, stream)
+        now = [0.0]
+        display = ProgressDisplay(workflow, stream, clock=lambda: now[0])
         display.state("running")
         for step in range(1, 51):
+            now[0] += 2.0
             display.step((step, 50, "8"))
         display.state("finishing")
         display.close()
         text = stream.getvalue()
         if stream.isatty():
-            assert text.count("\r") == 50 and "\r  node 8 (FaceDiffuserSNFSampler) [" + "#" * 30 + "] 50/50\n  finishing\n" in text
+            assert text.count("\r") == 50
+            assert re.search(r"\r  node 8 \(FaceDiffuserSNFSampler\) \[#{30}\] 50/50, 1:40 elapsed *\n  finishing\n", text)
         else:
             lines = text.splitlines()
             assert lines[0] == "  running" and lines[-1] == "  finishing" and "\r" not in text
-            assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50" for step in (1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50)]
+            assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50, {timing}" for step, timing in (
+                (1, "0:02 elapsed"), (5, "0:10 elapsed, about 1:30 left"), (10, "0:20 elapsed, about 1:20 left"),
+                (15, "0:30 elapsed, about 1:10 left"), (20, "0:40 elapsed, about 1:00 left"), (25, "0:50 elapsed, about 0:50 left"),
+                (30, "1:00 elapsed, about 0:40 left"), (35, "1:10 elapsed, about 0:30 left"), (40, "1:20 elapsed, about 0:20 left"),
+                (45, "1:30 elapsed, about 0:10 left"), (50, "1:40 elapsed"))]
 
 
 def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_path, monkeypatch, capsys):
