@@ -22,10 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from facediffuser_client.api_workflow import PACK_ROOT, load_api_workflow, shipped_workflow
+from facediffuser_client.api_workflow import PACK_ROOT, PICTURE_SIZE_STEP
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
 from facediffuser_client.own_comfyui import attach_command_line_values, comfyui_root, server_for
-from facediffuser_client.headless import run
+from facediffuser_client.headless import JobCancelled, planned_workflow, run
 
 OUTPUT_FOLDER = "facediffuser_output"
 
@@ -47,7 +47,25 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise RunError(f"--face: {photo} is not a file" + ("" if photo.exists() else f" (no such file, seen from {os.getcwd()})"))
         if not os.access(photo, os.R_OK):
             raise RunError(f"--face: {photo} cannot be read (permissions)")
-    load_api_workflow(args.workflow or shipped_workflow(len(args.face)))
+    for option in ("width", "height"):
+        size = getattr(args, option)
+        if size is not None and (size <= 0 or size % PICTURE_SIZE_STEP):
+            fits = max(PICTURE_SIZE_STEP, size // PICTURE_SIZE_STEP * PICTURE_SIZE_STEP)
+            raise RunError(f"--{option} {size}: give a positive multiple of {PICTURE_SIZE_STEP} (the latent is an eighth of the "
+                           f"picture on each side, and ComfyUI would make {fits} of it without a word), e.g. --{option} {fits}")
+    planned_workflow(args)
+
+
+def interrupted_message(args: argparse.Namespace, server: str | None, job_cancelled: bool) -> str:
+    """The one line Ctrl-C leaves: what of this run was ended, and that a server the user runs goes on running."""
+    ended = ["its job taken off the server"] if job_cancelled else []
+    if server is not None and server in (args.server, DEFAULT_SERVER):
+        ended.append(f"the ComfyUI at {server} is yours and keeps running")
+    elif server is not None:
+        ended.append("the ComfyUI started for it stopped")
+    what_ended = f" ({'; '.join(ended)})" if ended else ""
+    return (f"interrupted: nothing of this run is left running{what_ended}; pictures saved before stay in {args.output}; "
+            f"run the same command again to make the picture")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,12 +79,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--face", action="append", type=Path, default=[], metavar="PHOTO",
                         help="a reference photo, uploaded to the server; repeat once per <|image|> marker, in order")
     parser.add_argument("--prompt", help="the subject prompt, with <|image|> after each person's noun")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int, help="the noise seed: the same seed, settings and photos make the same picture "
+                                                 "(default: the workflow's, 42 in the shipped ones)")
+    parser.add_argument("--steps", type=int, help="sampling steps, shared by the three stages (default: the workflow's, 50 "
+                                                  "in the shipped ones; on a CPU start with 20)")
+    parser.add_argument("--width", type=int, help="the picture's width in pixels, a multiple of 8 (default: the workflow's, "
+                                                  "512 in the shipped ones; on a CPU start with 256)")
+    parser.add_argument("--height", type=int, help="the picture's height in pixels, a multiple of 8 (default: the workflow's, "
+                                                   "512 in the shipped ones)")
     parser.add_argument("--cfg", type=float, help="guidance scale (official 5.0)")
     parser.add_argument("--alpha", type=float, help="fraction of the steps where scene construction ends")
     parser.add_argument("--beta", type=float, help="fraction of the steps where subject-scene fusion ends")
-    parser.add_argument("--batch-size", type=int, dest="batch_size")
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="pictures per run, each from its own noise (default: the workflow's, 1)")
     parser.add_argument("--output", type=Path,
                         help=f"folder for the images (default ./{OUTPUT_FOLDER}; run from inside the pack: ComfyUI's output folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
@@ -90,6 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    server = None
     try:
         check_inputs(args)
         with server_for(args) as server:
@@ -97,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: nothing of this run is left running (its job cancelled, a ComfyUI started for it stopped); "
-              f"pictures saved before stay in {args.output}; run the same command again to make the picture", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        print(f"\n{interrupted_message(args, server, isinstance(interruption, JobCancelled))}", file=sys.stderr)
         return 130
 
 

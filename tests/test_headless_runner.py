@@ -379,19 +379,47 @@ def test_runs_each_shipped_workflow_with_uploaded_faces_and_overrides(server, tm
         assert len([p for p in output.glob("*.png") if p not in generated and "temp" in p.name.lower()]) >= 8
 
 
-def test_a_face_count_that_the_prompt_does_not_match_is_comfyuis_error(server, tmp_path, capsys):
+def test_a_photo_without_a_face_is_named_by_its_file_in_the_error(server, tmp_path, capsys):
+    """The node says 'image 1 of the batch'; the user gave files: the runner says which one."""
     import tiny_install
 
     tiny_install.install_models(server.models_dir)
-    (photo,) = tiny_install.write_face_photos(tmp_path / "photos", names=("solo.png",))
-    path = tmp_path / "one.json"
-    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_single_subject")))
-    code = runner.main([str(path), "--server", server.url, "--face", str(photo), "--prompt", "a man <|image|> and a woman <|image|>",
+    face, = tiny_install.write_face_photos(tmp_path / "photos", names=("with_a_face.png",))
+    blank = tmp_path / "photos" / "wall.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(blank)
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_two_subjects")))
+    code = runner.main([str(path), "--server", server.url, "--face", str(face), "--face", str(blank),
                         "--output", str(tmp_path / "out"), "--timeout", "300"])
-    assert code == 1
     message = capsys.readouterr().err
-    assert "ComfyUI failed in node" in message and "(FaceDiffuserSubjectPrompt): ValueError" in message
-    assert "2 <|image|> markers but 1 reference face" in message
+    assert code == 1, message
+    assert "no face found in image 1 of the batch" in message
+    assert message.rstrip().endswith(f"(photo 1 is --face {blank})")
+
+
+def test_previews_comfyui_reused_from_an_earlier_run_are_not_saved_again(server, tmp_path, capsys):
+    """The same face twice on one server: the second run's face crops are the first run's (ComfyUI's cache); they
+    are neither reported as saved nor copied again, while the new picture is."""
+    import tiny_install
+
+    tiny_install.install_models(server.models_dir)
+    photo, = tiny_install.write_face_photos(tmp_path / "photos", names=("cached_face.png",))
+    path = tmp_path / "single.json"
+    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_single_subject")))
+    output = tmp_path / "out"
+    runs = []
+    for seed in ("1", "2"):
+        code = runner.main([str(path), "--server", server.url, "--face", str(photo), "--seed", seed, "--output", str(output),
+                            "--timeout", "300"])
+        runs.append(capsys.readouterr())
+        assert code == 0, runs[-1].err + server.log_tail()
+    first_saved = re.findall(r"^saved (.*)$", runs[0].out, re.M)
+    previews = [name for name in first_saved if "temp" in Path(name).name]
+    assert previews, runs[0].out  # the face crop of the Encode Reference Faces' preview
+    second_saved = re.findall(r"^saved (.*)$", runs[1].out, re.M)
+    assert len(second_saved) == 1 and "temp" not in Path(second_saved[0]).name and second_saved[0] not in first_saved
+    assert re.search(r"^not saved again: 1 preview picture\(s\) of node\(s\) \d+, which ComfyUI reused", runs[1].out, re.M)
+    assert sorted(output.iterdir()) == sorted(Path(name) for name in first_saved + second_saved)
 
 
 # --- best of N ---------------------------------------------------------------------------------------------
