@@ -7,8 +7,8 @@
 
 Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two.
 Without --server it uses the ComfyUI answering at the default address, or, when none does, starts the
-ComfyUI this pack is installed in (headless, on a free loopback port, with this Python), runs the job and
-stops it again. The workflow must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI).
+ComfyUI this pack is installed in (headless, on a free loopback port, with ComfyUI's own Python: the venv or
+python_embeded beside it, or --comfyui-python; else this one), runs the job and stops it again. The workflow must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI).
 Overrides find their nodes by node type, never by node id, so they work on any workflow built from the
 same nodes; an override whose node type is absent is an error. Reference photos are uploaded to the
 server, so the server may run on another machine. Only the standard library is used: any Python 3.10+
@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from facediffuser_client import comfyui_python
 from facediffuser_client.api_workflow import PACK_ROOT, PICTURE_SIZE_STEP
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
 from facediffuser_client.own_comfyui import attach_command_line_values, comfyui_root, server_for
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     own.add_argument("--comfyui", type=Path, help="its folder (default: the ComfyUI this pack is installed in, or $COMFYUI_PATH)")
     own.add_argument("--comfyui-args", metavar="ARGS",
                      help='more arguments for its main.py, e.g. "--lowvram" or "--base-directory /data/comfy" (--cpu is added by itself when torch has no GPU)')
+    own.add_argument(comfyui_python.OPTION, type=Path, dest="comfyui_python", metavar="PYTHON", help=comfyui_python.OPTION_HELP)
     own.add_argument("--keep-server", action="store_true", help="leave it running after the job, for the next ones")
     args = parser.parse_args(attach_command_line_values(sys.argv[1:] if argv is None else argv))
     if args.output is None:

@@ -158,10 +158,14 @@ def test_a_checkpoint_the_server_lacks_is_taken_in_its_other_format():
 FAKE_COMFYUI_MAIN = """
 import argparse, http.server, json, pathlib, sys
 pathlib.Path("argv.json").write_text(json.dumps(sys.argv[1:]))
+pathlib.Path("prefix").write_text(sys.prefix)  # which Python started it
 mode = pathlib.Path("mode").read_text()
 if mode == "crash":
     print("boom: the fake ComfyUI cannot start")
     sys.exit(3)
+if mode == "no PIL":  # what ComfyUI prints when started with a Python that lacks its requirements
+    print("ModuleNotFoundError: No module named 'PIL'")
+    sys.exit(1)
 if mode == "no cuda":  # what ComfyUI prints when started without --cpu on a CPU-only torch
     print("\\n".join(f"log line {number} " + "x" * 60 for number in range(100)))
     print("AssertionError: Torch not compiled with CUDA enabled")
