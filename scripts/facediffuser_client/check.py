@@ -364,9 +364,10 @@ def classify_file(path: Path):
 
 
 SETUP_COMMAND = "python scripts/facediffuser_setup.py"
-# Written by the set-up beside the models: the files whose content matched the hub's hash, by name, with the
-# size and mtime they had then, so that each is read in full once.
+# Written by the set-up beside the models: the files whose content it compared with the hub's hash, by name, with
+# the size and mtime they had then, so that each is read in full once, and whether they were damaged.
 VERIFIED_RECORD = ".facediffuser-setup-verified.json"
+VERIFIED, DAMAGED, CHANGED = "verified", "damaged", "changed"
 
 
 def verified_records(folder: Path) -> dict:
@@ -381,9 +382,18 @@ def file_stamp(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def changed_since_verified(path: Path) -> bool:
+def verification(path: Path) -> str:
+    """What the set-up found of the file's content: VERIFIED, DAMAGED, CHANGED since (either), or "" (never compared)."""
     record = verified_records(path.parent).get(path.name)
-    return record is not None and record.get("stamp") != file_stamp(path)
+    if record is None:
+        return ""
+    if record.get("stamp") != file_stamp(path):
+        return CHANGED
+    return DAMAGED if record.get("damaged") else VERIFIED
+
+
+def changed_since_verified(path: Path) -> bool:
+    return verification(path) == CHANGED
 
 
 def find_checkpoint(folders: list[Path], names: tuple[str, ...]) -> Path | None:
@@ -415,20 +425,27 @@ def check_checkpoint(folders: list[Path], role: str, names: tuple[str, ...], sou
     what = unchecked if classification is None else classification.kind.value
     if path.name != names[-1]:  # a conversion: the converter compared it with its source
         return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what})")
-    if changed_since_verified(path):
+    found = verification(path)
+    if found == CHANGED:
         return Finding(PROBLEM, subject, f"{path} changed since the set-up verified its content",
                        f"run `{SETUP_COMMAND}`: it checks the file against the hub's sha256 and says what to do")
-    verified = "content verified by the set-up" if path.name in verified_records(path.parent) else (
+    if found == DAMAGED:  # the set-up said so and would only say it again
+        return Finding(PROBLEM, subject, f"{path} is damaged: the set-up found its content differs from the hub's",
+                       f"delete {path}, then run `{SETUP_COMMAND}`: it downloads the hub's file anew")
+    verified = "content verified by the set-up" if found == VERIFIED else (
         f"content not verified: `{SETUP_COMMAND}` checks it against the hub's sha256")
     return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what}; {verified})")
 
 
 def insightface_pack_fix(root: Path) -> str:
-    """How to install the default pack by hand into <root>/models (root: an insightface folder)."""
+    """How to install the default pack into <root>/models (root: an insightface folder): by the set-up, with a zip
+    fetched elsewhere when this machine cannot download it, or by hand."""
     models = root / "models"
-    return (f"run `{SETUP_COMMAND}`, which installs {packs.DEFAULT_PACK}, or download {packs.PACK_SOURCES[packs.DEFAULT_PACK]} and unzip it so that "
-            f"{models / packs.DEFAULT_PACK / packs.detector_file(packs.DEFAULT_PACK)} exists (antelopev2 works too, "
-            f"as {models / 'antelopev2' / packs.detector_file('antelopev2')})")
+    source = packs.PACK_SOURCES[packs.DEFAULT_PACK]
+    return (f"run `{SETUP_COMMAND}`, which installs {packs.DEFAULT_PACK}; where it cannot download (offline, a proxy), "
+            f"fetch {source} another way and give it the zip: `{SETUP_COMMAND} --insightface-source <the zip>`; or unzip "
+            f"it yourself so that {models / packs.DEFAULT_PACK / packs.detector_file(packs.DEFAULT_PACK)} exists "
+            f"(antelopev2 works too, as {models / 'antelopev2' / packs.detector_file('antelopev2')})")
 
 
 def check_insightface_pack(roots: list[Path]) -> Finding:
@@ -481,8 +498,8 @@ def check_recognition_model(roots: list[Path]) -> Finding | None:
     if (folder / name).is_file():
         return Finding(OK, subject, f"{folder / name} (the Identity Score node's)")
     if pack == packs.DEFAULT_PACK:
-        fix = (f"run `{SETUP_COMMAND}`, which completes {pack}, or download {packs.PACK_SOURCES[pack]} and unzip its {name} "
-               f"into {folder}")
+        fix = (f"run `{SETUP_COMMAND}`, which completes {pack} from its zip (where it cannot download: `{SETUP_COMMAND} "
+               f"--insightface-source <the zip>`), or download {packs.PACK_SOURCES[pack]} and unzip its {name} into {folder}")
     else:
         fix = (f"put {name} from the {pack} zip into {folder} (`{SETUP_COMMAND} --insightface-pack {pack} "
                f"--insightface-source <the zip>` does it)")
