@@ -377,7 +377,7 @@ def test_runs_each_shipped_workflow_with_uploaded_faces_and_overrides(server, tm
     assert "submitted to" in captured.out and "saved" in captured.out
     # ComfyUI's step progress, relayed from its websocket; plain lines, as capsys is no terminal.
     sampler = "SamplerCustomAdvanced" if name == "facediffuser_custom_sampling" else "FaceDiffuserSNFSampler"
-    assert re.search(rf"^  node \d+ \({sampler}\): step 3/3$", captured.out, re.M), captured.out
+    assert re.search(rf"^  node \d+ \({sampler}\): step 3/3, [\d:]+ elapsed$", captured.out, re.M), captured.out
     if name == "facediffuser_custom_sampling":
         # The saliency preview's pictures come back too: 4 panels per image of the batch.
         assert len([p for p in output.glob("*.png") if p not in generated and "temp" in p.name.lower()]) >= 8

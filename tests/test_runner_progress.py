@@ -33,15 +33,19 @@ def screen(text: str) -> list[str]:
     return lines
 
 
-def run_job(stream, seconds_per_step: float = 3.0) -> None:
-    now = [100.0]
+def show_steps(stream, steps: list[tuple[float, tuple[int, int, str]]]) -> ProgressDisplay:
+    """A job that begins running at time 0, then reports each (seconds after the previous one, progress)."""
+    now = [0.0]
     display = ProgressDisplay(WORKFLOW, stream, clock=lambda: now[0])
     display.state("running")
-    for step in range(1, 4):
-        now[0] += seconds_per_step
-        display.step((step, 3, "11"))
-    now[0] += 1.0
-    display.step((1, 1, "12"))
+    for seconds, progress in steps:
+        now[0] += seconds
+        display.step(progress)
+    return display
+
+
+def run_job(stream, seconds_per_step: float = 3.0) -> None:
+    display = show_steps(stream, [(seconds_per_step, (step, 3, "11")) for step in range(1, 4)] + [(1.0, (1, 1, "12"))])
     display.state("finishing")
     display.close()
 
@@ -70,27 +74,14 @@ def test_piped_lines_say_the_time_elapsed_and_an_estimate_of_the_time_left():
 
 def test_the_terminal_bar_carries_the_same_timing():
     stream = Terminal()
-    now = [0.0]
-    display = ProgressDisplay(WORKFLOW, stream, clock=lambda: now[0])
-    display.state("running")
-    for step in (1, 2):
-        now[0] += 30.0
-        display.step((step, 50, "11"))
+    show_steps(stream, [(30.0, (1, 50, "11")), (30.0, (2, 50, "11"))])
     assert screen(stream.getvalue())[-1].endswith("] 2/50, 1:00 elapsed, about 24:00 left")
 
 
 def test_the_pace_restarts_with_each_node_and_a_restarted_sampler():
     """A second sampling (a new node, or the same node counting from 1 again) is timed from its own first step."""
     stream = io.StringIO()
-    now = [0.0]
-    display = ProgressDisplay(WORKFLOW, stream, clock=lambda: now[0])
-    display.state("running")
-    for step in (1, 2):
-        now[0] += 10.0
-        display.step((step, 10, "11"))
-    for step in (1, 2, 3):
-        now[0] += 1.0
-        display.step((step, 10, "11"))
+    show_steps(stream, [(10.0, (step, 10, "11")) for step in (1, 2)] + [(1.0, (step, 10, "11")) for step in (1, 2, 3)])
     assert stream.getvalue().splitlines()[-1] == "  node 11 (FaceDiffuserSNFSampler): step 3/10, 0:23 elapsed, about 0:07 left"
 
 
