@@ -558,7 +558,7 @@ def test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so(tmp_
 
 def test_a_comfyui_that_needs_cpu_gets_a_hint_with_the_users_arguments_and_a_tail_from_a_line_start(
         tmp_path, capsys, nothing_at_the_default_address, monkeypatch):
-    monkeypatch.setattr(own_comfyui, "torch_sees_a_gpu", lambda: None)  # a torch whose devices cannot be told
+    monkeypatch.setattr(own_comfyui, "torch_sees_a_gpu", lambda python=None: None)  # a torch whose devices cannot be told
     root = fake_comfyui(tmp_path, "no cuda")
     with pytest.raises(http_api.RunError) as raised:
         with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram"])):
