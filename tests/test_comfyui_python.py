@@ -71,6 +71,20 @@ def test_the_check_goes_on_under_the_venv_beside_comfyui_and_says_so(tmp_path):
     assert result.returncode == 1
 
 
+def test_the_portable_builds_python_embeded_beside_comfyui_is_found(tmp_path):
+    """ComfyUI_windows_portable/ holds ComfyUI/ and python_embeded/python.exe; here python.exe is this machine's Python
+    under that name (the layout, not Windows, is what is tested)."""
+    portable = tmp_path / "ComfyUI_windows_portable"
+    comfyui = fake_comfyui(portable / "ComfyUI")
+    (portable / "python_embeded").mkdir()
+    (portable / "python_embeded" / "python.exe").symlink_to(Path(getattr(sys, "_base_executable", sys.executable)).resolve())
+    chosen = comfyui_python.choose(comfyui, None)
+    assert chosen.executable == portable / "python_embeded" / "python.exe" and not chosen.is_this_one
+    assert chosen.found == f"the portable build's python_embeded beside {comfyui}"
+    empty_environment(comfyui / "venv")  # a venv in the ComfyUI folder comes before the portable build's Python
+    assert comfyui_python.choose(comfyui, None).executable == comfyui / "venv" / "bin" / "python"
+
+
 def test_a_named_environment_folder_is_comfyuis_python(tmp_path, capsys):
     comfyui, _ = complete_install(tmp_path)
     named = comfyui_python.choose(comfyui, Path(sys.prefix))  # a venv's or conda environment's folder

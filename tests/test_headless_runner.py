@@ -657,6 +657,24 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
                 (45, "1:30 elapsed, about 0:10 left"), (50, "1:40 elapsed"))]
 
 
+def test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed(server, tmp_path, monkeypatch, capsys):
+    """The README's CPU command, words as printed, with the shipped workflow as shipped but for what the command sets;
+    the default address is the test server's, where the tiny models stand in for the real ones."""
+    import tiny_install
+    from test_readme_commands import arguments, runner_small_picture_commands
+
+    tiny_install.install_models(server.models_dir)
+    monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)
+    monkeypatch.chdir(tmp_path)
+    (command,) = runner_small_picture_commands()
+    tiny_install.write_face_photos(tmp_path, names=("me.jpg",))
+    assert runner.main(arguments(command)) == 0, capsys.readouterr().err + server.log_tail()
+    out = capsys.readouterr().out
+    assert re.search(r"^  node \d+ \(FaceDiffuserSNFSampler\): step 20/20, [\d:]+ elapsed$", out, re.M), out
+    (picture,) = (tmp_path / "facediffuser_output").glob("facediffuser_0*.png")
+    assert Image.open(picture).size == (256, 256)
+
+
 def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_path, monkeypatch, capsys):
     """Each runner command of README.md that names a workflow file, with its words as printed, in a folder that holds
     the pack's workflows as the pack's folder does. Substituted: the server it names, or the default address it uses
