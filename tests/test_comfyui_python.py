@@ -118,7 +118,7 @@ def test_a_torchvision_that_does_not_match_torch_is_found_before_all_set(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(broken_torchvision(tmp_path / "site"))}
     result = run_check(Path(sys.executable), "--comfyui", str(comfyui), env=env)
     assert result.returncode == 1 and "All set" not in result.stdout
-    assert (f"[problem] ComfyUI's requirements: ComfyUI cannot start in {sys.executable}: torchvision (RuntimeError: operator "
+    assert (f"[problem] ComfyUI's requirements: some of the packages ComfyUI needs to start do not import in {sys.executable}: torchvision (RuntimeError: operator "
             "torchvision::nms does not exist)") in result.stdout
     minor, patch, build = torch.__version__.split("+")[0].split(".")[1:] + [torch.__version__.partition("+")[2]]
     index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""

@@ -154,7 +154,8 @@ def check_comfyui_requirements(probe: RequirementsProbe, python: str) -> Finding
         del broken["torchvision"]
     if broken:
         fixes.append(f"reinstall what does not import: `{python} -m pip install --force-reinstall {' '.join(sorted(broken))}`")
-    return Finding(PROBLEM, REQUIREMENTS, f"ComfyUI cannot start in {sys.executable}: {'; '.join(problems)}", "; ".join(fixes))
+    return Finding(PROBLEM, REQUIREMENTS, f"some of the packages ComfyUI needs to start do not import in {sys.executable}: "
+                                          f"{'; '.join(problems)}", "; ".join(fixes))
 
 
 def check_comfyui(root: Path | None, explicit: Path | None) -> Finding:

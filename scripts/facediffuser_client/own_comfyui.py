@@ -112,7 +112,7 @@ class OwnComfyUI:
             return f'\nThis torch has no usable GPU: run again with --comfyui-args "{shlex.join(["--cpu", *self.extra_args])}"'
         if TORCHVISION_MISMATCH in tail:
             return (f"\nThe torchvision of {self.python} does not match its torch: the check says which one to install "
-                    f"(`{self.python} scripts/facediffuser_check.py`)")
+                    f"(`{self.python} {PACK_ROOT / 'scripts' / 'facediffuser_check.py'}`)")
         if missing := MISSING_MODULE.search(tail):
             return (f"\nComfyUI was started with {self.python}, which lacks ComfyUI's requirements ({missing.group(0)}): is it "
                     f"the Python that runs ComfyUI? Name that one with {comfyui_python.OPTION} (its python, or its venv or "
