@@ -456,3 +456,25 @@ def test_download_progress_is_lines_when_piped(hub, tmp_path):
     result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub)))
     total = f"{len(SDM_BYTES) / 1e6:.1f}"
     assert f"\n  facediffuser_sdm.bin: {total} of {total} MB (100%), " in result.stdout and "\r" not in result.stdout
+
+
+def test_download_progress_lines_piped_each_tenth_and_the_last_state():
+    now = [0.0]
+    stream = io.StringIO()
+    progress = setup.DownloadProgress("model.bin", 100 * 10**6, 20 * 10**6, stream, clock=lambda: now[0])
+    for have in range(25, 101, 5):  # 5 MB a second, from the 20 MB kept by an earlier run
+        now[0] += 1.0
+        progress.show(have * 10**6)
+    progress.end()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "  model.bin: 25.0 of 100.0 MB (25%), 5.0 MB/s, 0:01 elapsed, about 0:15 left"
+    assert lines[-1] == "  model.bin: 100.0 of 100.0 MB (100%), 5.0 MB/s, 0:16 elapsed"
+    assert len(lines) == 9  # 20 % was there already: a line per tenth from 20 % to 100 %
+
+    stream = io.StringIO()
+    unsized = setup.DownloadProgress("pack.zip", None, 0, stream, clock=lambda: now[0])
+    for have in (30, 60, 90, 120, 150):
+        unsized.show(have * 10**6)
+    unsized.end()
+    assert [line.split(",")[0] for line in stream.getvalue().splitlines()] == [
+        "  pack.zip: 30.0 MB", "  pack.zip: 120.0 MB", "  pack.zip: 150.0 MB"]

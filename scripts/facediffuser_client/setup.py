@@ -22,7 +22,7 @@ from typing import Callable
 
 from . import check
 from .pack import core
-from .progress import StatusLine, time_left, timing_text
+from .progress import PLAIN_LINES, StatusLine, time_left, timing_text
 
 packs, model_folders = core("insightface_packs"), core("model_folders")
 
@@ -33,7 +33,7 @@ WEIGHTS_LICENCE = (
     "See https://github.com/CodeGoat24/Face-diffuser#-license"
 )
 CHUNK_BYTES = 8 * 2**20
-PLAIN_LINES = 10  # piped, a download prints a line each tenth of the file
+UNSIZED_LINE_BYTES = 10**8  # piped, a download of unknown size prints a line each 100 MB
 SOURCE_VARIABLE = "FACEDIFFUSER_INSIGHTFACE_SOURCE"  # --insightface-source set once, as HF_ENDPOINT names a hub mirror
 HASH_LENGTHS = {64: "sha256", 40: "git-sha1"}  # the hub's ETag: sha256 for LFS files, the git blob sha1 otherwise
 
@@ -139,7 +139,8 @@ def quiet_retries():
 
 class DownloadProgress:
     """A download's progress: what arrived of how much, the speed, the time elapsed and about how long the rest takes;
-    one line redrawn in place on a terminal, a line each tenth of the file where the output is piped or logged.
+    one line redrawn in place on a terminal, a line each tenth of the file (each 100 MB of one of unknown size) where
+    the output is piped or logged.
     The set-up's own, not huggingface_hub's bar, which a terminal that reports no width shows empty."""
 
     def __init__(self, label: str, total: int | None, start: int, stream=None, clock=time.monotonic):
@@ -149,6 +150,7 @@ class DownloadProgress:
         self.clock = clock
         self.began = clock()
         self.tenth_shown = -1
+        self.unshown = ""  # piped: the last state, when it had no line of its own
 
     def show(self, have: int) -> None:
         elapsed = self.clock() - self.began
@@ -160,15 +162,23 @@ class DownloadProgress:
                     f"{timing_text(elapsed, left)}")
             tenth = PLAIN_LINES * have // self.total
         else:
-            text, tenth = f"  {self.label}: {have / 1e6:.1f} MB{speed}, {timing_text(elapsed, None)}", self.tenth_shown + 1
+            text, tenth = f"  {self.label}: {have / 1e6:.1f} MB{speed}, {timing_text(elapsed, None)}", have // UNSIZED_LINE_BYTES
+        self.unshown = ""
         if self.line.terminal:
             self.line.draw(text)
         elif tenth != self.tenth_shown:
             self.stream.write(text + "\n")
             self.stream.flush()
+        else:
+            self.unshown = text
         self.tenth_shown = tenth
 
     def end(self) -> None:
+        """The last state on its line: a download ends on what arrived, however it ends."""
+        if self.unshown:
+            self.stream.write(self.unshown + "\n")
+            self.stream.flush()
+            self.unshown = ""
         self.line.end()
 
 
