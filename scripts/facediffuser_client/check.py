@@ -86,11 +86,13 @@ def check_python(found: str, not_installed: list[str], essential: int, script: s
     if found:
         return Finding(OK, "Python", f"{where} (ComfyUI's: {found})")
     if "torch" in not_installed or (essential and 2 * len(not_installed) >= essential):
-        counted = f"{len(not_installed)} of the {essential} packages ComfyUI needs to start" if essential else "torch"
+        listed = f"{', '.join(not_installed[:6])}{', ...' if len(not_installed) > 6 else ''}"
+        lacking = (f"{len(not_installed)} of the {essential} packages ComfyUI needs to start are not installed in it ({listed})"
+                   if essential else "torch is not installed in it")
         return Finding(
             PROBLEM, "Python",
-            f"{where}: {counted} are not installed in it ({', '.join(not_installed[:6])}{', ...' if len(not_installed) > 6 else ''}), "
-            f"so it is not the Python that runs ComfyUI, and none was found beside ComfyUI (venv/, .venv/, python_embeded/)",
+            f"{where}: {lacking}, so it is not the Python that runs ComfyUI, and none was found beside ComfyUI (venv/, .venv/, "
+            f"python_embeded/)",
             f"run this with the Python that runs ComfyUI (`<its python> scripts/{script}.py`), or name it: "
             f"{comfyui_python.OPTION} <its python, or its venv or conda environment's folder>")
     return Finding(OK, "Python", where)
