@@ -531,7 +531,7 @@ def blocked_workflows(findings: list[Finding]) -> dict[str, list[str]]:
 
 def runner_command(findings: list[Finding]) -> str:
     """The first-picture command. On a CPU-only torch the runner passes --cpu to the ComfyUI it starts by itself;
-    the command asks for a smaller picture in fewer steps there: the shipped 512 px and 50 steps take tens of minutes."""
+    the command asks for a smaller picture in fewer steps there, at most a tenth of the shipped size's sampling work."""
     cpu_only = any(f.subject == "torch" and "CPU only" in f.detail for f in findings)
     smaller = " --steps 20 --width 256 --height 256" if cpu_only else ""
     return f'python scripts/facediffuser_run.py --face <photo> --prompt "a photo of a man <|image|> hiking in the alps"{smaller}'
@@ -596,8 +596,8 @@ def render(findings: list[Finding]) -> str:
             lines.append(f"  ready: {', '.join(ready)}")
     else:
         cpu_only = any(f.subject == "torch" and "CPU only" in f.detail for f in findings)
-        started = ("it starts ComfyUI if none runs, with --cpu for this CPU-only torch; on a CPU the shipped 512 px and 50 steps "
-                   "take tens of minutes, hence the smaller, shorter picture") if cpu_only else "it starts ComfyUI if none runs"
+        started = ("it starts ComfyUI if none runs, with --cpu for this CPU-only torch; a CPU is slow, and this picture is at "
+                   "most a tenth of the work of the shipped 512 px and 50 steps") if cpu_only else "it starts ComfyUI if none runs"
         lines.append(f"All set. Every shipped workflow can run; make a first picture: {runner_command(findings)} ({started}). "
                      "Or start ComfyUI and open the template browser (Workflow > Browse Templates > Face-diffuser): "
                      "facediffuser_single_subject.")
