@@ -8,7 +8,10 @@
 Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two.
 Without --server it uses the ComfyUI answering at the default address, or, when none does, starts the
 ComfyUI this pack is installed in (headless, on a free loopback port, with ComfyUI's own Python: the venv or
-python_embeded beside it, or --comfyui-python; else this one), runs the job and stops it again. The workflow must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI).
+python_embeded beside it, or --comfyui-python; else this one), runs the job and stops it again. The workflow
+must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI). What the command
+line can get wrong (photos, sizes, overrides, the prompt's <|image|> markers against the photos) is said before
+any ComfyUI starts.
 Overrides find their nodes by node type, never by node id, so they work on any workflow built from the
 same nodes; an override whose node type is absent is an error. Reference photos are uploaded to the
 server, so the server may run on another machine. Only the standard library is used: any Python 3.10+
@@ -80,8 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--face", action="append", type=Path, default=[], metavar="PHOTO",
                         help="a reference photo, uploaded to the server; repeat once per <|image|> marker, in order")
     parser.add_argument("--prompt", help="the subject prompt, with <|image|> after each person's noun")
-    parser.add_argument("--seed", type=int, help="the noise seed: the same seed, settings and photos make the same picture "
-                                                 "(default: the workflow's, 42 in the shipped ones)")
+    parser.add_argument("--seed", type=int, help="the seed of the starting noise; another seed, another picture (default: the "
+                                                 "workflow's, 42 in the shipped ones)")
     parser.add_argument("--steps", type=int, help="sampling steps, shared by the three stages (default: the workflow's, 50 "
                                                   "in the shipped ones; on a CPU start with 20)")
     parser.add_argument("--width", type=int, help="the picture's width in pixels, a multiple of 8 (default: the workflow's, "
@@ -91,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, help="guidance scale (official 5.0)")
     parser.add_argument("--alpha", type=float, help="fraction of the steps where scene construction ends")
     parser.add_argument("--beta", type=float, help="fraction of the steps where subject-scene fusion ends")
-    parser.add_argument("--batch-size", type=int, dest="batch_size", help="pictures per run, each from its own noise (default: the workflow's, 1)")
+    parser.add_argument("--batch-size", type=int, dest="batch_size",
+                        help="pictures per run, each from its own noise (default: the workflow's, 1 in the shipped ones)")
     parser.add_argument("--output", type=Path,
                         help=f"folder for the images (default ./{OUTPUT_FOLDER}; run from inside the pack: ComfyUI's output folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
