@@ -49,7 +49,7 @@ def test_every_option_of_the_runner_says_what_it_does(capsys):
     undescribed = [block.split()[0] for block in options if block.strip() and len(block.split("  ")) < 3
                    and not re.search(r"\S  +\S", block.strip())]
     assert undescribed == [], text
-    for option, words in (("--seed", "same picture"), ("--steps", "on a CPU start with 20"), ("--width", "multiple of 8")):
+    for option, words in (("--seed", "starting noise"), ("--steps", "on a CPU start with 20"), ("--width", "multiple of 8")):
         assert words in " ".join(next(block for block in options if block.strip().startswith(option)).split())
 
 
