@@ -6,6 +6,7 @@ One concept per module:
   pndm             the official run's PNDM (PLMS) sampler and timestep grid, in sigma space
   saliency_view    pictures of a run's SNF decisions
   markers          the prompt's <|image|> subject markers and the token rows they mark
+  region_layouts   the Region Layout node's layouts (halves, thirds, boxes) as pixel boxes, without torch
   postfuse         the fusion MLP that writes a face embedding into a prompt token
   face_crop        where to crop a reference photo, and the official preprocessing for the vision tower
   insightface_packs  the insightface model packs, their files and where to download them

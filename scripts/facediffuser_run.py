@@ -5,7 +5,12 @@
     python scripts/facediffuser_run.py workflows/api/facediffuser_single_subject.json \\
         --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps" --seed 7 --output out/
 
-Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two.
+Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two;
+with --regions, the two-person regions workflow (halves or boxes) or the auto-regions one (auto):
+
+    python scripts/facediffuser_run.py --face man.jpg --face woman.jpg \\
+        --prompt "a photo of a man <|image|> and a woman <|image|> walking on a beach" --regions halves
+
 Without --server it uses the ComfyUI answering at the default address, or, when none does, starts the
 ComfyUI this pack is installed in (headless, on a free loopback port, with ComfyUI's own Python: the venv or
 python_embeded beside it, or --comfyui-python; else this one), runs the job and stops it again. The workflow
@@ -13,7 +18,8 @@ must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)"
 line can get wrong (photos, sizes, overrides, the prompt's <|image|> markers against the photos) is said before
 any ComfyUI starts.
 Overrides find their nodes by node type, never by node id, so they work on any workflow built from the
-same nodes; an override whose node type is absent is an error. Reference photos are uploaded to the
+same nodes; an override whose node type is absent is an error. What the pack's nodes log while the job runs
+(the faces found, the regions decided, warnings) is shown among the progress lines. Reference photos are uploaded to the
 server, so the server may run on another machine. Only the standard library is used: any Python 3.10+
 that reaches the server can run this, without ComfyUI or torch.
 """
@@ -29,7 +35,8 @@ from facediffuser_client import comfyui_python
 from facediffuser_client.api_workflow import PACK_ROOT, PICTURE_SIZE_STEP
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
 from facediffuser_client.own_comfyui import attach_command_line_values, comfyui_root, server_for
-from facediffuser_client.headless import JobCancelled, planned_workflow, run
+from facediffuser_client.headless import JobCancelled, configured_workflow, run
+from facediffuser_client.regions import add_arguments as add_region_arguments, check_arguments as check_region_arguments
 
 OUTPUT_FOLDER = "facediffuser_output"
 
@@ -57,7 +64,8 @@ def check_inputs(args: argparse.Namespace) -> None:
             fits = max(PICTURE_SIZE_STEP, size // PICTURE_SIZE_STEP * PICTURE_SIZE_STEP)
             raise RunError(f"--{option} {size}: give a positive multiple of {PICTURE_SIZE_STEP} (the latent is an eighth of the "
                            f"picture on each side, and ComfyUI would make {fits} of it without a word), e.g. --{option} {fits}")
-    planned_workflow(args)
+    check_region_arguments(args)
+    configured_workflow(args)
 
 
 def interrupted_message(args: argparse.Namespace, server: str | None, job_cancelled: bool) -> str:
@@ -96,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, help="fraction of the steps where subject-scene fusion ends")
     parser.add_argument("--batch-size", type=int, dest="batch_size",
                         help="pictures per run, each from its own noise (default: the workflow's, 1 in the shipped ones)")
+    add_region_arguments(parser)
     parser.add_argument("--output", type=Path,
                         help=f"folder for the images (default ./{OUTPUT_FOLDER}; run from inside the pack: ComfyUI's output folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")

@@ -42,6 +42,7 @@ NOT_COMMANDS = {
     "no ComfyUI answers at": "the runner's output",
     "{": "JSON: jobs file lines, the Identity Score's result object",
     "[14:02:31]": "the batch client's progress line",
+    "ComfyUI log:": "the runner's output",
 }
 
 
@@ -175,6 +176,11 @@ def runner_workflow_commands() -> list[str]:
     return [c for c in commands_of("python scripts/facediffuser_run.py") if not arguments(c)[0].startswith("-") and "--candidates" not in c]
 
 
+def runner_regions_commands() -> list[str]:
+    """The runner's two-people commands: --regions with the shipped workflows."""
+    return [c for c in commands_of("python scripts/facediffuser_run.py", "--regions") if c not in runner_workflow_commands()]
+
+
 def schema_lock_commands() -> list[str]:
     return commands_of("cd tests && COMFYUI_PATH=~/ComfyUI python schema_lock.py")
 
@@ -192,6 +198,7 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
     "test_headless_runner.py::test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed": runner_small_picture_commands,
+    "test_runner_regions.py::test_the_readmes_regions_commands_run_as_printed": runner_regions_commands,
     # the lock written to a scratch file beside the real one, which it must equal
     "test_schema_lock_comfyui.py::test_the_regeneration_command_writes_the_lock": schema_lock_commands,
 }
@@ -236,7 +243,7 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --regions --latent 64": MEASURES,
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
-        "48 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
+        "72 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
 }
 
 PARSERS = {  # script -> its own argument parser, for the commands that are only parsed

@@ -58,7 +58,7 @@ def test_width_and_height_set_the_picture_size_of_the_shipped_workflows(tmp_path
     faces = [str(photo(tmp_path, f"{i}.png")) for i in range(2 if "two" in name else 1)]
     args = runner.parse_args([str(api_workflow.PACK_ROOT / "workflows" / "api" / f"{name}.json"),
                               *(arg for face in faces for arg in ("--face", face)), "--width", "384", "--height", "256"])
-    workflow = headless.planned_workflow(args)
+    workflow = headless.configured_workflow(args)
     sized = [(node["class_type"], node["inputs"]["width"], node["inputs"]["height"]) for node in workflow.values()
              if "width" in node["inputs"]]
     assert ("EmptyLatentImage", 384, 256) in sized

@@ -28,12 +28,6 @@ OVERRIDE_TARGETS: dict[str, list[tuple[str, str]]] = {
     "height": [("EmptyLatentImage", "height")],
 }
 
-# Inputs that follow an override once it found its node: the Region Layout's masks must have the picture's size.
-OVERRIDE_FOLLOWERS: dict[str, list[tuple[str, str]]] = {
-    "width": [("FaceDiffuserRegionLayout", "width")],
-    "height": [("FaceDiffuserRegionLayout", "height")],
-}
-
 # The latent is an eighth of the picture on each side: ComfyUI floors any other size to a multiple of 8.
 PICTURE_SIZE_STEP = 8
 
@@ -64,15 +58,8 @@ def load_api_workflow(path: Path) -> dict:
 
 
 def set_override(workflow: dict, option: str, value) -> list[str]:
-    """Set `value` on every node that `option` targets, and on its followers; return the ids of the nodes changed."""
-    changed = set_inputs(workflow, option, OVERRIDE_TARGETS[option], value)
-    if not changed:
-        wanted = " or ".join(f"{class_type}.{input_name}" for class_type, input_name in OVERRIDE_TARGETS[option])
-        raise RunError(f"--{option.replace('_', '-')}: the workflow has no {wanted} node to set it on")
-    return changed + set_inputs(workflow, option, OVERRIDE_FOLLOWERS.get(option, []), value)
-
-
-def set_inputs(workflow: dict, option: str, targets: list[tuple[str, str]], value) -> list[str]:
+    """Set `value` on every node that `option` targets; return the ids of the nodes changed."""
+    targets = OVERRIDE_TARGETS[option]
     changed = []
     for node_id, node in workflow.items():
         for class_type, input_name in targets:
@@ -92,6 +79,9 @@ def set_inputs(workflow: dict, option: str, targets: list[tuple[str, str]], valu
                 )
             node["inputs"][input_name] = value
             changed.append(node_id)
+    if not changed:
+        wanted = " or ".join(f"{class_type}.{input_name}" for class_type, input_name in targets)
+        raise RunError(f"--{option.replace('_', '-')}: the workflow has no {wanted} node to set it on")
     return changed
 
 
