@@ -71,6 +71,22 @@ def test_the_check_goes_on_under_the_venv_beside_comfyui_and_says_so(tmp_path):
     assert result.returncode == 1
 
 
+def test_the_set_up_goes_on_under_the_venv_beside_comfyui_too(tmp_path):
+    """The set-up hands over as the check does: what it then lacks (huggingface_hub) is said of ComfyUI's Python."""
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    venv_python = empty_environment(comfyui / "venv")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_setup.py"), "--comfyui", str(comfyui)],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (f"This is {sys.executable}, not ComfyUI's Python: going on with {venv_python} "
+                                             f"(the venv in {comfyui}).")
+    assert f"huggingface_hub is not installed in this Python ({venv_python})" in result.stderr
+    assert f"[  ok   ] Python: {'.'.join(map(str, sys.version_info[:3]))} at {venv_python} (ComfyUI's: the venv in {comfyui})" \
+        in result.stdout
+    assert result.returncode == 1
+
+
 def test_the_portable_builds_python_embeded_beside_comfyui_is_found(tmp_path):
     """ComfyUI_windows_portable/ holds ComfyUI/ and python_embeded/python.exe; here python.exe is this machine's Python
     under that name (the layout, not Windows, is what is tested)."""
