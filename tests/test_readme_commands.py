@@ -37,7 +37,7 @@ setup = pack_scripts.load("facediffuser_setup")
 batch = pack_scripts.load("facediffuser_batch")
 
 # The first word of a command line, after environment assignments: a program or a script of the pack.
-COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
+COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|apt-get|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
 # Code blocks that show something other than commands, by how they start.
 NOT_COMMANDS = {
     "no ComfyUI answers at": "the runner's output",
@@ -172,6 +172,11 @@ def batch_server_commands() -> list[str]:
     return commands_of("python scripts/facediffuser_batch.py", "--server")
 
 
+def runner_small_picture_commands() -> list[str]:
+    """The README's first picture for a CPU: the quick start's command at a smaller size, in fewer steps."""
+    return commands_of("python scripts/facediffuser_run.py --face", "--steps 20 --width 256 --height 256")
+
+
 def runner_workflow_commands() -> list[str]:
     """The runner's commands that name a workflow file (the quick start's names none), but for best of N."""
     return [c for c in commands_of("python scripts/facediffuser_run.py") if not arguments(c)[0].startswith("-") and "--candidates" not in c]
@@ -209,6 +214,7 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_batch_ray_comfyui.py::test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_server_gives_the_same_pictures":
         cluster_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
+    "test_headless_runner.py::test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed": runner_small_picture_commands,
     "test_runner_regions.py::test_the_readmes_regions_commands_run_as_printed": runner_regions_commands,
     # the lock written to a scratch file beside the real one, which it must equal
     "test_schema_lock_comfyui.py::test_the_regeneration_command_writes_the_lock": schema_lock_commands,
@@ -238,11 +244,15 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/comfyui-0.17.0:~/comfyui-0.33.0 scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
+    "apt-get install -y chromium": ("a system package, installed as root: no test installs one", "CI (`.ci/run`) installs it"),
 }
 
 MEASURES = ("minutes of measurement (the README's figures); test_benchmark_comfyui.py runs its modes' code at a reduced size")
 
 PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as printed)
+    "python scripts/facediffuser_setup.py --verify":
+        "it reads the models in place against the hub: test_setup.py::test_verify_compares_a_file_verified_before_again runs "
+        "--verify against the hub stand-in",
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
         "8 runs, a minute and more here: test_headless_runner.py::test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores "
         "runs best of N with 3 candidates and --keep-best 2",
@@ -329,8 +339,13 @@ def plain_env(tmp_path: Path, **more: str) -> dict:
 @pytest.mark.parametrize("command", check_commands())
 def test_the_readmes_check_and_dry_run_commands_report_without_a_traceback(command, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")  # also `~/ComfyUI`, HOME being tmp_path
-    result = run_typed(command, comfy_harness.REPO_ROOT, plain_env(tmp_path, COMFYUI_PATH=str(comfyui)), timeout=120)
+    if "--comfyui-python ~/ComfyUI/venv" in command:  # ComfyUI's venv, with nothing installed in it
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(comfyui / "venv")],
+                       check=True, capture_output=True, timeout=300)
+    result = run_typed(command, comfy_harness.REPO_ROOT, plain_env(tmp_path, COMFYUI_PATH=str(comfyui)), timeout=300)
     assert result.returncode in (0, 1) and ("first-run check" in result.stdout or "Dry run" in result.stdout), result.stdout + result.stderr
+    if "--comfyui-python" in command:
+        assert f"[  ok   ] Python: {'.'.join(map(str, sys.version_info[:3]))} at {comfyui / 'venv' / 'bin' / 'python'}" in result.stdout
 
 
 def test_the_python_one_liners_run_as_printed(tmp_path):
