@@ -62,38 +62,25 @@ def free_loopback_port() -> int:
 
 
 class OwnComfyUI:
-<<<<<<< HEAD
-    """The ComfyUI in `root`, started with this Python, headless on 127.0.0.1 and a free port, in a process group of
-    its own so that stopping it ends everything it started: the runner's own server, each Ray worker's, and the
-    tests' (which start it through `entry`, a script that sets their CPU shims up and then runs main.py). Its output
-    goes to `log` (default: a temporary file). With die_with_parent (Linux) it is killed when the process that
-    started it dies, even by SIGKILL: a lost Ray worker leaves no ComfyUI behind."""
+    """The ComfyUI in `root`, started with `python` (default: this Python), headless on 127.0.0.1 and a free port, in
+    a process group of its own so that stopping it ends everything it started: the runner's own server, each Ray
+    worker's, and the tests' (which start it through `entry`, a script that sets their CPU shims up and then runs
+    main.py). Its output goes to `log` (default: a temporary file). With die_with_parent (Linux) it is killed when
+    the process that started it dies, even by SIGKILL: a lost Ray worker leaves no ComfyUI behind."""
 
-    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False, log: Path | None = None,
-                 entry: Path | None = None):
-=======
-    """The ComfyUI in `root`, started by the runner with `python` (default: this Python), headless on 127.0.0.1 and
-    a free port, in a process group of its own so that stopping it ends everything it started."""
-
-    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False, python: Path | None = None):
->>>>>>> main
+    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False, python: Path | None = None,
+                 log: Path | None = None, entry: Path | None = None):
         self.root = root
         self.extra_args = extra_args
         self.report = report
         self.python = python or Path(sys.executable)
         self.url = f"http://127.0.0.1:{free_loopback_port()}"
-<<<<<<< HEAD
         if log is None:
             handle, name = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
             os.close(handle)
             log = Path(name)
         self.log = log
         command = [str(entry or root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-=======
-        handle, log = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
-        self.log = Path(log)
-        command = [str(self.python), str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
->>>>>>> main
                    "--disable-auto-launch", *extra_args]
         if die_with_parent and sys.platform == "linux":
             # The launcher asks the kernel for the signal, then becomes ComfyUI: no Python runs between fork and exec
@@ -101,7 +88,7 @@ class OwnComfyUI:
             command = [str(Path(__file__).with_name("end_with_parent.py")), str(os.getpid()), *command]
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         with open(log, "wb") as log_file:
-            self.process = subprocess.Popen([sys.executable, *command], cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
+            self.process = subprocess.Popen([str(self.python), *command], cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, **group)
         report(f"started ComfyUI from {root} (pid {self.process.pid}) at {self.url}; its log: {self.log}")
 
