@@ -6,4 +6,5 @@ like facediffuser_client, it reaches facediffuser_core through facediffuser_clie
     comfy_harness         ComfyUI in this process (COMFYUI_PATH), with the pack loaded as ComfyUI loads custom nodes
     tiny_comfy            tiny SD1.5-family ComfyUI models with random weights, and their conditionings
     official_checkpoints  tiny Face-diffuser checkpoints in the official key layout (diffusers and transformers)
+    tensor_traffic        host reads of tensor values and copies to a device or dtype, per model evaluation and place
 """
