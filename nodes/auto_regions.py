@@ -17,7 +17,6 @@ import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import auto_regions as core
-from ..facediffuser_core import regions as region_core
 from .reference_faces import detect_face_boxes
 from .types import AutoRegions
 
@@ -41,16 +40,19 @@ class AutoRegionsSetup:
 
 
 class AutoRegionsRun:
-    """A guider's auto regions, decided anew in every sampling run. `attention` and `fusion` are what the SDM's
-    patch and SNF read; None until decided, and after a fallback."""
+    """A guider's auto regions, decided anew in every sampling run into its regions (nodes.regions.SamplingRegions),
+    which until then, and after a fallback, hold none."""
 
-    def __init__(self, node: str, setup: AutoRegionsSetup, tokens: region_core.SubjectTokens, outside: str):
-        self.node, self.setup, self.tokens, self.outside = node, setup, tokens, outside
+    def __init__(self, setup: AutoRegionsSetup, regions):
+        self.setup, self.regions = setup, regions
         self.reset()
 
+    @property
+    def node(self) -> str:
+        return self.regions.node
+
     def reset(self) -> None:
-        self.attention: region_core.RegionAttention | None = None
-        self.fusion: region_core.FusionArea | None = None
+        self.regions.use(None)
         self.found: core.AutoRegions | None = None
         self.scene_prediction: torch.Tensor | None = None  # the TDM's latest denoised prediction, model space
         self.decided = False
@@ -58,7 +60,7 @@ class AutoRegionsRun:
     def decide(self, latent: torch.Tensor | None) -> None:
         """Regions from the scene's predicted picture (a latent for the VAE), or the fallback when there is none."""
         self.decided = True
-        subjects = len(self.tokens.rows)
+        subjects = len(self.regions.tokens.rows)
         if latent is None:
             logging.warning("%s: auto_regions: this run has no scene construction step before fusion (alpha is 0, or the "
                             "sampler got a later part of the schedule), so there is no scene to find %d people in: "
@@ -75,9 +77,7 @@ class AutoRegionsRun:
             logging.warning("%s: auto_regions %s", self.node, self.found.describe())
             return
         logging.info("%s: auto_regions %s", self.node, self.found.describe())
-        self.attention = region_core.RegionAttention(self.found.masks, self.tokens, self.node)
-        if self.outside == region_core.OUTSIDE_TDM:
-            self.fusion = region_core.FusionArea(self.found.masks)
+        self.regions.use(self.found.masks)
 
 
 class FaceDiffuserAutoRegions(io.ComfyNode):
@@ -90,7 +90,7 @@ class FaceDiffuserAutoRegions(io.ComfyNode):
             description=(
                 "Finds the people's regions instead of taking them from a layout: connect it to 'auto_regions' of the SNF "
                 "Sampler, the Guider or the Stage Sweep. At the end of scene construction the TDM's predicted picture is "
-                "decoded with this VAE, the faces are found with the insightface analysis, each face is widened to a person "
+                "decoded with this VAE, the faces are found with the insightface pack's detector, each face is widened to a person "
                 "region (by 'expansion' face sizes sideways and upwards, down to the picture's bottom; overlaps split between "
                 "the faces), and the regions go to the <|image|> markers left to right. With fewer faces than markers, or no "
                 "scene construction step, the sampling goes on without regions and the log says so. The Saliency Preview "
@@ -108,7 +108,7 @@ class FaceDiffuserAutoRegions(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, face_analysis, expansion: float) -> io.NodeOutput:
-        if not hasattr(face_analysis, "get"):
+        if not hasattr(getattr(face_analysis, "det_model", None), "detect"):
             raise ValueError(f"{NODE_NAME}: face_analysis must be an insightface FaceAnalysis, such as the Face-diffuser "
                              f"InsightFace Loader gives; got {type(face_analysis).__name__}")
         if expansion < 0:

@@ -36,8 +36,9 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
-from ..facediffuser_core import regions, snf
+from ..facediffuser_core import snf
 from ..facediffuser_core.schedule import Stage, StageSchedule, StepLocator
+from . import region_patch
 
 WrappersMP = comfy.patcher_extension.WrappersMP
 
@@ -158,10 +159,12 @@ class ModelSide(comfy.samplers.CFGGuider):
     wrappers, then core's sampling_function). The SNFGuider drives the sampling phases for both sides.
     """
 
-    def __init__(self, name: str, patcher, cfg: float):
+    def __init__(self, name: str, patcher, cfg: float, regions=None):
         super().__init__(patcher.clone())
         self.source = patcher
         self.name = name
+        self.regions = regions  # nodes.regions.SamplingRegions: the SDM side's attention patch reads them
+        self._patch_regions(self.model_patcher)
         self.set_cfg(cfg)
         self.sampling_options: dict = {}
         self.last_predictions: Predictions | None = None
@@ -172,7 +175,13 @@ class ModelSide(comfy.samplers.CFGGuider):
         # (where KSampler asks), and this side's clone, which dies with the run, would rebuild it from the file.
         if self.model_patcher.is_dynamic() and any(comfy.sampler_helpers.cond_has_hooks(cond) for cond in conds.values()):
             self.model_patcher = self.source.get_non_dynamic_delegate()
+            self._patch_regions(self.model_patcher)
         super().inner_set_conds(conds)
+
+    def _patch_regions(self, patcher) -> None:
+        # On this side's own patcher, never on the node's: the node's keeps the delegate core caches on it.
+        if self.regions is not None:
+            region_patch.patch(patcher, self.regions)
 
     @contextlib.contextmanager
     def prepared(self):
@@ -223,7 +232,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
     """
 
     def __init__(self, sdm, tdm, cfg: float, alpha: float, beta: float, schedule: torch.Tensor | None = None,
-                 node: str = "Face-diffuser Guider"):
+                 node: str = "Face-diffuser Guider", regions=None):
         if tdm.model is sdm.model:
             raise ValueError(
                 "the 'tdm' and 'sdm' inputs are the same model (or clones of it). Connect the TDM from the Face-diffuser "
@@ -246,7 +255,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         if schedule is not None and schedule.shape[-1] < 2:
             raise ValueError(f"the 'schedule' input holds {schedule.shape[-1]} sigma(s); a schedule has at least one step (two sigmas)")
         self.tdm_side = ModelSide("tdm", tdm, cfg)
-        self.sdm_side = ModelSide("sdm", sdm, cfg)
+        self.sdm_side = ModelSide("sdm", sdm, cfg, regions)
         super().__init__(self.sdm_side.model_patcher)
         self.cfg = cfg
         self.alpha = alpha
@@ -254,7 +263,7 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.schedule = None if schedule is None else schedule.detach().cpu()
         self.node = node  # named by the errors sampling raises, where ComfyUI shows the sampler node's name
         self.saliency = snf.SaliencyRecord()
-        self.fusion_regions: regions.FusionArea | None = None  # outside it fusion keeps the TDM (nodes.regions)
+        self.regions = regions  # nodes.regions.SamplingRegions: the SDM's region attention and where fusion may take it
         self.auto_regions = None  # nodes.auto_regions.AutoRegionsRun: regions decided after scene construction
         self.counted: list[tuple[int, Stage]] | None = None  # each evaluation's step and stage, where counted
         self.evaluated: list[torch.Tensor] = []  # the counted evaluations' sigmas, checked after the run
@@ -292,7 +301,6 @@ class SNFGuider(comfy.samplers.CFGGuider):
         self.saliency.clear()  # in place: a Guider node handed this record out before sampling
         if self.auto_regions is not None:  # each run finds its own people
             self.auto_regions.reset()
-            self.fusion_regions = None
         with contextlib.ExitStack() as stack:
             for side in self.sides:
                 stack.enter_context(side.prepared())
@@ -374,6 +382,8 @@ class SNFGuider(comfy.samplers.CFGGuider):
             # Read after the OUTER_SAMPLE wrappers, which may have replaced the side's options (EasyCache does).
             side.sampling_options = comfy.model_patcher.create_model_options_clone(side.model_options)
             side.sampling_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+        if self.regions is not None:
+            self.regions.start_run(noise.shape, self.sdm_side.conds.get("positive", []))
         samples = self._sampler_run(0, sampler, seed, self, sigmas, None, callback, noise, latent_image, denoise_mask, disable_pbar)
         return self.inner_model.process_latent_out(samples.to(torch.float32))
 
@@ -447,12 +457,16 @@ class SNFGuider(comfy.samplers.CFGGuider):
         prediction, auto.scene_prediction = auto.scene_prediction, None
         latent = None if prediction is None else self.inner_model.process_latent_out(prediction.float())
         auto.decide(latent)
-        models = [self.model_patcher, *self.loaded_models]
-        loaded = comfy.model_management.loaded_models()
-        if any(model not in loaded for model in models):  # loading the VAE pushed one off the device: load it again
-            comfy.model_management.load_models_gpu(models)
-        self.fusion_regions = auto.fusion
-        self.saliency.regions = None if auto.attention is None else auto.found.masks
+        needed = [self.model_patcher, *self.loaded_models]
+        pushed_off = [model for model in needed if model not in comfy.model_management.loaded_models()]
+        if pushed_off:
+            # Loading the VAE pushed these off the device: load them again, and only them (a model still loaded
+            # would be patched again). Should making room for them push another off, all are asked for at once,
+            # as when sampling began.
+            comfy.model_management.load_models_gpu(pushed_off)
+            if any(model not in comfy.model_management.loaded_models() for model in needed):
+                comfy.model_management.load_models_gpu(needed)
+        self.saliency.regions = None if self.regions.attention is None else auto.found.masks
 
     def outer_predict_noise(self, x, timestep, model_options={}, seed=None):
         # Each side's PREDICT_NOISE wrappers wrap that side's own prediction (ModelSide.predict).
@@ -483,8 +497,8 @@ class SNFGuider(comfy.samplers.CFGGuider):
         # in for both branches, a zero guidance response (a flat saliency map).
         raw = {side.name: side.last_predictions or Predictions(timestep, guided[side.name], guided[side.name]) for side in self.sides}
         decision = snf.decide(raw["tdm"].guidance(self.cfg), raw["sdm"].guidance(self.cfg))
-        if self.fusion_regions is not None:
-            decision.sdm_chosen = self.fusion_regions.restrict(decision.sdm_chosen)
+        if self.regions is not None and self.regions.fusion is not None:
+            decision.sdm_chosen = self.regions.fusion.restrict(decision.sdm_chosen)
         self.saliency.add(step, decision)
         fused = snf.fuse(guided["tdm"], guided["sdm"], decision)
         if post_cfg:
