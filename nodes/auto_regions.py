@@ -1,11 +1,11 @@
 """Face-diffuser Auto Regions: the people's regions found in the picture at the end of scene construction.
 
-The node only gathers what finding them needs (the VAE, the insightface analysis, the expansion); the SNF
-Sampler, the Guider and the Stage Sweep take it as `auto_regions`, and their guider decides the regions in each
+The node only gathers what finding them needs (the VAE, the insightface pack's detector, the expansion); the SNF
+Sampler, the Guider and the Stage Sweep take it as `auto_regions`, and their guider's regions decide them in each
 run (`AutoRegionsRun`) at its first evaluation after scene construction: the TDM's last denoised prediction is
-decoded, the faces found, and the regions (facediffuser_core.auto_regions) go to the SDM's attention patch
-(nodes.regions.patched_sdm), which until then, and where too few faces were found, computes what ComfyUI would
-without it.
+decoded, the faces found, and the regions (facediffuser_core.auto_regions) go to the guider's regions
+(nodes.regions.SamplingRegions), which the SDM's attention patch reads: until then, and where too few faces were
+found, it computes what ComfyUI would without it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io
 
@@ -40,8 +41,8 @@ class AutoRegionsSetup:
 
 
 class AutoRegionsRun:
-    """A guider's auto regions, decided anew in every sampling run into its regions (nodes.regions.SamplingRegions),
-    which until then, and after a fallback, hold none."""
+    """A guider's regions finder (nodes.regions.SamplingRegions.finder): decides the regions anew in every sampling
+    run, at its first evaluation after scene construction; until then, and after a fallback, there are none."""
 
     def __init__(self, setup: AutoRegionsSetup, regions):
         self.setup, self.regions = setup, regions
@@ -52,10 +53,18 @@ class AutoRegionsRun:
         return self.regions.node
 
     def reset(self) -> None:
+        """A run begins: each run finds its own people."""
         self.regions.use(None)
         self.found: core.AutoRegions | None = None
-        self.scene_prediction: torch.Tensor | None = None  # the TDM's latest denoised prediction, model space
         self.decided = False
+
+    def decide_from_scene(self, prediction: torch.Tensor | None, model, needed_models: list) -> torch.Tensor | None:
+        """The regions from the TDM's last denoised prediction (model space; None: the run had no scene construction
+        step) through `model`'s latent format, with the models sampling needs (`needed_models`) on the device again
+        after the VAE's decode. Returns the masks the regions now use, or None."""
+        self.decide(None if prediction is None else model.process_latent_out(prediction.float()))
+        reload_pushed_off(needed_models)
+        return None if self.regions.attention is None else self.found.masks
 
     def decide(self, latent: torch.Tensor | None) -> None:
         """Regions from the scene's predicted picture (a latent for the VAE), or the fallback when there is none."""
@@ -78,6 +87,17 @@ class AutoRegionsRun:
             return
         logging.info("%s: auto_regions %s", self.node, self.found.describe())
         self.regions.use(self.found.masks)
+
+
+def reload_pushed_off(needed_models: list) -> None:
+    """Loads again the models that loading the VAE pushed off the device, and only them: a model still loaded
+    would be patched again. Should making room for them push another off, all are asked for at once, as when
+    sampling began."""
+    pushed_off = [model for model in needed_models if model not in comfy.model_management.loaded_models()]
+    if pushed_off:
+        comfy.model_management.load_models_gpu(pushed_off)
+        if any(model not in comfy.model_management.loaded_models() for model in needed_models):
+            comfy.model_management.load_models_gpu(needed_models)
 
 
 class FaceDiffuserAutoRegions(io.ComfyNode):

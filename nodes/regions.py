@@ -19,6 +19,7 @@ from comfy_api.latest import io
 from ..facediffuser_core import region_layout
 from ..facediffuser_core import regions as core
 from . import region_patch
+from .auto_regions import AutoRegionsRun
 from .types import AutoRegions
 
 LAYOUT_NAME = "Face-diffuser Region Layout"
@@ -76,12 +77,12 @@ class SamplingRegions:
     """A guider's regions, the one object the SDM's attention patch (nodes.region_patch) and SNF's fusion read:
     the region attention and fusion area of the current run (None: none, as without regions), and what the
     patch needs to read a batch: which conditioning entries carry the subjects and which part of the latent
-    each sees. Given regions are set once (`use`); auto regions clear them at each run's start and set the
-    ones found mid-run."""
+    each sees. Given regions are set once (`use`); with auto regions, `finder` (nodes.auto_regions.AutoRegionsRun)
+    clears them at each run's start and sets the ones it finds mid-run."""
 
     UNDECIDED = object()
 
-    def __init__(self, node: str, tokens: core.SubjectTokens, outside: str):
+    def __init__(self, node: str, tokens: core.SubjectTokens, outside: str, auto_setup=None):
         self.node, self.tokens, self.outside = node, tokens, outside
         self.attention: core.RegionAttention | None = None
         self.fusion: core.FusionArea | None = None
@@ -89,6 +90,7 @@ class SamplingRegions:
         self._chunks: dict = {}  # conditioning entry's uuid -> its PromptChunk, in this run
         self._masking = self.UNDECIDED
         self._placement: tuple | None = None  # the latest (device, dtype) ComfyUI moved the patches to
+        self.finder = None if auto_setup is None else AutoRegionsRun(auto_setup, self)
 
     def use(self, masks) -> None:
         """Regions for the SDM's attention and for fusion (with outside_regions 'tdm'); None: none."""
@@ -122,6 +124,8 @@ class SamplingRegions:
             else:
                 self._chunks[entry["uuid"]] = core.PromptChunk(rows, 0, 0, height, width)
         self._masking = self.UNDECIDED
+        if self.finder is not None:
+            self.finder.reset()
         if self.attention is not None:
             self.attention.start(height, width)
 
@@ -151,12 +155,13 @@ class SamplingRegions:
             self.attention.plain_rows(*self._placement)
 
 
-def sampling_regions(node: str, augmented: list, masks, outside: str, auto: bool) -> SamplingRegions | None:
+def sampling_regions(node: str, augmented: list, masks, outside: str, auto_setup) -> SamplingRegions | None:
     """The guider's regions from the sampling node's region inputs, None when neither is connected."""
-    _check_inputs(node, masks, outside, auto)
-    if masks is None and not auto:
+    _check_inputs(node, masks, outside, auto_setup is not None)
+    if masks is None and auto_setup is None:
         return None
-    regions = SamplingRegions(node, subject_tokens(node, augmented, "regions" if masks is not None else "auto_regions"), outside)
+    tokens = subject_tokens(node, augmented, "regions" if masks is not None else "auto_regions")
+    regions = SamplingRegions(node, tokens, outside, auto_setup)
     regions.use(masks)
     return regions
 

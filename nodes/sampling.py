@@ -13,7 +13,6 @@ from ..facediffuser_core import snf
 from ..facediffuser_core.schedule import denoise_schedule
 from . import official_run
 from . import regions as region_inputs
-from .auto_regions import AutoRegionsRun
 from .snf_guider import SNFGuider
 from .types import Saliency
 
@@ -81,13 +80,12 @@ def _stage_inputs() -> list:
 
 def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None, masks=None,
                   outside_regions: str = "snf", auto_regions=None) -> SNFGuider:
-    regions = region_inputs.sampling_regions(node, augmented, masks, outside_regions, auto=auto_regions is not None)
+    regions = region_inputs.sampling_regions(node, augmented, masks, outside_regions, auto_regions)
     try:
         guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node, regions=regions)
         guider.set_conds(augmented, text, null)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
-    guider.auto_regions = None if auto_regions is None else AutoRegionsRun(auto_regions, regions)
     return guider
 
 
