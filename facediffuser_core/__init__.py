@@ -8,7 +8,7 @@ One concept per module:
   markers          the prompt's <|image|> subject markers and the token rows they mark
   regions          per-subject regions: each subject's token scoped to its region in the SDM's cross-attention,
                    and where fusion may choose the SDM
-  region_layout    the Region Layout node's layouts (halves, thirds, boxes as text) as masks
+  region_layouts   the Region Layout node's layouts (halves, thirds, boxes) as pixel boxes, without torch
   auto_regions     person regions from the face boxes found at the end of scene construction
   postfuse         the fusion MLP that writes a face embedding into a prompt token
   face_crop        where to crop a reference photo, and the official preprocessing for the vision tower

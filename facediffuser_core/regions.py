@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .region_layouts import layout_boxes
+
 # Where the Subject Prompt leaves the marked rows in the augmented conditioning's options.
 SUBJECTS_KEY = "facediffuser_subjects"
 
@@ -264,3 +266,14 @@ class RegionAttention:
                 members.append(membership[chunk] == member_of)
             groups.append((self._per_entry(columns, batch), self._per_entry(members, batch).unsqueeze(-1)))
         return groups
+
+
+def layout_masks(layout: str, subjects: int, width: int, height: int, boxes: str = "") -> torch.Tensor:
+    """Masks (subjects, height, width) for a Region Layout node's layout (facediffuser_core.region_layouts):
+    left/right halves, thirds, or normalised boxes "x0 y0 x1 y1; ..." (fractions of the width and height, left to
+    right in marker order)."""
+    boxes_px = layout_boxes(layout, subjects, width, height, boxes)
+    masks = torch.zeros(len(boxes_px), height, width)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes_px):
+        mask[y0:y1, x0:x1] = 1.0
+    return masks

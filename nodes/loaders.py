@@ -31,10 +31,11 @@ from ..facediffuser_core.checkpoint import CheckpointKind, ModelParts
 from ..facediffuser_core.checkpoint_file import CheckpointFileError, read_state_dict
 from ..facediffuser_core.postfuse import PostfuseModule
 from ..facediffuser_core.sd15_keys import sd15_to_parts
-from . import MODEL_FOLDER
 from .subject_encoder import SubjectEncoder
 from .types import SubjectEncoder as SubjectEncoderType
 
+MODEL_FOLDER = "facediffuser"
+MODEL_EXTENSIONS = {".bin", ".safetensors"}
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # CLIP weights ComfyUI's SD1.5 text model has and the official text encoder lacks; both are unused for SD1.5.
 OPTIONAL_CLIP_KEYS = ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")
@@ -44,6 +45,12 @@ ALL_KINDS = (CheckpointKind.SDM, CheckpointKind.TDM, CheckpointKind.SD15)
 # A model's two formats: the official download (renamed .bin) and its conversion. The shipped templates name the
 # conversion, the set-up leaves the .bin unless asked to convert, so a loader takes either for the other's name.
 CHECKPOINT_FORMATS = (".safetensors", ".bin")
+
+
+def register_model_folder() -> None:
+    """models/facediffuser, also reachable through extra_model_paths.yaml under the key `facediffuser`."""
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER), is_default=True)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER][1].update(MODEL_EXTENSIONS)
 
 
 def installed_name(ckpt_name: str) -> str | None:

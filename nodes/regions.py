@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..facediffuser_core import region_layout
+from ..facediffuser_core import region_layouts
 from ..facediffuser_core import regions as core
 from . import region_patch
 from .auto_regions import AutoRegionsRun
@@ -189,15 +189,15 @@ class FaceDiffuserRegionLayout(io.ComfyNode):
             description=(
                 "Makes the 'regions' masks of the SNF Sampler, the Guider or the Stage Sweep from a layout: one region per "
                 "<|image|> marker, in marker order, left to right. 'halves' for two people, 'thirds' for three, 'boxes' "
-                f"for any placement given as fractions of the picture, e.g. '{region_layout.BOXES_EXAMPLE}'."
+                f"for any placement given as fractions of the picture, e.g. '{region_layouts.BOXES_EXAMPLE}'."
             ),
             inputs=[
-                io.Combo.Input("layout", options=list(region_layout.LAYOUTS), default=region_layout.LAYOUT_HALVES,
+                io.Combo.Input("layout", options=list(region_layouts.LAYOUTS), default=region_layouts.LAYOUT_HALVES,
                                tooltip="'halves': left and right; 'thirds': left, middle, right; 'boxes': the boxes below."),
                 io.Int.Input("subjects", default=2, min=1, max=16, tooltip="How many <|image|> markers the prompt has."),
                 io.Int.Input("width", default=512, min=8, max=16384, step=8, tooltip="The picture's width in pixels (the latent's times 8)."),
                 io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="The picture's height in pixels (the latent's times 8)."),
-                io.String.Input("boxes", default=region_layout.BOXES_EXAMPLE, multiline=False,
+                io.String.Input("boxes", default=region_layouts.BOXES_EXAMPLE, multiline=False,
                                 tooltip="For 'boxes': 'x0 y0 x1 y1' per subject, fractions of the width and height, separated "
                                         "by ';', in marker order."),
             ],
@@ -207,7 +207,7 @@ class FaceDiffuserRegionLayout(io.ComfyNode):
     @classmethod
     def execute(cls, layout: str, subjects: int, width: int, height: int, boxes: str) -> io.NodeOutput:
         try:
-            masks = region_layout.layout_masks(layout, subjects, width, height, boxes)
+            masks = core.layout_masks(layout, subjects, width, height, boxes)
         except ValueError as error:
             raise ValueError(f"{LAYOUT_NAME}: {error}") from error
         return io.NodeOutput(masks)

@@ -5,12 +5,18 @@
     python scripts/facediffuser_run.py workflows/api/facediffuser_single_subject.json \\
         --face me.jpg --prompt "a photo of a man <|image|> hiking in the alps" --seed 7 --output out/
 
-Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two.
+Without a workflow it runs the shipped single-subject workflow for one --face, the two-subject one for two;
+with --regions, the two-person regions workflow (halves or boxes) or the auto-regions one (auto):
+
+    python scripts/facediffuser_run.py --face man.jpg --face woman.jpg \\
+        --prompt "a photo of a man <|image|> and a woman <|image|> walking on a beach" --regions halves
+
 Without --server it uses the ComfyUI answering at the default address, or, when none does, starts the
 ComfyUI this pack is installed in (headless, on a free loopback port, with this Python), runs the job and
 stops it again. The workflow must be in ComfyUI's API format (the copies in workflows/api/, or "Export (API)" in ComfyUI).
 Overrides find their nodes by node type, never by node id, so they work on any workflow built from the
-same nodes; an override whose node type is absent is an error. Reference photos are uploaded to the
+same nodes; an override whose node type is absent is an error. What the pack's nodes log while the job runs
+(the faces found, the regions decided, warnings) is shown among the progress lines. Reference photos are uploaded to the
 server, so the server may run on another machine. Only the standard library is used: any Python 3.10+
 that reaches the server can run this, without ComfyUI or torch.
 """
@@ -22,10 +28,11 @@ import os
 import sys
 from pathlib import Path
 
-from facediffuser_client.api_workflow import PACK_ROOT, load_api_workflow, shipped_workflow
+from facediffuser_client.api_workflow import PACK_ROOT
 from facediffuser_client.http_api import DEFAULT_SERVER, ComfyClient, RunError
 from facediffuser_client.own_comfyui import attach_command_line_values, comfyui_root, server_for
-from facediffuser_client.headless import run
+from facediffuser_client.headless import configured_workflow, run
+from facediffuser_client.regions import add_arguments as add_region_arguments, check_arguments as check_region_arguments
 
 OUTPUT_FOLDER = "facediffuser_output"
 
@@ -47,7 +54,8 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise RunError(f"--face: {photo} is not a file" + ("" if photo.exists() else f" (no such file, seen from {os.getcwd()})"))
         if not os.access(photo, os.R_OK):
             raise RunError(f"--face: {photo} cannot be read (permissions)")
-    load_api_workflow(args.workflow or shipped_workflow(len(args.face)))
+    check_region_arguments(args)
+    configured_workflow(args)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, help="fraction of the steps where scene construction ends")
     parser.add_argument("--beta", type=float, help="fraction of the steps where subject-scene fusion ends")
     parser.add_argument("--batch-size", type=int, dest="batch_size")
+    add_region_arguments(parser)
     parser.add_argument("--output", type=Path,
                         help=f"folder for the images (default ./{OUTPUT_FOLDER}; run from inside the pack: ComfyUI's output folder)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")

@@ -4,10 +4,12 @@
     python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8
     python scripts/identity_benchmark.py --face a.png --face b.png --prompts prompts.txt --seeds 4 --server http://127.0.0.1:8188
 
-Runs the shipped `facediffuser_two_subjects_regions` workflow (API format) on a ComfyUI server, once as it
-is (each person in their half) and once without its regions, for every prompt and seed, with a
-Face-diffuser Identity Score node scoring each picture against the reference photos (insightface), and
-prints a Markdown table per setting:
+Runs the shipped `facediffuser_two_subjects_regions` workflow (API format) on a ComfyUI server, once without its
+regions, once as it is (each person in their half) and once with auto regions instead (its Region Layout replaced by
+the Face-diffuser Auto Regions node of the shipped `facediffuser_two_subjects_auto_regions` workflow: the regions
+found around the faces of the scene's predicted picture), for every prompt and seed, with a Face-diffuser Identity
+Score node scoring each picture against the reference photos (insightface), and prints a Markdown table with a row
+per setting:
 
 - weakest subject (Hungarian): the mean of the pack's picture score, the weakest subject's cosine similarity
   after the one-to-one assignment with the largest total similarity; -1 for a missing subject;
@@ -19,7 +21,10 @@ prints a Markdown table per setting:
   downloaded openai/clip-vit-large-patch14), the mean of 100 * max(cos(image, text), 0) between each picture
   and its prompt without the markers; "n/a" without one (nothing is downloaded);
 - time: the mean seconds per picture as the server reports them (after one warm-up picture that loads the
-  models), and the ratio to the run without regions (the cost of the masked attention).
+  models), and the ratio to the run without regions (the cost of the masked attention);
+- auto regions fell back: with auto regions, the share of pictures in which too few faces were found to give every
+  subject a region, so that the picture was made without regions (what the sampler logs, read from the server's
+  log stream as the runner shows it); "n/a" for the other settings, or where the server streams no log.
 
 With the official weights it answers "did regions reduce mixing"; with tiny random models (the test suite)
 it proves the mechanics only, as such models paint no faces. The prompts come from --prompts (one per
@@ -31,6 +36,7 @@ with --output, every picture's scores to a JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -42,6 +48,7 @@ from pathlib import Path
 
 from facediffuser_client.api_workflow import (PACK_ROOT, REFERENCE_ENCODER, load_api_workflow, reference_image_loaders,
                                               set_override, use_installed_checkpoints)
+from facediffuser_client.server_log import JobLog
 from facediffuser_client.best_of_n import IDENTITY_NODE as IDENTITY_SCORE, IDENTITY_RESULT
 from facediffuser_client.http_api import ComfyClient, RunError, describe_failure
 from facediffuser_client.own_comfyui import attach_command_line_values, server_for
@@ -53,14 +60,18 @@ greedy_min_similarity = core("identity").greedy_min_similarity
 parse_subject_markers = core("markers").parse_subject_markers
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "facediffuser_two_subjects_regions.json"
+AUTO_WORKFLOW = PACK_ROOT / "workflows" / "api" / "facediffuser_two_subjects_auto_regions.json"
 DEFAULT_PROMPTS = (
     "a photo of a man <|image|> and a woman <|image|> walking on a beach at sunset",
     "a photo of a man <|image|> and a woman <|image|> sitting at a table in a cafe",
     "a photo of a man <|image|> and a woman <|image|> standing in front of a mountain lake",
 )
-SETTINGS = ("no regions", "regions")
+NO_REGIONS, REGIONS, AUTO = SETTINGS = ("no regions", "regions", "auto regions")
 SAMPLER = "FaceDiffuserSNFSampler"
 IDENTITY_NODE = "benchmark_identity"
+AUTO_REGIONS = "FaceDiffuserAutoRegions"
+AUTO_NODE = "benchmark_auto_regions"
+FELL_BACK = "sampling goes on without regions"  # in what a sampler logs when auto regions found too few faces
 
 
 @dataclass
@@ -75,6 +86,7 @@ class Picture:
     missing: bool
     entry: dict = field(repr=False)
     clip: float | None = None
+    fell_back: bool | None = None  # auto regions only, where the server's log was read
 
 
 def node_of(workflow: dict, class_type: str) -> str:
@@ -96,10 +108,16 @@ def job(base: dict, setting: str, prompt: str, seed: int, steps: int | None, siz
             if node["class_type"] in ("EmptyLatentImage", "FaceDiffuserRegionLayout"):
                 node["inputs"].update(width=size, height=size)
     sampler = workflow[node_of(workflow, SAMPLER)]
-    if setting == SETTINGS[0]:
+    if setting != REGIONS:
         sampler["inputs"].pop("regions")
     encoder = workflow[node_of(workflow, REFERENCE_ENCODER)]
     decode = workflow[node_of(workflow, "SaveImage")]["inputs"]["images"]
+    if setting == AUTO:
+        shipped = load_api_workflow(AUTO_WORKFLOW)
+        workflow[AUTO_NODE] = {"class_type": AUTO_REGIONS, "inputs": {
+            "vae": workflow[decode[0]]["inputs"]["vae"], "face_analysis": encoder["inputs"]["face_analysis"],
+            "expansion": shipped[node_of(shipped, AUTO_REGIONS)]["inputs"]["expansion"]}}
+        sampler["inputs"]["auto_regions"] = [AUTO_NODE, 0]
     workflow[IDENTITY_NODE] = {"class_type": IDENTITY_SCORE, "inputs": {
         "references": encoder["inputs"]["images"], "images": decode, "face_analysis": encoder["inputs"]["face_analysis"],
         "recognition": "insightface", "keep_best": 0}}
@@ -114,11 +132,13 @@ def execution_seconds(entry: dict) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
 
 
-def pictures_of(setting: str, prompt: str, seed: int, entry: dict, clip_scores: list[float | None]) -> list[Picture]:
+def pictures_of(setting: str, prompt: str, seed: int, entry: dict, clip_scores: list[float | None],
+                fell_back: bool | None = None) -> list[Picture]:
     results = entry["outputs"][IDENTITY_NODE][IDENTITY_RESULT]
     seconds = execution_seconds(entry) / max(len(results), 1)
     return [Picture(setting, prompt, seed, seconds, result["score"], greedy_min_similarity(result["similarity"]),
-                    any(s["mixed"] for s in result["subjects"]), any(s["missing"] for s in result["subjects"]), result, clip)
+                    any(s["mixed"] for s in result["subjects"]), any(s["missing"] for s in result["subjects"]), result, clip,
+                    fell_back)
             for result, clip in zip(results, clip_scores)]
 
 
@@ -148,8 +168,8 @@ class ClipScorer:
 def table(pictures: list[Picture]) -> str:
     """The Markdown table, one row per setting, times as ratios to the first setting's."""
     rows = ["| setting | pictures | weakest subject (Hungarian) | weakest subject (FastComposer greedy) | mixed | missing | "
-            "CLIP score | seconds per picture | time ratio |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "CLIP score | seconds per picture | time ratio | auto regions fell back |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     baseline = None
     for setting in SETTINGS:
         chosen = [p for p in pictures if p.setting == setting]
@@ -158,10 +178,11 @@ def table(pictures: list[Picture]) -> str:
         seconds = statistics.mean(p.seconds for p in chosen)
         baseline = seconds if baseline is None else baseline
         clip = [p.clip for p in chosen if p.clip is not None]
+        fell_back = [p.fell_back for p in chosen if p.fell_back is not None]
         rows.append(f"| {setting} | {len(chosen)} | {statistics.mean(p.hungarian for p in chosen):.3f} | "
                     f"{statistics.mean(p.greedy for p in chosen):.3f} | {sum(p.mixed for p in chosen) / len(chosen):.0%} | "
                     f"{sum(p.missing for p in chosen) / len(chosen):.0%} | {f'{statistics.mean(clip):.2f}' if clip else 'n/a'} | "
-                    f"{seconds:.2f} | {seconds / baseline:.3f} |")
+                    f"{seconds:.2f} | {seconds / baseline:.3f} | {f'{sum(fell_back) / len(fell_back):.0%}' if fell_back else 'n/a'} |")
     return "\n".join(rows)
 
 
@@ -177,7 +198,8 @@ def read_prompts(path: Path | None) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Two-person pictures with and without regions, scored for identity mixing.")
+    parser = argparse.ArgumentParser(description="Two-person pictures without regions, with them and with auto regions, "
+                                                 "scored for identity mixing.")
     parser.add_argument("--face", action="append", type=Path, default=[], metavar="PHOTO",
                         help="a reference photo; exactly two, in the order of the prompts' markers")
     parser.add_argument("--prompts", type=Path, help="a text file, one prompt per line (default: three built-in prompts)")
@@ -213,26 +235,31 @@ def run(args: argparse.Namespace, client: ComfyClient) -> list[Picture]:
     prompts = read_prompts(args.prompts)
     clip_scorer = ClipScorer(args.clip) if args.clip else None
     saver = node_of(base, "SaveImage")
+    client_id = uuid.uuid4().hex
+    with contextlib.closing(JobLog(client.server, client_id)) as log:
 
-    def picture_job(setting: str, prompt: str, seed: int) -> dict:
-        prompt_id = client.submit(job(base, setting, prompt, seed, args.steps, args.size), client_id=uuid.uuid4().hex)
-        entry = client.wait(prompt_id, args.timeout, report=lambda state: None)
-        if entry.get("status", {}).get("status_str") != "success":
-            raise RunError(describe_failure(entry))
-        return entry
+        def picture_job(setting: str, prompt: str, seed: int) -> tuple[dict, bool | None]:
+            """The job's history entry, and for auto regions whether they fell back (None where the log is not read)."""
+            prompt_id = client.submit(job(base, setting, prompt, seed, args.steps, args.size), client_id=client_id)
+            entry = client.wait(prompt_id, args.timeout, report=lambda state: None)
+            log.wait_for_end(prompt_id)
+            records = log.take(prompt_id)
+            if entry.get("status", {}).get("status_str") != "success":
+                raise RunError(describe_failure(entry))
+            return entry, (None if setting != AUTO or log.unavailable else any(FELL_BACK in record for record in records))
 
-    # A warm-up picture, not counted: the first job loads the models, which would weigh on one setting's time.
-    # Its seed is none of the measured ones, whose pictures ComfyUI's cache would otherwise hand back unsampled.
-    picture_job(SETTINGS[0], prompts[0], args.seed + args.seeds)
-    pictures = []
-    for prompt in prompts:
-        for seed in range(args.seed, args.seed + args.seeds):
-            for setting in SETTINGS:
-                entry = picture_job(setting, prompt, seed)
-                saved = entry["outputs"][saver]["images"]
-                clip_scores = [clip_scorer(client.download(image), prompt) for image in saved] if clip_scorer else [None] * len(saved)
-                pictures += pictures_of(setting, prompt, seed, entry, clip_scores)
-                print(f"{setting}, seed {seed}: score {pictures[-1].hungarian:.3f} ({prompt})", file=sys.stderr)
+        # A warm-up picture, not counted: the first job loads the models, which would weigh on one setting's time.
+        # Its seed is none of the measured ones, whose pictures ComfyUI's cache would otherwise hand back unsampled.
+        picture_job(SETTINGS[0], prompts[0], args.seed + args.seeds)
+        pictures = []
+        for prompt in prompts:
+            for seed in range(args.seed, args.seed + args.seeds):
+                for setting in SETTINGS:
+                    entry, fell_back = picture_job(setting, prompt, seed)
+                    saved = entry["outputs"][saver]["images"]
+                    clip_scores = [clip_scorer(client.download(image), prompt) for image in saved] if clip_scorer else [None] * len(saved)
+                    pictures += pictures_of(setting, prompt, seed, entry, clip_scores, fell_back)
+                    print(f"{setting}, seed {seed}: score {pictures[-1].hungarian:.3f} ({prompt})", file=sys.stderr)
     return pictures
 
 
@@ -247,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(pictures))
     if args.output:
         args.output.write_text(json.dumps([{"setting": p.setting, "prompt": p.prompt, "seed": p.seed, "seconds": p.seconds,
-                                            "greedy": p.greedy, "clip": p.clip, **p.entry} for p in pictures], indent=1))
+                                            "greedy": p.greedy, "clip": p.clip, "auto_regions_fell_back": p.fell_back, **p.entry}
+                                           for p in pictures], indent=1))
     return 0
 
 

@@ -1,14 +1,16 @@
 """The pack's node schemas as ComfyUI serves them, in a form that can be locked in a file: for each node id, its
 required and optional inputs in the order the frontend lays out their widgets (saved UI workflows store widget
 values by position), each with its type, the default of every optional input (what a saved workflow that lacks
-it gets) and the outputs in order (links in saved workflows name outputs by index).
+it gets), the outputs in order (links in saved workflows name outputs by index) and, for combo inputs, the options
+the pack itself offers (a saved workflow holds the option it was saved with).
 
 tests/schema_lock.json is the lock; tests/test_schema_lock_comfyui.py fails on any difference from it. After a
 deliberate change (a new optional input, say), regenerate it and add a CHANGELOG.md note:
 
     cd tests && COMFYUI_PATH=/path/to/ComfyUI python schema_lock.py
 
-Combo options are left out: the sampler and scheduler lists are ComfyUI's and differ between its versions.
+Combo options that are ComfyUI's are left out: its sampler and scheduler lists differ between its versions, and a
+checkpoint list names the files installed. The pack's own options are locked (`pndm_official` among the samplers).
 """
 
 from __future__ import annotations
@@ -25,9 +27,18 @@ def _input_type(definition) -> str:
     return "COMBO" if isinstance(kind, list) else kind
 
 
-def node_schema(node_class) -> dict:
+def _combo_options(definition) -> list | None:
+    if isinstance(definition[0], list):
+        return definition[0]
+    if definition[0] == "COMBO" and len(definition) > 1:
+        return definition[1].get("options")
+    return None
+
+
+def node_schema(node_class, comfyui_options: frozenset = frozenset()) -> dict:
     spec = node_class.INPUT_TYPES()
     schema = {}
+    combos = {}
     for section in ("required", "optional"):
         entries = []
         for name, definition in spec.get(section, {}).items():
@@ -36,14 +47,29 @@ def node_schema(node_class) -> dict:
             if section == "optional" and "default" in options:
                 entry.append(options["default"])
             entries.append(entry)
+            own = [option for option in _combo_options(definition) or [] if option not in comfyui_options]
+            if own:
+                combos[name] = own
         schema[section] = entries
     names = list(getattr(node_class, "RETURN_NAMES", None) or node_class.RETURN_TYPES)
     schema["outputs"] = [[name, kind] for name, kind in zip(names, node_class.RETURN_TYPES)]
+    if combos:
+        schema["options"] = combos
     return schema
 
 
+def comfyui_options() -> frozenset:
+    """Combo options that come from the running ComfyUI, not from the pack: its samplers, schedulers and file lists."""
+    import comfy.samplers
+    import folder_paths
+
+    files = {name for folder in folder_paths.folder_names_and_paths for name in folder_paths.get_filename_list(folder)}
+    return frozenset(comfy.samplers.SAMPLER_NAMES) | frozenset(comfy.samplers.SCHEDULER_NAMES) | files
+
+
 def pack_schemas(mappings: dict) -> dict:
-    return {node_id: node_schema(mappings[node_id]) for node_id in sorted(mappings) if node_id.startswith(PREFIX)}
+    ours = comfyui_options()
+    return {node_id: node_schema(mappings[node_id], ours) for node_id in sorted(mappings) if node_id.startswith(PREFIX)}
 
 
 def render(schemas: dict) -> str:

@@ -238,7 +238,9 @@ def test_all_set_only_when_every_shipped_workflow_can_run(tmp_path, capsys):
     assert "All set" not in out
     assert f"[missing] insightface recognition model: antelopev2 in {pack} has no glintr100.onnx" in out
     assert "  facediffuser_stage_sweep: needs insightface recognition model" in out
-    assert "ready: facediffuser_custom_sampling, facediffuser_official_pndm, facediffuser_single_subject" in out
+    # Auto regions find faces with the detector alone: that template is ready, and listed with the others.
+    assert ("ready: facediffuser_custom_sampling, facediffuser_official_pndm, facediffuser_single_subject, facediffuser_two_subjects, "
+            "facediffuser_two_subjects_auto_regions, facediffuser_two_subjects_regions\n") in out
 
 
 def test_all_set_suggests_cpu_for_a_cpu_only_torch(tmp_path, capsys):

@@ -442,7 +442,7 @@ class SeedsServer:
         self.seeds[prompt_id] = api_workflow.current_value(workflow, "seed")
         return prompt_id
 
-    def wait(self, prompt_id, timeout_s, report=print):
+    def wait(self, prompt_id, timeout_s, report=print, tick=None):
         if self.seeds[prompt_id] == self.failing_seed:
             return {"status": {"status_str": "error", "completed": False, "messages": [
                 ["execution_error", {"node_id": "8", "node_type": "FaceDiffuserSNFSampler", "exception_type": "ValueError",

@@ -24,25 +24,36 @@ def test_fastcomposer_greedy_score_differs_from_the_hungarian_weakest_subject():
     assert greedy_min_similarity(np.zeros((2, 0))) == 0.0
 
 
-def picture(setting, hungarian, greedy, mixed=False, missing=False, seconds=1.0, clip=None):
-    return benchmark.Picture(setting, "p", 0, seconds, hungarian, greedy, mixed, missing, {}, clip)
+def picture(setting, hungarian, greedy, mixed=False, missing=False, seconds=1.0, clip=None, fell_back=None):
+    return benchmark.Picture(setting, "p", 0, seconds, hungarian, greedy, mixed, missing, {}, clip, fell_back)
 
 
 def test_table_reports_means_shares_and_the_time_ratio():
     pictures = [picture("no regions", 0.2, 0.1, mixed=True), picture("no regions", 0.4, 0.3, missing=True),
-                picture("regions", 0.5, 0.5, seconds=1.02, clip=20.0), picture("regions", 0.7, 0.6, mixed=True, seconds=1.02, clip=25.0)]
+                picture("regions", 0.5, 0.5, seconds=1.02, clip=20.0), picture("regions", 0.7, 0.6, mixed=True, seconds=1.02, clip=25.0),
+                picture("auto regions", 0.4, 0.3, seconds=1.1, fell_back=True), picture("auto regions", 0.6, 0.5, seconds=1.1, fell_back=False),
+                picture("auto regions", 0.5, 0.4, seconds=1.1, fell_back=False), picture("auto regions", 0.5, 0.4, seconds=1.1, fell_back=False)]
     lines = benchmark.table(pictures).splitlines()
     assert lines[0].startswith("| setting | pictures | weakest subject (Hungarian) | weakest subject (FastComposer greedy) | mixed")
-    assert lines[2] == "| no regions | 2 | 0.300 | 0.200 | 50% | 50% | n/a | 1.00 | 1.000 |"
-    assert lines[3] == "| regions | 2 | 0.600 | 0.550 | 50% | 0% | 22.50 | 1.02 | 1.020 |"
+    assert lines[0].endswith("| time ratio | auto regions fell back |")
+    assert lines[2] == "| no regions | 2 | 0.300 | 0.200 | 50% | 50% | n/a | 1.00 | 1.000 | n/a |"
+    assert lines[3] == "| regions | 2 | 0.600 | 0.550 | 50% | 0% | 22.50 | 1.02 | 1.020 | n/a |"
+    assert lines[4] == "| auto regions | 4 | 0.500 | 0.400 | 0% | 0% | n/a | 1.10 | 1.100 | 25% |"
 
 
-def test_the_job_keeps_or_drops_the_regions_and_scores_the_saved_picture():
+def test_the_job_keeps_drops_or_finds_the_regions_and_scores_the_saved_picture():
     base = json.loads(benchmark.WORKFLOW.read_text())
     with_regions = benchmark.job(base, "regions", "a man <|image|> and a woman <|image|>", 3, steps=4, size=64)
     without = benchmark.job(base, "no regions", "a man <|image|> and a woman <|image|>", 3, steps=4, size=64)
+    auto = benchmark.job(base, "auto regions", "a man <|image|> and a woman <|image|>", 3, steps=4, size=64)
     sampler = benchmark.node_of(with_regions, "FaceDiffuserSNFSampler")
     assert "regions" in with_regions[sampler]["inputs"] and "regions" not in without[sampler]["inputs"]
+    assert "auto_regions" not in with_regions[sampler]["inputs"] and "auto_regions" not in without[sampler]["inputs"]
+    # auto regions as the shipped auto-regions workflow wires them: the decoding VAE, the reference faces' analysis
+    assert "regions" not in auto[sampler]["inputs"] and auto[sampler]["inputs"]["auto_regions"] == [benchmark.AUTO_NODE, 0]
+    decode = auto[auto[benchmark.node_of(auto, "SaveImage")]["inputs"]["images"][0]]
+    assert auto[benchmark.AUTO_NODE]["inputs"] == {"vae": decode["inputs"]["vae"], "expansion": 1.0,
+                                                    "face_analysis": auto[benchmark.node_of(auto, "FaceDiffuserEncodeReferenceFaces")]["inputs"]["face_analysis"]}
     assert with_regions[sampler]["inputs"]["seed"] == 3 and with_regions[sampler]["inputs"]["steps"] == 4
     layout = benchmark.node_of(with_regions, "FaceDiffuserRegionLayout")
     assert with_regions[layout]["inputs"]["width"] == 64
@@ -89,11 +100,14 @@ def test_a_run_on_tiny_models_prints_the_table(server, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err + server.log_tail()
     lines = captured.out.splitlines()
-    # Tiny random models paint no faces: every subject is missing in every picture.
-    assert lines[2].startswith("| no regions | 2 | -1.000 | 0.000 | 0% | 100% | ")
-    assert lines[3].startswith("| regions | 2 | -1.000 | 0.000 | 0% | 100% | ")
+    # Tiny random models paint no faces: every subject is missing in every picture, and auto regions find no one
+    # (the sampler's warning, read from the server's log stream) and fall back to no regions.
+    assert lines[2].startswith("| no regions | 2 | -1.000 | 0.000 | 0% | 100% | ") and lines[2].endswith(" | n/a |")
+    assert lines[3].startswith("| regions | 2 | -1.000 | 0.000 | 0% | 100% | ") and lines[3].endswith(" | n/a |")
+    assert lines[4].startswith("| auto regions | 2 | -1.000 | 0.000 | 0% | 100% | ") and lines[4].endswith(" | 100% |")
     scores = json.loads(output.read_text())
     assert all(0 <= s["clip"] <= 100 for s in scores)
-    assert lines[2].split(" | ")[6] == f"{(scores[0]['clip'] + scores[2]['clip']) / 2:.2f}"
-    assert [(s["setting"], s["seed"]) for s in scores] == [("no regions", 0), ("regions", 0), ("no regions", 1), ("regions", 1)]
+    assert lines[2].split(" | ")[6] == f"{(scores[0]['clip'] + scores[3]['clip']) / 2:.2f}"
+    assert [(s["setting"], s["seed"]) for s in scores] == [(setting, seed) for seed in (0, 1) for setting in benchmark.SETTINGS]
+    assert [s["auto_regions_fell_back"] for s in scores] == [None, None, True] * 2
     assert all(s["similarity"] == [[], []] and s["seconds"] > 0 for s in scores)

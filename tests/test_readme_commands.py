@@ -1,8 +1,8 @@
-"""Every command README.md shows, read from README.md as printed (indented code blocks and inline code that is a
-whole command line), is accounted for here: run by a test exactly as printed, or listed in EXEMPT with the reason
-it cannot run on this machine (the README says so beside it), or in PARSED_ONLY (the script's own parser accepts it
-as printed; the reason says why it does not run here and which test runs its kind). A command added to the README
-without one of these fails test_every_command_the_readme_shows_is_accounted_for.
+"""Every command README.md and the pages of docs/ show, read from them as printed (indented code blocks and inline
+code that is a whole command line), is accounted for here: run by a test exactly as printed, or listed in EXEMPT with
+the reason it cannot run on this machine (the page says so beside it), or in PARSED_ONLY (the script's own parser
+accepts it as printed; the reason says why it does not run here and which test runs its kind). A command added to
+any of them without one of these fails test_every_command_the_readme_shows_is_accounted_for.
 
 What the runs substitute, and nothing else: HOME (so `~/ComfyUI` is a scratch copy), COMFYUI_PATH, HF_ENDPOINT and
 FACEDIFFUSER_INSIGHTFACE_SOURCE (a loopback hub stand-in instead of the internet), pip's index (a closed loopback
@@ -28,6 +28,8 @@ import pack_scripts
 from test_first_run_check import fake_comfyui
 
 README = comfy_harness.REPO_ROOT / "README.md"
+# What a user reads as printed: the README and the topic pages it links to (web/docs/, the canvas's node help, shows no commands).
+DOCUMENTS = [README, *sorted((comfy_harness.REPO_ROOT / "docs").glob("*.md"))]
 runner = pack_scripts.load("facediffuser_run")
 setup = pack_scripts.load("facediffuser_setup")
 batch = pack_scripts.load("facediffuser_batch")
@@ -40,14 +42,20 @@ NOT_COMMANDS = {
     "no ComfyUI answers at": "the runner's output",
     "{": "JSON: jobs file lines, the Identity Score's result object",
     "[14:02:31]": "the batch client's progress line",
+    "ComfyUI log:": "the runner's output",
 }
 
 
 @dataclass(frozen=True)
 class Command:
-    line: int      # README.md's line number
+    document: Path
+    line: int      # the document's line number
     text: str      # as printed, continuation lines joined, without a trailing `# comment`
     inline: bool
+
+    @property
+    def where(self) -> str:
+        return f"{self.document.relative_to(comfy_harness.REPO_ROOT)}:{self.line}"
 
 
 def without_comment(command: str) -> str:
@@ -69,30 +77,36 @@ def code_blocks(text: str) -> list[list[tuple[int, str]]]:
     return blocks
 
 
-def readme_commands() -> list[Command]:
-    text = README.read_text(encoding="utf-8")
-    assert "```" not in text, "a fenced block: teach readme_commands() to read it"
+def document_commands(document: Path) -> list[Command]:
+    text = document.read_text(encoding="utf-8")
+    name = document.relative_to(comfy_harness.REPO_ROOT)
+    assert "```" not in text, f"{name}: a fenced block: teach document_commands() to read it"
     commands = []
     for block in code_blocks(text):
         first = block[0][1]
         if not COMMAND.match(first):
-            assert any(first.startswith(start) for start in NOT_COMMANDS), f"README.md:{block[0][0]}: a command? {first}"
+            assert any(first.startswith(start) for start in NOT_COMMANDS), f"{name}:{block[0][0]}: a command? {first}"
             continue
         lines = iter(block)
         for number, line in lines:
             while line.endswith("\\"):
                 line = line[:-1].rstrip() + " " + next(lines)[1]
-            assert COMMAND.match(line), f"README.md:{number}: not a command, in a block of commands: {line}"
-            commands.append(Command(number, without_comment(line), inline=False))
+            assert COMMAND.match(line), f"{name}:{number}: not a command, in a block of commands: {line}"
+            commands.append(Command(document, number, without_comment(line), inline=False))
     for match in re.finditer(r"`([^`]+)`", text):
         span = " ".join(match.group(1).split())  # an inline span may wrap onto the next line
         if COMMAND.match(span) and " " in span:  # `scripts/run_tests.sh` alone names a file
-            commands.append(Command(text[:match.start()].count("\n") + 1, span, inline=True))
+            commands.append(Command(document, text[:match.start()].count("\n") + 1, span, inline=True))
     return commands
 
 
+def readme_commands() -> list[Command]:
+    """The commands of README.md and of every page of docs/, in that order."""
+    return [command for document in DOCUMENTS for command in document_commands(document)]
+
+
 def commands_of(program: str, *having: str) -> list[str]:
-    """The distinct README commands that start with `program` (after environment assignments) and hold each of `having`."""
+    """The distinct commands of the README and docs/ that start with `program` (after environment assignments) and hold each of `having`."""
     found = []
     for command in readme_commands():
         words = command.text.split()
@@ -126,9 +140,9 @@ def quick_start() -> list[str]:
     return [without_comment(line) for line in install + commands]
 
 
-def block_after(marker: str) -> list[str]:
-    """The commands of the first code block after the line holding `marker`."""
-    text = README.read_text(encoding="utf-8")
+def block_after(marker: str, document: Path = README) -> list[str]:
+    """The commands of the first code block after the line of `document` holding `marker`."""
+    text = document.read_text(encoding="utf-8")
     start = next(n for n, line in enumerate(text.splitlines(), 1) if marker in line)
     block = next(block for block in code_blocks(text) if block[0][0] > start)
     return [without_comment(line) for _, line in block]
@@ -157,6 +171,11 @@ def runner_workflow_commands() -> list[str]:
     return [c for c in commands_of("python scripts/facediffuser_run.py") if not arguments(c)[0].startswith("-") and "--candidates" not in c]
 
 
+def runner_regions_commands() -> list[str]:
+    """The runner's two-people commands: --regions with the shipped workflows."""
+    return [c for c in commands_of("python scripts/facediffuser_run.py", "--regions") if c not in runner_workflow_commands()]
+
+
 def schema_lock_commands() -> list[str]:
     return commands_of("cd tests && COMFYUI_PATH=~/ComfyUI python schema_lock.py")
 
@@ -173,6 +192,7 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
+    "test_runner_regions.py::test_the_readmes_regions_commands_run_as_printed": runner_regions_commands,
     # the lock written to a scratch file beside the real one, which it must equal
     "test_schema_lock_comfyui.py::test_the_regeneration_command_writes_the_lock": schema_lock_commands,
 }
@@ -214,7 +234,7 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --regions --latent 64": MEASURES,
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
-        "48 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
+        "72 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
 }
 
 PARSERS = {  # script -> its own argument parser, for the commands that are only parsed
@@ -232,22 +252,22 @@ def test_every_command_the_readme_shows_is_accounted_for():
         assert callable(getattr(importlib.import_module(module), name, None)), f"no test {test}"
     shown = {command.text: command for command in readme_commands()}
     run = {command: test for test, select in RUN.items() for command in select()}
-    assert set(run) <= set(shown), "RUN selects what the README does not show"
+    assert set(run) <= set(shown), "RUN selects what neither the README nor docs/ shows"
     for table in (EXEMPT, PARSED_ONLY):
-        assert set(table) <= set(shown), f"no longer in the README: {sorted(set(table) - set(shown))}"
+        assert set(table) <= set(shown), f"no longer in the README or docs/: {sorted(set(table) - set(shown))}"
         assert not set(table) & set(run), f"both run and listed: {sorted(set(table) & set(run))}"
     assert not set(EXEMPT) & set(PARSED_ONLY)
-    unaccounted = [f"README.md:{c.line}: {text}" for text, c in shown.items() if text not in run | EXEMPT | PARSED_ONLY]
+    unaccounted = [f"{c.where}: {c.text}" for c in readme_commands() if c.text not in run | EXEMPT | PARSED_ONLY]
     assert unaccounted == [], "run each in a test as printed (RUN), or list it in EXEMPT with the reason:\n" + "\n".join(unaccounted)
 
 
 @pytest.mark.parametrize("command", sorted(EXEMPT))
 def test_the_readme_says_beside_each_exempt_command_that_it_is_unproven_here(command):
-    lines = README.read_text(encoding="utf-8").splitlines()
     _, words = EXEMPT[command]
     for found in (c for c in readme_commands() if c.text == command):
+        lines = found.document.read_text(encoding="utf-8").splitlines()
         nearby = " ".join(lines[max(found.line - 20, 0):found.line + 20])
-        assert words.lower() in " ".join(nearby.split()).lower(), f"README.md:{found.line}: say '{words}' beside {command}"
+        assert words.lower() in " ".join(nearby.split()).lower(), f"{found.where}: say '{words}' beside {command}"
 
 
 @pytest.mark.parametrize("command", sorted({c.text for c in readme_commands() if any(f" {script}" in c.text for script in PARSERS)}))
@@ -264,7 +284,8 @@ def test_the_benchmark_batch_commands_parse():
         assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("span", sorted(set(re.findall(r'`(--comfyui-args "[^"]*")`', README.read_text(encoding="utf-8")))))
+@pytest.mark.parametrize("span", sorted({span for document in DOCUMENTS
+                                         for span in re.findall(r'`(--comfyui-args "[^"]*")`', document.read_text(encoding="utf-8"))}))
 def test_every_comfyui_args_spelling_of_the_readme_parses(span):
     (value,) = re.findall(r'"([^"]*)"', span)
     assert runner.parse_args(["--face", "me.jpg", *shlex.split(span)]).comfyui_args == value

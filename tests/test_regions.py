@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from facediffuser_core import region_layout, regions
+from facediffuser_core import regions
 
 
 def tokens(rows=(2, 5), prompt_rows=8, width=4):
@@ -11,11 +11,11 @@ def tokens(rows=(2, 5), prompt_rows=8, width=4):
 
 
 def test_layouts():
-    masks = region_layout.layout_masks("halves", 2, 10, 8)
+    masks = regions.layout_masks("halves", 2, 10, 8)
     assert masks.shape == (2, 8, 10) and masks[0, :, :5].min() == 1 and masks[0, :, 5:].max() == 0
-    thirds = region_layout.layout_masks("thirds", 3, 9, 8)
+    thirds = regions.layout_masks("thirds", 3, 9, 8)
     assert torch.equal(thirds.sum(0), torch.ones(8, 9)) and thirds[2, :, 6:].min() == 1
-    boxes = region_layout.layout_masks("boxes", 2, 10, 10, "0 0 0.5 0.5; 0.5,0.5,1,1")
+    boxes = regions.layout_masks("boxes", 2, 10, 10, "0 0 0.5 0.5; 0.5,0.5,1,1")
     assert boxes[0].sum() == 25 and boxes[1, 5:, 5:].min() == 1
     for args, message in (
         (("thirds", 2, 9, 9), "'thirds' makes 3 regions but 2 subject"),
@@ -26,7 +26,7 @@ def test_layouts():
         (("halves", 2, 9, 4), "the picture is 9x4; regions need at least 8x8"),
     ):
         with pytest.raises(ValueError, match=message):
-            region_layout.layout_masks(*args)
+            regions.layout_masks(*args)
 
 
 def test_mask_checks():
@@ -62,7 +62,7 @@ def whole(rows=8, width=4, height=2):
 
 
 def test_bias_scopes_each_subject_token_and_its_plain_row():
-    attention = started(region_layout.layout_masks("halves", 2, 16, 8))
+    attention = started(regions.layout_masks("halves", 2, 16, 8))
     bias = attention.bias((whole(), None), (1, 32, 2, 4), 2, 8 + 2, torch.float32, "cpu")
     assert bias.shape == (2, 8, 10)
     left = torch.tensor([True, True, False, False] * 2)
@@ -80,7 +80,7 @@ def test_bias_scopes_each_subject_token_and_its_plain_row():
 
 
 def test_masked_softmax_gives_exactly_zero_weight_outside():
-    attention = started(region_layout.layout_masks("halves", 2, 16, 8))
+    attention = started(regions.layout_masks("halves", 2, 16, 8))
     bias = attention.bias((whole(),), (1, 32, 2, 4), 1, 10, torch.float32, "cpu")
     weights = (torch.randn(1, 8, 10, generator=torch.Generator().manual_seed(0)) * 3 + bias).softmax(-1)
     left = torch.tensor([True, True, False, False] * 2)

@@ -31,6 +31,11 @@ def incompatibilities(old: dict, new: dict) -> list[str]:
                 problems.append(f"{node_id}.{name}: was {kind}, now {types_after.get(name, 'gone')}")
         problems += [f"{node_id}.{name}: required, but saved workflows lack it (make it optional with the old behaviour "
                      "as its default)" for name, *_ in after["required"] if name not in names_before]
+        for name, options in before.get("options", {}).items():
+            gone = [option for option in options if option not in after.get("options", {}).get(name, [])]
+            if gone:
+                problems.append(f"{node_id}.{name}: options {gone} removed (saved workflows hold the option they were saved "
+                                "with: keep it, or read it as the option that replaces it)")
         if after["outputs"][:len(before["outputs"])] != before["outputs"]:
             problems.append(f"{node_id}: outputs {before['outputs']} became {after['outputs']} (links name outputs by index: "
                             "add new outputs at the end)")
@@ -79,3 +84,16 @@ def test_incompatible_changes_are_found():
     assert "outputs" in incompatibilities(old, {"N": {**node, "outputs": [["saliency", "S"], ["LATENT", "LATENT"]]}})[0]
     assert "was FLOAT" in incompatibilities(old, {"N": {**node, "optional": []}})[0]
     assert "removed" in incompatibilities(old, {})[0]
+    combo = {"N": {**node, "options": {"layout": ["halves", "thirds"]}}}
+    assert incompatibilities(combo, {"N": {**node, "options": {"layout": ["halves", "thirds", "boxes"]}}}) == []
+    assert "['thirds'] removed" in incompatibilities(combo, {"N": {**node, "options": {"layout": ["halves"]}}})[0]
+
+
+def test_the_lock_holds_the_packs_own_combo_options_only():
+    """A removed option of the pack's breaks the workflows saved with it; ComfyUI's samplers and schedulers, which differ
+    between its versions, are not the pack's to lock, but the sampler the pack adds is."""
+    locked = json.loads(schema_lock.LOCK_FILE.read_text())
+    assert locked["FaceDiffuserRegionLayout"]["options"]["layout"] == ["halves", "thirds", "boxes"]
+    assert locked["FaceDiffuserSNFSampler"]["options"] == {"sampler_name": ["pndm_official"], "scheduler": ["pndm_official"],
+                                                        "noise": ["comfyui", "official"], "outside_regions": ["snf", "tdm"]}
+    assert "options" not in locked["FaceDiffuserSaliencyPreview"]

@@ -20,13 +20,15 @@ OUR_NODES = {
     "FaceDiffuserSDMLoader", "FaceDiffuserTDMLoader", "FaceDiffuserInsightFaceLoader", "FaceDiffuserEncodeReferenceFaces",
     "FaceDiffuserSubjectPrompt", "FaceDiffuserSNFSampler", "FaceDiffuserGuider", "FaceDiffuserSaliencyPreview",
     "FaceDiffuserStageSweep", "FaceDiffuserIdentityScore", "FaceDiffuserStageSweepGrid", "FaceDiffuserRegionLayout",
+    "FaceDiffuserAutoRegions",
 }
 SWEEP = "facediffuser_stage_sweep"
 REGIONS = "facediffuser_two_subjects_regions"
+AUTO_REGIONS = "facediffuser_two_subjects_auto_regions"
 NAMES = ("facediffuser_single_subject", "facediffuser_two_subjects", "facediffuser_custom_sampling", "facediffuser_official_pndm", SWEEP,
-         REGIONS)
+         REGIONS, AUTO_REGIONS)
 REFERENCE_PHOTOS = {"facediffuser_single_subject": 1, "facediffuser_two_subjects": 2, "facediffuser_custom_sampling": 1,
-                    "facediffuser_official_pndm": 1, SWEEP: 1, REGIONS: 2}
+                    "facediffuser_official_pndm": 1, SWEEP: 1, REGIONS: 2, AUTO_REGIONS: 2}
 
 
 def ui_workflow(name: str) -> dict:

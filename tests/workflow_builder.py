@@ -237,13 +237,17 @@ def _note(graph: Graph, text: str):
     graph.add("MarkdownNote", (-420, 0), size=(380, 520), title="How to use", text=text)
 
 
-def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str, settings: dict = SAMPLER_SETTINGS, **regions) -> Graph:
-    """SNF Sampler -> VAE Decode (SDM's VAE) -> Save Image, the tail the KSampler-style workflows share."""
+def _snf_sampling(graph: Graph, sdm, tdm, prompt, null, latent, prefix: str, settings: dict = SAMPLER_SETTINGS,
+                  preview: bool = False, **regions) -> Graph:
+    """SNF Sampler -> VAE Decode (SDM's VAE) -> Save Image, the tail the KSampler-style workflows share; with `preview`
+    a Saliency Preview of the run beside it."""
     sampler = graph.add("FaceDiffuserSNFSampler", (1100, 0), size=(340, 380), tdm=(tdm, 0), sdm=(sdm, 0),
                         augmented=(prompt, 0), text=(prompt, 1), null=(null, 0), latent_image=(latent, 0),
                         **settings, denoise=1.0, **regions)
     decode = graph.add("VAEDecode", (1480, 0), size=(210, 50), samples=(sampler, 0), vae=(sdm, 2))
     graph.add("SaveImage", (1720, 0), size=(420, 460), images=(decode, 0), filename_prefix=prefix)
+    if preview:  # the decoded image also makes it run after the sampler
+        graph.add("FaceDiffuserSaliencyPreview", (1480, 520), size=(420, 360), saliency=(sampler, 1), image=(decode, 0))
     return graph
 
 
@@ -279,19 +283,23 @@ def two_subjects() -> Graph:
         "first marked person, **Reference photo 2** the second. Batch Images resizes the second photo to the size "
         "of the first (centre crop): use photos of similar shape, or crops around the faces.\n\n"
         "Add a third person with a third Load Image on Batch Images and a third marker."))
-    return _two_people(graph, "facediffuser_two", regions=False)
+    return _two_people(graph, "facediffuser_two", regions=None)
 
 
-def _two_people(graph: Graph, prefix: str, regions: bool) -> Graph:
-    """Two photos, the two-person prompt, a 512x512 latent, with a halves Region Layout when `regions`."""
+def _two_people(graph: Graph, prefix: str, regions: str | None) -> Graph:
+    """Two photos, the two-person prompt, a 512x512 latent, with regions `regions`: None, "layout" (a halves Region
+    Layout) or "auto" (Auto Regions, with the SDM's VAE and the reference faces' insightface analysis)."""
     sdm, tdm, encode = _models_and_faces(graph, 2)
     prompt, null = _prompts(graph, sdm, encode, TWO_PROMPT)
     latent = graph.add("EmptyLatentImage", (1100, 420), size=(300, 110), width=512, height=512, batch_size=1)
-    layout = {}
-    if regions:
-        layout["regions"] = (graph.add("FaceDiffuserRegionLayout", (1100, 580), size=(300, 170), layout="halves", subjects=2,
+    inputs = {}
+    if regions == "layout":
+        inputs["regions"] = (graph.add("FaceDiffuserRegionLayout", (1100, 580), size=(300, 170), layout="halves", subjects=2,
                                        width=512, height=512), 0)
-    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, prefix, **layout)
+    elif regions == "auto":
+        inputs["auto_regions"] = (graph.add("FaceDiffuserAutoRegions", (1100, 580), size=(300, 120), vae=(sdm, 2),
+                                            face_analysis=encode.links["face_analysis"], expansion=1.0), 0)
+    return _snf_sampling(graph, sdm, tdm, prompt, null, latent, prefix, preview=regions == "auto", **inputs)
 
 
 def two_subjects_regions() -> Graph:
@@ -305,7 +313,22 @@ def two_subjects_regions() -> Graph:
         "picture), or connect masks from the mask editor, one per marker.\n\n"
         "`outside_regions` on the SNF Sampler: `snf` lets fusion choose per pixel everywhere (the paper), `tdm` keeps the "
         "TDM alone outside every region."))
-    return _two_people(graph, "facediffuser_two_regions", regions=True)
+    return _two_people(graph, "facediffuser_two_regions", regions="layout")
+
+
+def two_subjects_auto_regions() -> Graph:
+    graph = Graph("facediffuser_two_subjects_auto_regions", "Two people in one picture, each painted where the scene put them.")
+    _note(graph, (
+        "## Face-diffuser: two subjects, regions found in the picture\n\n"
+        "As the two-subject workflow, with **Face-diffuser Auto Regions** on the SNF Sampler's `auto_regions`: at the end "
+        "of scene construction (alpha) the TDM's predicted picture is decoded with the SDM's VAE, the faces are found "
+        "with the InsightFace Loader's analysis, and each face is widened by `expansion` face sizes (sideways and "
+        "upwards, down to the bottom) into a person's region. The regions go to the `<|image|>` markers left to right: "
+        "the first marked person is painted at the leftmost face.\n\n"
+        "With fewer faces than markers the picture is made without regions, and ComfyUI's log says so (the runner, "
+        "`scripts/facediffuser_run.py --regions auto`, shows that line). **Face-diffuser Saliency Preview** outlines "
+        "the regions used, over where the SDM painted during fusion."))
+    return _two_people(graph, "facediffuser_two_auto_regions", regions="auto")
 
 
 def custom_sampling() -> Graph:
@@ -373,7 +396,7 @@ def stage_sweep() -> Graph:
     return graph
 
 
-GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm, stage_sweep, two_subjects_regions)
+GRAPHS = (single_subject, two_subjects, custom_sampling, official_pndm, stage_sweep, two_subjects_regions, two_subjects_auto_regions)
 
 
 def render_all(mappings: dict) -> dict[Path, str]:

@@ -11,6 +11,8 @@ and conversion (torch), and what the check checks, each imported when it is need
     files        pictures on disk, never written over another file
     best_of_n    ranking pictures by the Identity Score node
     progress     a run's step progress from ComfyUI's websocket, shown as a bar
+    server_log   what the pack's nodes log during a run, from ComfyUI's log stream on the same websocket
+    regions      the runner's --regions and --boxes: the shipped workflow they pick, the layout they set
     headless     one workflow on one server (the headless runner)
     jobs         the batch's jobs file
     manifest     the batch's manifest.json and the states of its runs

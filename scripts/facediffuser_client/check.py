@@ -217,7 +217,7 @@ def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
         import onnxruntime
     except Exception as error:
         return findings + [Finding(PROBLEM, "onnxruntime", f"installed but cannot be imported ({type(error).__name__}: {error})",
-                                   "uninstall every onnxruntime build and install one (README 'Troubleshooting')")]
+                                   "uninstall every onnxruntime build and install one (docs/troubleshooting.md)")]
     providers = working_providers(onnxruntime)
     working = [name for name, problem in providers.items() if not problem]
     failing = [f"{name} ({problem})" for name, problem in providers.items() if problem]
@@ -225,12 +225,12 @@ def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
     if failing:
         detail += f"; not working: {'; '.join(failing)}"
     if not working:
-        return findings + [Finding(PROBLEM, "onnxruntime", detail, "reinstall onnxruntime (README 'Troubleshooting')")]
+        return findings + [Finding(PROBLEM, "onnxruntime", detail, "reinstall onnxruntime (docs/troubleshooting.md)")]
     if cuda_gpu and "CUDAExecutionProvider" not in working:
         return findings + [Finding(
             INFO, "onnxruntime", detail,
             "face detection will run on the CPU (slower, same result). For the GPU: install onnxruntime-gpu built for "
-            "your CUDA and cuDNN versions (README 'Troubleshooting': CUDA provider not found)")]
+            "your CUDA and cuDNN versions (docs/troubleshooting.md: CUDA provider not found)")]
     if not cuda_gpu and not conflict and installed_version("onnxruntime-gpu"):
         return findings + [Finding(
             INFO, "onnxruntime", detail + "; the GPU build, on a machine where torch sees no CUDA GPU",
@@ -317,7 +317,7 @@ def check_checkpoint(folders: list[Path], role: str, names: tuple[str, ...], sou
         looked = f" (also looked in {', '.join(map(str, folders[1:]))})" if len(folders) > 1 else ""
         return Finding(MISSING, subject, f"none of {', '.join(names)} in {target}{looked}",
                        f"download {source} and save it as {target / names[-1]} (or convert it to {target / names[0]}, "
-                       f"README 'Converting the official weights to safetensors'), or let `{SETUP_COMMAND}` download and place it.{hint}")
+                       f"docs/setup.md 'Converting the official weights to safetensors'), or let `{SETUP_COMMAND}` download and place it.{hint}")
     size = path.stat().st_size / 2**30
     try:
         classification, unchecked = classify_file(path)

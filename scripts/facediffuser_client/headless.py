@@ -13,17 +13,35 @@ from .best_of_n import (SCORES_FILE, describe_candidate, identity_score_node, ra
                         scored_pictures_saver)
 from .http_api import ComfyClient, RunError, describe_failure
 from .files import best_file_name, save_images, unused_path
-from .progress import ProgressDisplay, ProgressListener
+from . import server_log
+from .progress import ProgressDisplay
+from .regions import set_regions, shipped_regions_workflow
+from .server_log import JobLog
 from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, load_api_workflow, reference_image_loaders,
                        set_override, shipped_workflow, use_installed_checkpoints)
 
 
-def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
-    workflow = load_api_workflow(args.workflow or shipped_workflow(len(args.face)))
+def workflow_file(args: argparse.Namespace) -> Path:
+    """The workflow file given, else the shipped one for the face count (and --regions)."""
+    if args.workflow is not None:
+        return args.workflow
+    return shipped_regions_workflow(args.regions, len(args.face)) if args.regions else shipped_workflow(len(args.face))
+
+
+def configured_workflow(args: argparse.Namespace) -> dict:
+    """The workflow with the command line's overrides and --regions set: everything but the photos and the server's files."""
+    workflow = load_api_workflow(workflow_file(args))
     for option in OVERRIDE_TARGETS:
         value = getattr(args, option)
         if value is not None:
             set_override(workflow, option, value)
+    if args.regions:
+        set_regions(workflow, args.regions, args.boxes, len(args.face), args.prompt)
+    return workflow
+
+
+def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
+    workflow = configured_workflow(args)
     if args.face:
         loaders = reference_image_loaders(workflow)
         if len(loaders) != len(args.face):
@@ -44,17 +62,25 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
         return 0
     workflow = prepare_workflow(args, client)
     client_id = uuid.uuid4().hex
-    listener = ProgressListener(client.server, client_id)  # before the job: its progress goes to this client id
+    listener = JobLog(client.server, client_id)  # before the job: its progress and log go to this client id
     display = ProgressDisplay(workflow, sys.stdout)
     try:
         prompt_id = client.submit(workflow, client_id=client_id)
         print(f"submitted to {client.server} as job {prompt_id}")
+        say_if_unavailable(listener)
+
+        def tick() -> None:
+            display.step(listener.progress(prompt_id))
+            server_log.show(listener.take(prompt_id), display.state)
+
         try:
-            entry = client.wait(prompt_id, args.timeout, report=display.state, tick=lambda: display.step(listener.progress(prompt_id)))
+            entry = client.wait(prompt_id, args.timeout, report=display.state, tick=tick)
         except KeyboardInterrupt:
             display.close()
             cancel(client, [prompt_id])
             raise
+        listener.wait_for_end(prompt_id)
+        server_log.show(listener.take(prompt_id), display.state)
     finally:
         display.close()
         listener.close()
@@ -67,6 +93,12 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
     for path in saved:
         print(f"saved {path}")
     return 0
+
+
+def say_if_unavailable(listener: JobLog) -> None:
+    if listener.unavailable:
+        print(f"  ComfyUI's log cannot be shown here ({listener.unavailable}): what the nodes log about this job is in the "
+              f"server's own log only")
 
 
 def cancel(client: ComfyClient, prompt_ids: list[str]) -> None:
@@ -88,33 +120,14 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
     saver = scored_pictures_saver(workflow, identity_node)
     first_seed = args.seed if args.seed is not None else current_value(workflow, "seed")
     client_id = uuid.uuid4().hex
-    jobs = []
-    for seed in range(first_seed, first_seed + candidates_count):
-        set_override(workflow, "seed", seed)
-        jobs.append((seed, client.submit(workflow, client_id=client_id)))
-    print(f"submitted {len(jobs)} job(s) to {client.server}, seeds {first_seed} to {first_seed + len(jobs) - 1}")
-    candidates = []
-    for waited, (seed, prompt_id) in enumerate(jobs, start=1):
-        try:
-            entry = client.wait(prompt_id, args.timeout, report=lambda state, seed=seed: print(f"  seed {seed}: {state}"))
-            if entry.get("status", {}).get("status_str") != "success":
-                raise RunError(f"seed {seed}: {describe_failure(entry)}")
-            try:
-                pictures, images = scored_pictures(entry, identity_node, saver)
-            except RunError as error:
-                raise RunError(f"seed {seed}: {error}") from None
-        except KeyboardInterrupt:
-            cancel(client, [unfinished for _, unfinished in jobs[waited - 1:]])
-            raise
-        except RunError:
-            later = [later for _, later in jobs[waited:]]
-            cancel(client, later)
-            if later:
-                print(f"cancelled the {len(later)} later seed(s) on {client.server}", file=sys.stderr)
-            raise
-        pictures = [{**picture, "kept_as": None} for picture in pictures]
-        candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
-        print(f"  {describe_candidate(seed, pictures)}")
+    with contextlib.closing(JobLog(client.server, client_id)) as listener:  # before the jobs: their log goes to this client id
+        jobs = []
+        for seed in range(first_seed, first_seed + candidates_count):
+            set_override(workflow, "seed", seed)
+            jobs.append((seed, client.submit(workflow, client_id=client_id)))
+        print(f"submitted {len(jobs)} job(s) to {client.server}, seeds {first_seed} to {first_seed + len(jobs) - 1}")
+        say_if_unavailable(listener)
+        candidates = scored_candidates(args, client, jobs, identity_node, saver, listener)
 
     args.output.mkdir(parents=True, exist_ok=True)
     kept, saved = [], []
@@ -134,3 +147,37 @@ def run_best_of_n(args: argparse.Namespace, client: ComfyClient) -> list[Path]:
     scores_file = unused_path(args.output, SCORES_FILE)
     scores_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return [*saved, scores_file]
+
+
+def scored_candidates(args, client: ComfyClient, jobs: list[tuple[int, str]], identity_node: str, saver: str,
+                      listener: JobLog) -> list[dict]:
+    """Each seed's pictures and Identity Score results, waited for in seed order, with what the nodes logged for it."""
+    candidates = []
+    for waited, (seed, prompt_id) in enumerate(jobs, start=1):
+        def say(state, seed=seed):
+            print(f"  seed {seed}: {state}")
+
+        try:
+            entry = client.wait(prompt_id, args.timeout, report=say,
+                                tick=lambda prompt_id=prompt_id, say=say: server_log.show(listener.take(prompt_id), say))
+            listener.wait_for_end(prompt_id)
+            server_log.show(listener.take(prompt_id), say)
+            if entry.get("status", {}).get("status_str") != "success":
+                raise RunError(f"seed {seed}: {describe_failure(entry)}")
+            try:
+                pictures, images = scored_pictures(entry, identity_node, saver)
+            except RunError as error:
+                raise RunError(f"seed {seed}: {error}") from None
+        except KeyboardInterrupt:
+            cancel(client, [unfinished for _, unfinished in jobs[waited - 1:]])
+            raise
+        except RunError:
+            later = [later for _, later in jobs[waited:]]
+            cancel(client, later)
+            if later:
+                print(f"cancelled the {len(later)} later seed(s) on {client.server}", file=sys.stderr)
+            raise
+        pictures = [{**picture, "kept_as": None} for picture in pictures]
+        candidates.append({"seed": seed, "prompt_id": prompt_id, "pictures": pictures, "images": images})
+        print(f"  {describe_candidate(seed, pictures)}")
+    return candidates

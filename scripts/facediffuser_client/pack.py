@@ -11,8 +11,8 @@ PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
 def core(module: str) -> ModuleType:
-    """facediffuser_core.<module>: model_folders and insightface_packs need only the standard library (the others
-    need torch). The pack's root goes on sys.path here, the client's one such edit, and only when a module is
+    """facediffuser_core.<module>: model_folders, insightface_packs, markers and region_layouts need only the standard
+    library (the others need torch). The pack's root goes on sys.path here, the client's one such edit, and only when a module is
     asked for: the nodes use the same rules (where ComfyUI and the models are), so they live in the pack, and a Ray
     worker node may receive this package without the pack."""
     if str(PACK_ROOT) not in sys.path:

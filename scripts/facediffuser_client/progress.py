@@ -92,13 +92,21 @@ class ProgressListener:
                     return
                 if opcode != TEXT:
                     continue  # previews are binary messages
-                message = json.loads(payload)
-                data = message.get("data") or {}
-                if message.get("type") == "progress" and "prompt_id" in data:
-                    with self._lock:
-                        self._latest[data["prompt_id"]] = (int(data["value"]), int(data["max"]), str(data.get("node")))
+                self.handle(json.loads(payload))
         except (OSError, ValueError, KeyError, TypeError):
             return  # the connection went away: progress stops, the job's end still comes from /history
+        finally:
+            self.closed()
+
+    def handle(self, message: dict) -> None:
+        """One text message of the websocket; a subclass reads more kinds."""
+        data = message.get("data") or {}
+        if message.get("type") == "progress" and "prompt_id" in data:
+            with self._lock:
+                self._latest[data["prompt_id"]] = (int(data["value"]), int(data["max"]), str(data.get("node")))
+
+    def closed(self) -> None:
+        """The websocket is gone (a subclass stops waiting for its messages)."""
 
     def progress(self, prompt_id: str) -> tuple[int, int, str] | None:
         with self._lock:

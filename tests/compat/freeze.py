@@ -45,14 +45,21 @@ def commits(*paths: str) -> list[str]:
 
 
 def freeze_workflows() -> None:
+    # Which commit first made a state depends on the history a run walks (a merge brings its branch's commits), so a
+    # state frozen before is recognised by its files, not by its folder's name.
+    frozen = [{path.relative_to(folder): path.read_bytes() for path in folder.rglob("*.json")}
+              for folder in (HERE / "workflows").iterdir()]
     for commit in commits("workflows"):
-        target = HERE / "workflows" / commit[:10]
         with tarfile.open(fileobj=io.BytesIO(git("archive", commit, "workflows"))) as archive:
-            for member in archive.getmembers():
-                if member.isfile() and member.name.endswith(".json"):
-                    path = target / Path(member.name).relative_to("workflows")
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(archive.extractfile(member).read())
+            state = {Path(member.name).relative_to("workflows"): archive.extractfile(member).read()
+                     for member in archive.getmembers() if member.isfile() and member.name.endswith(".json")}
+        if state in frozen:
+            continue
+        frozen.append(state)
+        for relative, content in state.items():
+            path = HERE / "workflows" / commit[:10] / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
 
 
 def freeze_schemas() -> None:
@@ -62,7 +69,7 @@ def freeze_schemas() -> None:
     comfyui = comfy_harness.start()
     mappings = comfyui.nodes.NODE_CLASS_MAPPINGS
     current = {k: v for k, v in mappings.items() if k.startswith(schema_lock.PREFIX)}
-    known = {}
+    known = {path.stem: json.loads(path.read_text()) for path in (HERE / "schemas").glob("*.json")}
     scratch = Path(tempfile.mkdtemp(prefix="facediffuser-history-"))
     for commit in commits("nodes", "__init__.py"):
         pack = scratch / f"pack_{commit[:10]}"
@@ -75,12 +82,20 @@ def freeze_schemas() -> None:
         if not asyncio.run(comfyui.nodes.load_custom_node(str(pack))):
             print(f"{commit[:10]}: does not load here, skipped")
             continue
-        schemas = schema_lock.render(schema_lock.pack_schemas(mappings))
-        if schemas not in known.values():
-            known[commit[:10]] = schemas
-            (HERE / "schemas").mkdir(exist_ok=True)
-            (HERE / "schemas" / f"{commit[:10]}.json").write_text(schemas)
+        schemas = schema_lock.pack_schemas(mappings)
+        if schemas in known.values():
+            continue
+        # Files frozen before the lock held combo options gain the options of the first state they stand for: an option
+        # a saved workflow could hold then must still be offered.
+        name = next((stem for stem, frozen in known.items() if frozen == _without_options(schemas)), commit[:10])
+        known[name] = schemas
+        (HERE / "schemas").mkdir(exist_ok=True)
+        (HERE / "schemas" / f"{name}.json").write_text(schema_lock.render(schemas))
     mappings.update(current)
+
+
+def _without_options(schemas: dict) -> dict:
+    return {node_id: {key: value for key, value in schema.items() if key != "options"} for node_id, schema in schemas.items()}
 
 
 def prompt_for_schema(workflow: dict, schemas: dict, today: dict) -> dict | None:

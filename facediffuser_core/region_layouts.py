@@ -1,13 +1,12 @@
-"""Region layouts: the Region Layout node's named arrangements (halves, thirds) and boxes written as text,
-turned into one mask per subject. Plain PyTorch, no ComfyUI; what the masks then do is
-facediffuser_core.regions.
+"""The Region Layout node's layouts as boxes: left and right halves, thirds, or boxes given as fractions.
+
+Standard library only, so that the runner checks a layout given on its command line (`--regions`, `--boxes`)
+by the node's own rules before any ComfyUI starts; facediffuser_core.regions draws the masks from these boxes.
 """
 
 from __future__ import annotations
 
 import re
-
-import torch
 
 LAYOUT_HALVES = "halves"
 LAYOUT_THIRDS = "thirds"
@@ -16,9 +15,9 @@ LAYOUTS = (LAYOUT_HALVES, LAYOUT_THIRDS, LAYOUT_BOXES)
 BOXES_EXAMPLE = "0 0 0.5 1; 0.5 0 1 1"
 
 
-def layout_masks(layout: str, subjects: int, width: int, height: int, boxes: str = "") -> torch.Tensor:
-    """Masks (subjects, height, width) for a layout: left/right halves, thirds, or normalised boxes
-    "x0 y0 x1 y1; ..." (fractions of the width and height, left to right in marker order)."""
+def layout_boxes(layout: str, subjects: int, width: int, height: int, boxes: str = "") -> list[tuple[int, int, int, int]]:
+    """One (x0, y0, x1, y1) pixel box per subject, left to right in marker order, for a width x height picture:
+    left/right halves, thirds, or normalised boxes "x0 y0 x1 y1; ..." (fractions of the width and height)."""
     if width < 8 or height < 8:
         raise ValueError(f"the picture is {width}x{height}; regions need at least 8x8 pixels")
     if layout in (LAYOUT_HALVES, LAYOUT_THIRDS):
@@ -27,18 +26,14 @@ def layout_masks(layout: str, subjects: int, width: int, height: int, boxes: str
             raise ValueError(f"'{layout}' makes {columns} regions but {subjects} subject(s) were asked for: "
                              f"use '{LAYOUT_HALVES}' for two people, '{LAYOUT_THIRDS}' for three, '{LAYOUT_BOXES}' otherwise")
         edges = [round(width * index / columns) for index in range(columns + 1)]
-        boxes_px = [(edges[i], 0, edges[i + 1], height) for i in range(columns)]
-    elif layout == LAYOUT_BOXES:
-        boxes_px = [_box_pixels(text, index, width, height) for index, text in enumerate(_box_texts(boxes))]
-        if len(boxes_px) != subjects:
-            raise ValueError(f"'boxes' lists {len(boxes_px)} box(es) but {subjects} subject(s) were asked for: "
+        return [(edges[i], 0, edges[i + 1], height) for i in range(columns)]
+    if layout == LAYOUT_BOXES:
+        found = [_box_pixels(text, index, width, height) for index, text in enumerate(_box_texts(boxes))]
+        if len(found) != subjects:
+            raise ValueError(f"'boxes' lists {len(found)} box(es) but {subjects} subject(s) were asked for: "
                              f"one box per marker, separated by ';', e.g. '{BOXES_EXAMPLE}'")
-    else:
-        raise ValueError(f"unknown layout '{layout}': one of {', '.join(LAYOUTS)}")
-    masks = torch.zeros(len(boxes_px), height, width)
-    for mask, (x0, y0, x1, y1) in zip(masks, boxes_px):
-        mask[y0:y1, x0:x1] = 1.0
-    return masks
+        return found
+    raise ValueError(f"unknown layout '{layout}': one of {', '.join(LAYOUTS)}")
 
 
 def _box_texts(boxes: str) -> list[str]:
@@ -59,4 +54,3 @@ def _box_pixels(text: str, index: int, width: int, height: int) -> tuple[int, in
     if box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"box {index + 1} ('{text}') is less than a pixel at {width}x{height}")
     return box
-
