@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from facediffuser_devkit import comfy_harness
 
@@ -54,3 +55,21 @@ def test_backends_that_honour_a_mask_take_it_and_the_others_attend_per_group(bac
     # Sage takes a mask where ComfyUI checks the library for one (0.33 on); before, it would have lost it.
     sage = "masked" if backends["sage_v1"]["comfyui_checks_sage_masks"] else "per group"
     assert paths["sage_v1"] == paths["sage_v2"] == sage
+
+
+def test_comfyuis_attention_backend_node_keeps_working_with_regions(comfyui, models):
+    """ModelAttentionBackend (ComfyUI 0.33 on) puts an attention override into the SDM's options: regions attend
+    per group through it, and the picture is the one without the node."""
+    from test_regions_comfyui import halves, sample, subject_conds
+
+    if "ModelAttentionBackend" not in comfyui.nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("this ComfyUI has no ModelAttentionBackend node (0.33 and later have)")
+    tdm, sdm = models
+    (overridden,) = comfyui.run("ModelAttentionBackend", model=sdm, attention="pytorch attention")
+    assert "optimized_attention_override" in overridden.model_options["transformer_options"]
+    conds, masks = subject_conds(comfyui), halves(comfyui)
+    through, _ = sample(comfyui, tdm, overridden, conds, regions=masks)
+    direct, _ = sample(comfyui, tdm, sdm, conds, regions=masks)
+    scale = direct["samples"].abs().max()
+    torch.testing.assert_close(through["samples"] / scale, direct["samples"] / scale, rtol=0, atol=TOLERANCE)
+    assert (through["samples"] - sample(comfyui, tdm, overridden, conds)[0]["samples"]).abs().max() > 1e-3
