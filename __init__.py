@@ -6,4 +6,8 @@ ComfyUI imports this folder as a custom node pack and calls `comfy_entrypoint`; 
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+# ComfyUI serves this folder at /extensions/<the pack's folder name>/ for V3 packs too; the frontend's node help
+# panel fetches web/docs/<node id>.md from there.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

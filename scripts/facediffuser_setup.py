@@ -13,9 +13,10 @@ models/insightface/models/<pack>/, whatever the layout inside its zip. Downloads
 file beside the target, resume where an interrupted one stopped (in the same run and in the next one), are
 checked against the size and hash the hub publishes, and only then take the final name. What is already in
 place and valid is skipped (a model placed by hand is compared with the hub's sha256 once, remembered by size
-and mtime); a file that is in place but broken is reported, never overwritten. Ctrl-C keeps what arrived. Folders
-marked `is_default` in extra_model_paths.yaml receive the files. It ends with the first-run check's verdict;
-exit status 0 when everything is in place.
+and mtime; --verify compares it again); a file that is in place but broken is reported, never overwritten. Ctrl-C
+keeps what arrived and says so. Folders marked `is_default` in extra_model_paths.yaml receive the files. Run with
+another Python than ComfyUI's, it goes on under ComfyUI's (as the check does). It ends with the first-run check's
+verdict; exit status 0 when everything is in place.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from facediffuser_client.setup import INTERRUPTED, SOURCE_VARIABLE, packs, set_up
+from facediffuser_client import comfyui_python
+from facediffuser_client.setup import SOURCE_VARIABLE, model_folders, packs, set_up
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,17 +44,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"where the pack's zip comes from: an address or a local file (default: ${SOURCE_VARIABLE}, "
                              f"else for {packs.DEFAULT_PACK} {packs.PACK_SOURCES[packs.DEFAULT_PACK]}; antelopev2 needs one)")
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, and do nothing")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare the downloaded models in place with the hub's sha256 again, even those verified before "
+                             "(a file altered without a change of size or date is found only so)")
+    parser.add_argument(comfyui_python.OPTION, type=Path, dest="comfyui_python", metavar="PYTHON", help=comfyui_python.OPTION_HELP)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="  %(message)s", stream=sys.stdout)
-    try:
+
+    def set_up_with(python: comfyui_python.ComfyUIPython) -> int:
         return set_up(args.comfyui, args.models_dir, tuple(args.extra_model_paths_config), convert=args.convert,
-                      insightface_pack=args.insightface_pack, insightface_source=args.insightface_source, dry_run=args.dry_run)
-    except KeyboardInterrupt:
-        print(f"\n{INTERRUPTED}", file=sys.stderr)
+                      insightface_pack=args.insightface_pack, insightface_source=args.insightface_source, dry_run=args.dry_run,
+                      verify=args.verify, python_found=python.found)
+
+    try:
+        root = model_folders.find_comfyui(args.comfyui)
+        return comfyui_python.run_under_comfyuis_python(Path(__file__), argv, root, args.comfyui_python, set_up_with)
+    except KeyboardInterrupt:  # before the set-up began; set_up says what it kept itself
+        print("\ninterrupted before the set-up began: nothing was changed", file=sys.stderr)
         return 130
 
 

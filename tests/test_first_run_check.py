@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,11 +244,19 @@ def test_all_set_only_when_every_shipped_workflow_can_run(tmp_path, capsys):
             "facediffuser_two_subjects_auto_regions, facediffuser_two_subjects_regions\n") in out
 
 
-def test_all_set_suggests_cpu_for_a_cpu_only_torch(tmp_path, capsys):
+def test_all_set_on_a_cpu_only_torch_suggests_a_small_first_picture_and_leaves_cpu_to_the_runner(tmp_path, capsys):
+    """The runner adds --cpu by itself (test_headless_runner.py::test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so):
+    the suggestion does not ask the user for it, and it asks for a picture a CPU makes in minutes."""
+    import shlex
+
     comfyui, _ = complete_install(tmp_path)
     assert not torch.cuda.is_available()
     assert cli.main(["--comfyui", str(comfyui)]) == 0
-    assert '--comfyui-args "--cpu"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    command = re.search(r"make a first picture: (python scripts/facediffuser_run\.py .*?) \(it starts", out).group(1)
+    assert "--cpu" not in command and "with --cpu for this CPU-only torch" in out
+    args = pack_scripts.load("facediffuser_run").parse_args(shlex.split(command)[2:])
+    assert (args.steps, args.width, args.height) == (20, 256, 256)
 
 
 def test_extra_model_paths_are_read_as_comfyui_reads_them(comfyui, tmp_path, monkeypatch):

@@ -72,26 +72,13 @@ class UNetCalls:
 # --- ControlNet ---------------------------------------------------------------------------------------------
 
 
-def tiny_controlnet(seed: int):
-    """A ControlNet of the tiny UNets' structure with random (not zero) output convolutions, so it acts."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-
-    config = {k: v for k, v in tiny_comfy.TINY_UNET_CONFIG.items() if k != "out_channels"}
-    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="cpu",
-                                               operations=comfy.ops.disable_weight_init, **config)
-    tiny_comfy.randomise(control_model, seed)
-    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"), manual_cast_dtype=None)
-
-
 CONTROL_STRENGTH = 0.3  # a random tiny ControlNet at full strength swamps the tiny UNet
 
 
 @pytest.fixture(scope="module")
 def control(comfyui):
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
-    return tiny_controlnet(3), hint
+    return tiny_comfy.controlnet(3), hint
 
 
 def apply_advanced(comfyui, positive, negative, control):
@@ -132,12 +119,9 @@ def test_a_controlnet_on_the_prompt_acts_on_both_branches_of_both_models(comfyui
 def lora_hooks(comfyui, models, tmp_path_factory):
     """Create Hook LoRA on a LoRA file (ComfyUI's full-difference format) for the tiny UNets' output conv."""
     import folder_paths
-    import safetensors.torch
 
     folder = tmp_path_factory.mktemp("loras")
-    weight = models[0].model.state_dict()["diffusion_model.out.2.weight"]
-    diff = torch.randn(weight.shape, generator=torch.Generator().manual_seed(8)) * 0.5
-    safetensors.torch.save_file({"diffusion_model.out.2.diff": diff}, str(folder / "tiny_hook.safetensors"))
+    tiny_comfy.write_lora(models[0], folder / "tiny_hook.safetensors")
     folder_paths.add_model_folder_path("loras", str(folder))
     folder_paths.filename_list_cache.pop("loras", None)
     (hooks,) = comfyui.run("CreateHookLora", lora_name="tiny_hook.safetensors", strength_model=1.0, strength_clip=0.0)

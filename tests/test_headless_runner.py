@@ -158,10 +158,14 @@ def test_a_checkpoint_the_server_lacks_is_taken_in_its_other_format():
 FAKE_COMFYUI_MAIN = """
 import argparse, http.server, json, pathlib, sys
 pathlib.Path("argv.json").write_text(json.dumps(sys.argv[1:]))
+pathlib.Path("prefix").write_text(sys.prefix)  # which Python started it
 mode = pathlib.Path("mode").read_text()
 if mode == "crash":
     print("boom: the fake ComfyUI cannot start")
     sys.exit(3)
+if mode == "no PIL":  # what ComfyUI prints when started with a Python that lacks its requirements
+    print("ModuleNotFoundError: No module named 'PIL'")
+    sys.exit(1)
 if mode == "no cuda":  # what ComfyUI prints when started without --cpu on a CPU-only torch
     print("\\n".join(f"log line {number} " + "x" * 60 for number in range(100)))
     print("AssertionError: Torch not compiled with CUDA enabled")
@@ -373,25 +377,53 @@ def test_runs_each_shipped_workflow_with_uploaded_faces_and_overrides(server, tm
     assert "submitted to" in captured.out and "saved" in captured.out
     # ComfyUI's step progress, relayed from its websocket; plain lines, as capsys is no terminal.
     sampler = "SamplerCustomAdvanced" if name == "facediffuser_custom_sampling" else "FaceDiffuserSNFSampler"
-    assert re.search(rf"^  node \d+ \({sampler}\): step 3/3$", captured.out, re.M), captured.out
+    assert re.search(rf"^  node \d+ \({sampler}\): step 3/3, [\d:]+ elapsed$", captured.out, re.M), captured.out
     if name == "facediffuser_custom_sampling":
         # The saliency preview's pictures come back too: 4 panels per image of the batch.
         assert len([p for p in output.glob("*.png") if p not in generated and "temp" in p.name.lower()]) >= 8
 
 
-def test_a_face_count_that_the_prompt_does_not_match_is_comfyuis_error(server, tmp_path, capsys):
+def test_a_photo_without_a_face_is_named_by_its_file_in_the_error(server, tmp_path, capsys):
+    """The node says 'image 1 of the batch'; the user gave files: the runner says which one."""
     import tiny_install
 
     tiny_install.install_models(server.models_dir)
-    (photo,) = tiny_install.write_face_photos(tmp_path / "photos", names=("solo.png",))
-    path = tmp_path / "one.json"
-    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_single_subject")))
-    code = runner.main([str(path), "--server", server.url, "--face", str(photo), "--prompt", "a man <|image|> and a woman <|image|>",
+    face, = tiny_install.write_face_photos(tmp_path / "photos", names=("with_a_face.png",))
+    blank = tmp_path / "photos" / "wall.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(blank)
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_two_subjects")))
+    code = runner.main([str(path), "--server", server.url, "--face", str(face), "--face", str(blank),
                         "--output", str(tmp_path / "out"), "--timeout", "300"])
-    assert code == 1
     message = capsys.readouterr().err
-    assert "ComfyUI failed in node" in message and "(FaceDiffuserSubjectPrompt): ValueError" in message
-    assert "2 <|image|> markers but 1 reference face" in message
+    assert code == 1, message
+    assert "no face found in image 1 of the batch" in message
+    assert message.rstrip().endswith(f"(photo 1 is --face {blank})")
+
+
+def test_previews_comfyui_reused_from_an_earlier_run_are_not_saved_again(server, tmp_path, capsys):
+    """The same face twice on one server: the second run's face crops are the first run's (ComfyUI's cache); they
+    are neither reported as saved nor copied again, while the new picture is."""
+    import tiny_install
+
+    tiny_install.install_models(server.models_dir)
+    photo, = tiny_install.write_face_photos(tmp_path / "photos", names=("cached_face.png",))
+    path = tmp_path / "single.json"
+    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_single_subject")))
+    output = tmp_path / "out"
+    runs = []
+    for seed in ("1", "2"):
+        code = runner.main([str(path), "--server", server.url, "--face", str(photo), "--seed", seed, "--output", str(output),
+                            "--timeout", "300"])
+        runs.append(capsys.readouterr())
+        assert code == 0, runs[-1].err + server.log_tail()
+    first_saved = re.findall(r"^saved (.*)$", runs[0].out, re.M)
+    previews = [name for name in first_saved if "temp" in Path(name).name]
+    assert previews, runs[0].out  # the face crop of the Encode Reference Faces' preview
+    second_saved = re.findall(r"^saved (.*)$", runs[1].out, re.M)
+    assert len(second_saved) == 1 and "temp" not in Path(second_saved[0]).name and second_saved[0] not in first_saved
+    assert re.search(r"^not saved again: 1 preview picture\(s\) of node\(s\) \d+, which ComfyUI reused", runs[1].out, re.M)
+    assert sorted(output.iterdir()) == sorted(Path(name) for name in first_saved + second_saved)
 
 
 # --- best of N ---------------------------------------------------------------------------------------------
@@ -526,7 +558,7 @@ def test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so(tmp_
 
 def test_a_comfyui_that_needs_cpu_gets_a_hint_with_the_users_arguments_and_a_tail_from_a_line_start(
         tmp_path, capsys, nothing_at_the_default_address, monkeypatch):
-    monkeypatch.setattr(own_comfyui, "torch_sees_a_gpu", lambda: None)  # a torch whose devices cannot be told
+    monkeypatch.setattr(own_comfyui, "torch_sees_a_gpu", lambda python=None: None)  # a torch whose devices cannot be told
     root = fake_comfyui(tmp_path, "no cuda")
     with pytest.raises(http_api.RunError) as raised:
         with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root), "--comfyui-args", "--lowvram"])):
@@ -603,19 +635,44 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
 
     workflow = {"8": {"class_type": "FaceDiffuserSNFSampler", "inputs": {}}}
     for stream in (io.StringIO(), Terminal()):
-        display = ProgressDisplay(workflow, stream)
+        now = [0.0]
+        display = ProgressDisplay(workflow, stream, clock=lambda: now[0])
         display.state("running")
         for step in range(1, 51):
+            now[0] += 2.0
             display.step((step, 50, "8"))
         display.state("finishing")
         display.close()
         text = stream.getvalue()
         if stream.isatty():
-            assert text.count("\r") == 50 and "\r  node 8 (FaceDiffuserSNFSampler) [" + "#" * 30 + "] 50/50\n  finishing\n" in text
+            assert text.count("\r") == 50
+            assert re.search(r"\r  node 8 \(FaceDiffuserSNFSampler\) \[#{30}\] 50/50, 1:40 elapsed *\n  finishing\n", text)
         else:
             lines = text.splitlines()
             assert lines[0] == "  running" and lines[-1] == "  finishing" and "\r" not in text
-            assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50" for step in (1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50)]
+            assert lines[1:-1] == [f"  node 8 (FaceDiffuserSNFSampler): step {step}/50, {timing}" for step, timing in (
+                (1, "0:02 elapsed"), (5, "0:10 elapsed, about 1:30 left"), (10, "0:20 elapsed, about 1:20 left"),
+                (15, "0:30 elapsed, about 1:10 left"), (20, "0:40 elapsed, about 1:00 left"), (25, "0:50 elapsed, about 0:50 left"),
+                (30, "1:00 elapsed, about 0:40 left"), (35, "1:10 elapsed, about 0:30 left"), (40, "1:20 elapsed, about 0:20 left"),
+                (45, "1:30 elapsed, about 0:10 left"), (50, "1:40 elapsed"))]
+
+
+def test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed(server, tmp_path, monkeypatch, capsys):
+    """The README's CPU command, words as printed, with the shipped workflow as shipped but for what the command sets;
+    the default address is the test server's, where the tiny models stand in for the real ones."""
+    import tiny_install
+    from test_readme_commands import arguments, runner_small_picture_commands
+
+    tiny_install.install_models(server.models_dir)
+    monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)
+    monkeypatch.chdir(tmp_path)
+    (command,) = runner_small_picture_commands()
+    tiny_install.write_face_photos(tmp_path, names=("me.jpg",))
+    assert runner.main(arguments(command)) == 0, capsys.readouterr().err + server.log_tail()
+    out = capsys.readouterr().out
+    assert re.search(r"^  node \d+ \(FaceDiffuserSNFSampler\): step 20/20, [\d:]+ elapsed$", out, re.M), out
+    (picture,) = (tmp_path / "facediffuser_output").glob("facediffuser_0*.png")
+    assert Image.open(picture).size == (256, 256)
 
 
 def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_path, monkeypatch, capsys):

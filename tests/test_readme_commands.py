@@ -8,8 +8,9 @@ What the runs substitute, and nothing else: HOME (so `~/ComfyUI` is a scratch co
 FACEDIFFUSER_INSIGHTFACE_SOURCE (a loopback hub stand-in instead of the internet), pip's index (a closed loopback
 port: every requirement is already installed, nothing is downloaded), git's address of the pack (this working
 tree), for the batch client and the runner the servers' addresses (real ComfyUIs on free loopback ports), the
-batch's jobs file's content (test_batch.py), and for the runner the default address too and the size of the shipped
-workflows (test_headless_runner.py)."""
+batch's jobs file's content (test_batch.py), for the runner the default address too and the size of the shipped
+workflows (test_headless_runner.py), and for the GPU kit's preparation pip's index (the wheels .ci/run prepared, as
+pip's find-links, test_gpu_kit_comfyui.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from dev.benchmarks import cli as benchmarks_cli
 from facediffuser_devkit import comfy_harness
 import pack_scripts
 from test_first_run_check import fake_comfyui
@@ -33,10 +35,9 @@ DOCUMENTS = [README, *sorted((comfy_harness.REPO_ROOT / "docs").glob("*.md"))]
 runner = pack_scripts.load("facediffuser_run")
 setup = pack_scripts.load("facediffuser_setup")
 batch = pack_scripts.load("facediffuser_batch")
-benchmark = pack_scripts.load("benchmark")
 
 # The first word of a command line, after environment assignments: a program or a script of the pack.
-COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
+COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ +)*(?:python3?|pip|git|cd|ray|comfy|bash|apt-get|scripts/\S+|\S*python\S*\.exe|\S+\.sh)(?: |$)")
 # Code blocks that show something other than commands, by how they start.
 NOT_COMMANDS = {
     "no ComfyUI answers at": "the runner's output",
@@ -166,6 +167,11 @@ def batch_server_commands() -> list[str]:
     return commands_of("python scripts/facediffuser_batch.py", "--server")
 
 
+def runner_small_picture_commands() -> list[str]:
+    """The README's first picture for a CPU: the quick start's command at a smaller size, in fewer steps."""
+    return commands_of("python scripts/facediffuser_run.py --face", "--steps 20 --width 256 --height 256")
+
+
 def runner_workflow_commands() -> list[str]:
     """The runner's commands that name a workflow file (the quick start's names none), but for best of N."""
     return [c for c in commands_of("python scripts/facediffuser_run.py") if not arguments(c)[0].startswith("-") and "--candidates" not in c]
@@ -184,6 +190,14 @@ def plain_python_commands() -> list[str]:
     return commands_of("python -c")
 
 
+def gpu_kit_rehearsal_commands() -> list[str]:
+    return commands_of("dev/gpu_kit/run.sh", "--device cpu")
+
+
+def gpu_kit_preparation_commands() -> list[str]:
+    return commands_of("python -m dev.gpu_kit.prepare")
+
+
 RUN = {  # test that runs them as printed: the commands it runs
     "test_first_picture.py::test_the_readmes_quick_start_as_printed_reaches_a_picture_on_a_cpu_only_machine": quick_start,
     "test_readme_commands.py::test_the_install_commands_run_as_printed": install_commands,
@@ -192,12 +206,20 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
+    "test_headless_runner.py::test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed": runner_small_picture_commands,
     "test_runner_regions.py::test_the_readmes_regions_commands_run_as_printed": runner_regions_commands,
     # the lock written to a scratch file beside the real one, which it must equal
     "test_schema_lock_comfyui.py::test_the_regeneration_command_writes_the_lock": schema_lock_commands,
+    # in a copy of the working tree whose kit holds COMFYUI_PATH's tree
+    "test_gpu_kit_comfyui.py::test_the_kit_rehearses_every_measurement_on_this_cpu_as_printed": gpu_kit_rehearsal_commands,
+    # pip finding the wheels .ci/run prepared (skipped where none were prepared)
+    "test_gpu_kit_comfyui.py::test_the_preparation_runs_as_printed_with_the_wheels_ci_prepared": gpu_kit_preparation_commands,
 }
 
 EXEMPT = {  # command -> (why it cannot run here, what the README says beside it)
+    "dev/gpu_kit/run.sh --out gpu-kit-results": ("an NVIDIA GPU (its CPU form runs in test_gpu_kit_comfyui.py)", "not tested here"),
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.gpu_kit --out gpu-kit-results":
+        ("an NVIDIA GPU (its CPU form runs in test_gpu_kit_comfyui.py)", "not tested here"),
     "comfy node install facediffuser": ("comfy-cli installs from the Comfy Registry: the internet", "not tested here"),
     '..\\..\\..\\python_embeded\\python.exe -m pip install -r requirements.txt': ("Windows", "not tested here"),
     "python -m pip install insightface && python -m pip uninstall -y onnxruntime && python -m pip install onnxruntime-gpu":
@@ -218,20 +240,23 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/comfyui-0.17.0:~/comfyui-0.33.0 scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
+    "apt-get install -y chromium": ("a system package, installed as root: no test installs one", "CI (`.ci/run`) installs it"),
 }
 
 MEASURES = ("minutes of measurement (the README's figures); test_benchmark_comfyui.py runs its modes' code at a reduced size")
 
 PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as printed)
+    "python scripts/facediffuser_setup.py --verify":
+        "it reads the models in place against the hub: test_setup.py::test_verify_compares_a_file_verified_before_again runs "
+        "--verify against the hub stand-in",
     "python scripts/facediffuser_run.py my_workflow_with_identity.json --face me.jpg --seed 1 --candidates 8 --keep-best 2 --output best/":
         "8 runs, a minute and more here: test_headless_runner.py::test_best_of_n_keeps_the_best_pictures_and_writes_every_seeds_scores "
         "runs best of N with 3 candidates and --keep-best 2",
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --quick": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --device cuda": "an NVIDIA GPU",
-    "python scripts/benchmark.py": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --null-unet": MEASURES,
-    "COMFYUI_PATH=~/ComfyUI python scripts/benchmark.py --regions --latent 64": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --quick": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --device cuda": "an NVIDIA GPU",
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --null-unet": MEASURES,
+    "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --regions --latent 64": MEASURES,
     "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "72 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
@@ -241,7 +266,7 @@ PARSERS = {  # script -> its own argument parser, for the commands that are only
     "scripts/facediffuser_run.py": runner.parse_args,
     "scripts/facediffuser_setup.py": setup.parse_args,
     "scripts/facediffuser_batch.py": batch.parse_args,
-    "scripts/benchmark.py": benchmark.parse_arguments,
+    "-m dev.benchmarks": benchmarks_cli.parse_arguments,
     "scripts/identity_benchmark.py": pack_scripts.load("identity_benchmark").parse_args,
 }
 
@@ -307,8 +332,13 @@ def plain_env(tmp_path: Path, **more: str) -> dict:
 @pytest.mark.parametrize("command", check_commands())
 def test_the_readmes_check_and_dry_run_commands_report_without_a_traceback(command, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")  # also `~/ComfyUI`, HOME being tmp_path
-    result = run_typed(command, comfy_harness.REPO_ROOT, plain_env(tmp_path, COMFYUI_PATH=str(comfyui)), timeout=120)
+    if "--comfyui-python ~/ComfyUI/venv" in command:  # ComfyUI's venv, with nothing installed in it
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(comfyui / "venv")],
+                       check=True, capture_output=True, timeout=300)
+    result = run_typed(command, comfy_harness.REPO_ROOT, plain_env(tmp_path, COMFYUI_PATH=str(comfyui)), timeout=300)
     assert result.returncode in (0, 1) and ("first-run check" in result.stdout or "Dry run" in result.stdout), result.stdout + result.stderr
+    if "--comfyui-python" in command:
+        assert f"[  ok   ] Python: {'.'.join(map(str, sys.version_info[:3]))} at {comfyui / 'venv' / 'bin' / 'python'}" in result.stdout
 
 
 def test_the_python_one_liners_run_as_printed(tmp_path):

@@ -12,7 +12,8 @@ import functools
 import pytest
 import torch
 
-from test_graphs_comfyui import apply_advanced, tiny_controlnet
+from facediffuser_devkit import tiny_comfy
+from test_graphs_comfyui import apply_advanced
 from test_regions_comfyui import HEIGHT, ROWS, WIDTH, halves, sample, subject_conds
 
 EVERYWHERE = torch.ones(2, HEIGHT * 8, WIDTH * 8)
@@ -116,7 +117,7 @@ def test_a_controlnet_on_augmented_keeps_the_regions(comfyui, models, monkeypatc
     tdm, sdm = models
     conds = subject_conds(comfyui)
     hint = torch.rand(1, HEIGHT * 8, WIDTH * 8, 3, generator=torch.Generator().manual_seed(4))
-    augmented, text = apply_advanced(comfyui, conds["augmented"], conds["text"], (tiny_controlnet(3), hint))
+    augmented, text = apply_advanced(comfyui, conds["augmented"], conds["text"], (tiny_comfy.controlnet(3), hint))
     wired = dict(conds, augmented=augmented, text=text)
     calls = reach(comfyui, monkeypatch, tdm, sdm, wired, lambda keys: [*ROWS, keys - 2, keys - 1], regions=halves(comfyui))
     assert any(kind == 0 for _, _, kind, _ in per_chunk(calls))

@@ -144,6 +144,17 @@ def test_a_complete_setup_downloads_nothing(hub, tmp_path):
     assert "SDM in place:" in result.stdout and "TDM in place:" in result.stdout and "insightface in place: buffalo_l" in result.stdout
 
 
+def test_a_dry_run_with_nothing_to_do_says_so_after_what_is_in_place(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    args = install_args(comfyui, serve_everything(hub))
+    assert run_setup(hub.url, tmp_path, *args).returncode == 0
+    lines = run_setup(hub.url, tmp_path, "--dry-run", *args).stdout.splitlines()
+    in_place = [n for n, line in enumerate(lines) if " in place: " in line]
+    (verdict,) = [n for n, line in enumerate(lines) if "nothing to do" in line]
+    assert len(in_place) == 3 and verdict > max(in_place), lines
+    assert lines[verdict] == "Dry run: nothing to do, all of the above is in place."
+
+
 def test_dry_run_says_what_it_would_do_and_touches_nothing(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     result = run_setup(hub.url, tmp_path, "--dry-run", *install_args(comfyui, serve_everything(hub)))
@@ -173,6 +184,10 @@ def test_offline_names_the_manual_steps(tmp_path):
     assert "Trying to resume" not in result.stdout + err and "Error while downloading" not in result.stdout + err
     assert "buffalo_l.zip: the download did not start" in err
     assert leftovers(tmp_path) == []
+    # The check's verdict after it does not send the user back to the same download without the way around it.
+    verdict = result.stdout.split("What to do next:", 1)[1]
+    insightface = next(line for line in verdict.splitlines() if "insightface models:" in line)
+    assert "--insightface-source <the zip>" in insightface
 
 
 def test_ctrl_c_keeps_what_arrived_says_how_to_resume_and_exits_130(hub, tmp_path):
@@ -192,9 +207,32 @@ def test_ctrl_c_keeps_what_arrived_says_how_to_resume_and_exits_130(hub, tmp_pat
     out, err = setup_run.communicate(timeout=60)
     assert setup_run.returncode == 130, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert err.strip().splitlines() == [setup.INTERRUPTED]
     (kept,) = leftovers(tmp_path)
     assert kept.stat().st_size > 0
+    assert err.strip().splitlines() == [f"interrupted: what arrived is kept: {kept} ({kept.stat().st_size / 1e6:.1f} MB); "
+                                        f"run the set-up again to resume"]
+
+
+def test_ctrl_c_before_anything_arrived_does_not_say_something_was_kept(hub, tmp_path):
+    """huggingface_hub writes what arrives in chunks of 10 MiB: a Ctrl-C before the first one leaves nothing to resume."""
+    import signal
+    import time
+
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    serve_everything(hub, sdm=checkpoint_bytes(SDM_KEYS, extra_floats=4 * 2**20), stall_after=2**20)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    setup_run = subprocess.Popen([sys.executable, str(SCRIPT), *install_args(comfyui, hub.url + "/none.zip")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (leftovers(tmp_path) and [r for r in hub.gets() if r.path.endswith("SDM/pytorch_model.bin")]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)  # the first MiB is on its way, well short of a chunk
+    setup_run.send_signal(signal.SIGINT)
+    out, err = setup_run.communicate(timeout=60)
+    assert setup_run.returncode == 130, out + err
+    assert leftovers(tmp_path) == []
+    assert err.strip().splitlines() == ["interrupted: no partial download is left to resume (none had arrived yet); what is in "
+                                        "place stays; run the set-up again to go on"]
 
 
 def test_a_file_in_place_is_verified_against_the_hub_once_and_a_damaged_one_is_reported(hub, tmp_path):
@@ -226,6 +264,49 @@ def test_a_file_in_place_is_verified_against_the_hub_once_and_a_damaged_one_is_r
     assert f"{sdm} is damaged: it has the size of the hub's SDM/pytorch_model.bin but not its content" in damaged.stderr
     assert "Delete it and run the set-up again" in damaged.stderr
     assert sdm.read_bytes() == bytes(content)
+    # Neither the set-up's verdict nor the check sends the user back to the set-up to check the file again.
+    checked_again = subprocess.run([sys.executable, str(pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"), "--comfyui", str(comfyui)],
+                                   capture_output=True, text=True, timeout=120)
+    for verdict in (damaged.stdout, checked_again.stdout):
+        assert f"[problem] SDM model: {sdm} is damaged: the set-up found its content differs from the hub's" in verdict
+        assert f"SDM model: delete {sdm}, then run `python scripts/facediffuser_setup.py`: it downloads the hub's file anew" in verdict
+        assert "it checks the file against the hub's sha256" not in verdict
+    sdm.unlink()
+    again = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
+    assert again.returncode == 0 and "All set." in again.stdout, again.stdout + again.stderr
+
+
+def test_verify_compares_a_file_verified_before_again(hub, tmp_path):
+    """A file altered in place with its size and date kept passes for verified; --verify reads it again."""
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    args = install_args(comfyui, serve_everything(hub, sdm=checkpoint_bytes(SDM_KEYS, extra_floats=2**16)))
+    assert run_setup(hub.url, tmp_path, *args).returncode == 0
+    sdm = comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin"
+    stat = sdm.stat()
+    content = bytearray(sdm.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    sdm.write_bytes(bytes(content))
+    os.utime(sdm, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    unchecked = run_setup(hub.url, tmp_path, *args)
+    assert unchecked.returncode == 0 and "verifying" not in unchecked.stdout
+    verified = run_setup(hub.url, tmp_path, "--verify", *args)
+    assert verified.returncode == 1
+    assert f"verify {sdm} against the hub's sha256 (--verify)" in verified.stdout
+    assert "facediffuser_tdm.bin matches the hub's sha256" in verified.stdout
+    assert f"{sdm} is damaged" in verified.stderr
+
+
+def test_a_pack_without_its_recognition_model_is_completed_from_its_zip(hub, tmp_path):
+    """The check's fix for it is the set-up; the set-up then completes the pack instead of calling it in place."""
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    pack = comfyui / "models" / "insightface" / "models" / "buffalo_l"
+    pack.mkdir(parents=True)
+    (pack / "det_10g.onnx").write_bytes(b"onnx det_10g.onnx")  # the detector only, as from a partial copy
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "complete (its w600k_r50.onnx is missing) insightface buffalo_l" in result.stdout
+    assert sorted(p.name for p in pack.iterdir()) == sorted(BUFFALO_FILES)
+    assert "[  ok   ] insightface recognition model:" in result.stdout
 
 
 def test_extra_model_paths_default_folders_receive_the_files_and_other_folders_count(hub, tmp_path):
@@ -316,3 +397,84 @@ def test_convert_writes_fp16_safetensors_with_the_packs_converter(hub, tmp_path)
     again = run_setup(hub.url, tmp_path, "--convert", *install_args(comfyui, zip_url))
     assert again.returncode == 0 and "convert SDM" not in again.stdout and "SDM in place" in again.stdout
     assert [r for r in hub.requests if not r.path.startswith("/api/")] == []
+
+
+def on_a_terminal(command: list[str], env: dict, columns: int, timeout: float = 300) -> str:
+    """What `command` writes to a terminal (a pseudo-terminal of `columns` columns, 0: one that reports no width)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    written, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # the terminal closed: the command ended
+                    break
+                if not chunk:
+                    break
+                written += chunk
+            elif process.poll() is not None:
+                break
+        assert process.wait(timeout=60) in (0, 1), written.decode(errors="replace")
+    finally:
+        os.close(controller)
+    return written.decode(errors="replace")
+
+
+@pytest.mark.parametrize("columns", [100, 0])
+def test_download_progress_is_drawn_on_a_terminal(hub, tmp_path, columns):
+    """One line per download, redrawn in place: what arrived of how much, the speed, the time. huggingface_hub's own
+    bar (tqdm) sizes itself to the terminal's width, and on a terminal that reports none (a serial console, a
+    pseudo-terminal no one sized, some IDE and CI consoles) it drew nothing at all."""
+    from test_runner_progress import screen
+
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    sdm = checkpoint_bytes(SDM_KEYS, extra_floats=6 * 2**20)  # 24 MB: three of huggingface_hub's chunks
+    args = install_args(comfyui, serve_everything(hub, sdm=sdm))
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "TERM": "xterm"}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    text = on_a_terminal([sys.executable, str(SCRIPT), *args], env, columns)
+    assert "%|" not in text  # no second bar from huggingface_hub
+    assert text.count("\r  facediffuser_sdm.bin: ") >= 3, text  # redrawn as the chunks arrive
+    total = f"{len(sdm) / 1e6:.1f}"
+    assert any(line.startswith(f"  facediffuser_sdm.bin: {total} of {total} MB (100%), ") and " elapsed" in line
+               for line in screen(text.replace("\r\n", "\n")))
+
+
+def test_download_progress_is_lines_when_piped(hub, tmp_path):
+    comfyui = fake_comfyui(tmp_path / "ComfyUI")
+    result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub)))
+    total = f"{len(SDM_BYTES) / 1e6:.1f}"
+    assert f"\n  facediffuser_sdm.bin: {total} of {total} MB (100%), " in result.stdout and "\r" not in result.stdout
+
+
+def test_download_progress_lines_piped_each_tenth_and_the_last_state():
+    now = [0.0]
+    stream = io.StringIO()
+    progress = setup.DownloadProgress("model.bin", 100 * 10**6, 20 * 10**6, stream, clock=lambda: now[0])
+    for have in range(25, 101, 5):  # 5 MB a second, from the 20 MB kept by an earlier run
+        now[0] += 1.0
+        progress.show(have * 10**6)
+    progress.end()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "  model.bin: 25.0 of 100.0 MB (25%), 5.0 MB/s, 0:01 elapsed, about 0:15 left"
+    assert lines[-1] == "  model.bin: 100.0 of 100.0 MB (100%), 5.0 MB/s, 0:16 elapsed"
+    assert len(lines) == 9  # 20 % was there already: a line per tenth from 20 % to 100 %
+
+    stream = io.StringIO()
+    unsized = setup.DownloadProgress("pack.zip", None, 0, stream, clock=lambda: now[0])
+    for have in (30, 60, 90, 120, 150):
+        unsized.show(have * 10**6)
+    unsized.end()
+    assert [line.split(",")[0] for line in stream.getvalue().splitlines()] == [
+        "  pack.zip: 30.0 MB", "  pack.zip: 120.0 MB", "  pack.zip: 150.0 MB"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pack_scripts
 from facediffuser_devkit import tiny_comfy
 
 SETTINGS = dict(seed=11, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
@@ -18,10 +17,11 @@ def sweep(comfyui, tdm, sdm, conds, alphas, betas, latent=None, **overrides):
 
 
 def test_each_cell_is_the_snf_samplers_picture_and_the_models_load_once(comfyui, conds):
-    benchmark = pack_scripts.load("benchmark")
+    from dev.benchmarks import instruments
+
     tdm, sdm = tiny_comfy.sd15_patcher(5), tiny_comfy.sd15_patcher(6)  # fresh: never loaded before
     names = {id(tdm.model): "tdm", id(sdm.model): "sdm"}
-    spy = benchmark.LoadSpy(names, benchmark.UNetMeter({}, "cpu"))  # only load events are read
+    spy = instruments.LoadSpy(names, instruments.UNetMeter({}, "cpu"))  # only load events are read
     import comfy.model_patcher
 
     with spy.watching(comfy.model_patcher.ModelPatcher):

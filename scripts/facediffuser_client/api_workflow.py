@@ -24,7 +24,12 @@ OVERRIDE_TARGETS: dict[str, list[tuple[str, str]]] = {
     "alpha": [("FaceDiffuserSNFSampler", "alpha"), ("FaceDiffuserGuider", "alpha")],
     "beta": [("FaceDiffuserSNFSampler", "beta"), ("FaceDiffuserGuider", "beta")],
     "batch_size": [("EmptyLatentImage", "batch_size")],
+    "width": [("EmptyLatentImage", "width")],
+    "height": [("EmptyLatentImage", "height")],
 }
+
+# The latent is an eighth of the picture on each side: ComfyUI floors any other size to a multiple of 8.
+PICTURE_SIZE_STEP = 8
 
 
 def is_link(value) -> bool:

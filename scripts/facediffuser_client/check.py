@@ -1,7 +1,8 @@
-"""The first-run check's findings: ComfyUI and its version, torch and its device, insightface and onnxruntime (the
-execution providers that actually work, conflicting builds), and every model file, each with the fix when it is
-not in place. It only reads, and needs nothing but the standard library, so that it also runs, and says what is
-missing, on a bare Python (torch, insightface and onnxruntime are imported only to be checked).
+"""The first-run check's findings: the Python it runs under (ComfyUI's, or plainly not), ComfyUI and its version, what
+ComfyUI imports at start (its requirements, probed in a process of ComfyUI's Python), torch and its device,
+insightface and onnxruntime (the execution providers that actually work, conflicting builds), and every model file,
+each with the fix when it is not in place. It only reads, and needs nothing but the standard library, so that it also
+runs, and says what is missing, on a bare Python (torch, insightface and onnxruntime are imported only to be checked).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import json
 import pickletools
 import re
 import struct
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import comfyui_python
 from .pack import PACK_ROOT, core
 
 packs, model_folders = core("insightface_packs"), core("model_folders")
@@ -40,6 +43,15 @@ ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-dire
 
 OK, MISSING, PROBLEM, INFO = "ok", "missing", "problem", "info"
 
+REQUIREMENTS = "ComfyUI's requirements"
+REQUIREMENTS_PROBE = Path(__file__).with_name("comfyui_requirements_probe.py")
+REQUIREMENTS_PROBE_TIMEOUT_S = 600.0
+NOT_INSTALLED = "not installed"  # the probe's word for a requirement without its distribution
+# Written in a command in place of this Python when this one is plainly not ComfyUI's: never advise installing into it.
+COMFYUIS_PYTHON = "<ComfyUI's python>"
+
+# What every shipped workflow needs: a ComfyUI that starts.
+BASE_NEEDS = ("Python", "ComfyUI", REQUIREMENTS, "torch")
 # What each node of the shipped workflows needs in place, by the subject of the finding that reports it.
 NODE_NEEDS = {
     "FaceDiffuserSDMLoader": ("SDM model",),
@@ -64,12 +76,88 @@ def parse_version(text: str) -> tuple[int, ...]:
 # --- ComfyUI and Python -----------------------------------------------------------------------------------
 
 
-def check_python() -> Finding:
+def check_python(found: str, not_installed: list[str], essential: int, script: str) -> Finding:
+    """This Python: ComfyUI's when it was found beside ComfyUI or named (`found` says how); otherwise plainly not
+    ComfyUI's when torch, or half of what ComfyUI needs to start (`essential` packages), is not installed in it."""
     version = ".".join(map(str, sys.version_info[:3]))
+    where = f"{version} at {sys.executable}"
     if sys.version_info[:2] < MIN_PYTHON:
-        return Finding(PROBLEM, "Python", f"{version} at {sys.executable}",
-                       f"Face-diffuser needs Python {'.'.join(map(str, MIN_PYTHON))} or newer")
-    return Finding(OK, "Python", f"{version} at {sys.executable}")
+        return Finding(PROBLEM, "Python", where, f"Face-diffuser needs Python {'.'.join(map(str, MIN_PYTHON))} or newer")
+    if found:
+        return Finding(OK, "Python", f"{where} (ComfyUI's: {found})")
+    if "torch" in not_installed or (essential and 2 * len(not_installed) >= essential):
+        listed = f"{', '.join(not_installed[:6])}{', ...' if len(not_installed) > 6 else ''}"
+        lacking = (f"{len(not_installed)} of the {essential} packages ComfyUI needs to start are not installed in it ({listed})"
+                   if essential else "torch is not installed in it")
+        return Finding(
+            PROBLEM, "Python",
+            f"{where}: {lacking}, so it is not the Python that runs ComfyUI, and none was found beside ComfyUI (venv/, .venv/, "
+            f"python_embeded/)",
+            f"run this with the Python that runs ComfyUI (`<its python> scripts/{script}.py`), or name it: "
+            f"{comfyui_python.OPTION} <its python, or its venv or conda environment's folder>")
+    return Finding(OK, "Python", where)
+
+
+def torchvision_fix(torch_version: str | None, python: str) -> str:
+    """The torchvision built for this torch: torch 2.N pairs with torchvision 0.(N+15), from the index torch came
+    from (its local version: +cpu, +cu124, ...); a torchvision from elsewhere lacks its C++ operators for this torch."""
+    match = re.fullmatch(r"2\.(\d+)\.(\d+)(?:\+(\w+))?", torch_version or "")
+    if match is None:
+        return f"install the torchvision built for your torch ({torch_version}): pytorch.org's install selector gives the command"
+    minor, patch, build = match.groups()
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    return (f"install the torchvision built for torch {torch_version}, from the index torch came from: "
+            f"`{python} -m pip install --force-reinstall --no-deps torchvision==0.{int(minor) + 15}.{patch}{index}`")
+
+
+@dataclass
+class RequirementsProbe:
+    """What comfyui_requirements_probe.py said in a process of this Python: each requirement -> "" when it imports,
+    NOT_INSTALLED, or its error; torch's version; or, when the probe itself failed, why."""
+    requirements_txt: Path
+    results: dict[str, str]
+    torch_version: str | None = None
+    failure: str = ""
+
+    @property
+    def not_installed(self) -> list[str]:
+        return [name for name, why in self.results.items() if why == NOT_INSTALLED]
+
+
+def probe_comfyui_requirements(root: Path | None) -> RequirementsProbe | None:
+    """What ComfyUI imports at start (its requirements.txt above '#non essential'), imported in a process of this
+    Python; None without a requirements.txt."""
+    requirements_txt = root / "requirements.txt" if root is not None else None
+    if requirements_txt is None or not requirements_txt.is_file():
+        return None
+    try:
+        probe = subprocess.run([sys.executable, str(REQUIREMENTS_PROBE), str(requirements_txt)], capture_output=True, text=True,
+                               timeout=REQUIREMENTS_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return RequirementsProbe(requirements_txt, {}, failure=f"{type(error).__name__}: {error}")
+    try:
+        answer = json.loads(probe.stdout.strip().splitlines()[-1])
+        return RequirementsProbe(requirements_txt, answer["requirements"], answer["torch"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        return RequirementsProbe(requirements_txt, {}, failure=probe.stderr.strip()[-500:] or f"exit status {probe.returncode}")
+
+
+def check_comfyui_requirements(probe: RequirementsProbe, python: str) -> Finding:
+    if probe.failure:
+        return Finding(PROBLEM, REQUIREMENTS, f"importing them in {sys.executable} failed: {probe.failure}",
+                       f"reinstall ComfyUI's requirements: `{python} -m pip install -r {probe.requirements_txt}`")
+    broken = {name: why for name, why in probe.results.items() if why and why != NOT_INSTALLED}
+    if not probe.not_installed and not broken:
+        return Finding(OK, REQUIREMENTS, f"the {len(probe.results)} packages ComfyUI needs to start import ({probe.requirements_txt})")
+    problems = [f"{name} {NOT_INSTALLED}" for name in probe.not_installed] + [f"{name} ({why})" for name, why in broken.items()]
+    fixes = [f"install them: `{python} -m pip install -r {probe.requirements_txt}`"] if probe.not_installed else []
+    if "torchvision::" in broken.get("torchvision", ""):
+        fixes.append(torchvision_fix(probe.torch_version, python))
+        del broken["torchvision"]
+    if broken:
+        fixes.append(f"reinstall what does not import: `{python} -m pip install --force-reinstall {' '.join(sorted(broken))}`")
+    return Finding(PROBLEM, REQUIREMENTS, f"some of the packages ComfyUI needs to start do not import in {sys.executable}: "
+                                          f"{'; '.join(problems)}", "; ".join(fixes))
 
 
 def check_comfyui(root: Path | None, explicit: Path | None) -> Finding:
@@ -120,20 +208,20 @@ def onnxruntime_build(cuda_gpu: bool) -> str:
     return "onnxruntime-gpu" if cuda_gpu else "onnxruntime"
 
 
-def insightface_install_command(cuda_gpu: bool) -> str:
+def insightface_install_command(cuda_gpu: bool, python: str = sys.executable) -> str:
     """insightface and the one onnxruntime build this machine wants. insightface's own requirements may pull the
     CPU build, so on a CUDA machine it is swapped for the GPU build afterwards rather than installed beside it."""
-    pip = f"{sys.executable} -m pip"
+    pip = f"{python} -m pip"
     if cuda_gpu:
         return f"{pip} install insightface && {pip} uninstall -y onnxruntime && {pip} install onnxruntime-gpu"
     return f"{pip} install insightface onnxruntime"
 
 
-def check_insightface(cuda_gpu: bool) -> Finding:
+def check_insightface(cuda_gpu: bool, python: str = sys.executable) -> Finding:
     version = installed_version("insightface")
     if version is None:
         return Finding(MISSING, "insightface", "not installed (a second step after requirements.txt, README 'Install')",
-                       insightface_install_command(cuda_gpu))
+                       insightface_install_command(cuda_gpu, python))
     try:
         import insightface  # noqa: F401
     except Exception as error:
@@ -142,7 +230,7 @@ def check_insightface(cuda_gpu: bool) -> Finding:
     return Finding(OK, "insightface", version)
 
 
-def onnxruntime_conflict(cuda_gpu: bool) -> Finding | None:
+def onnxruntime_conflict(cuda_gpu: bool, python: str = sys.executable) -> Finding | None:
     installed = [(name, installed_version(name)) for name in ONNXRUNTIME_DISTRIBUTIONS]
     installed = [(name, version) for name, version in installed if version]
     if len(installed) < 2:
@@ -153,7 +241,7 @@ def onnxruntime_conflict(cuda_gpu: bool) -> Finding | None:
         PROBLEM, "onnxruntime",
         "several builds installed at once: " + ", ".join(f"{name} {version}" for name, version in installed)
         + "; they overwrite each other's files, so which one runs is an accident",
-        f"{sys.executable} -m pip uninstall -y {' '.join(names)} && {sys.executable} -m pip install {keep}",
+        f"{python} -m pip uninstall -y {' '.join(names)} && {python} -m pip install {keep}",
     )
 
 
@@ -206,13 +294,13 @@ def working_providers(onnxruntime) -> dict[str, str]:
     return results
 
 
-def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
+def check_onnxruntime(cuda_gpu: bool, python: str = sys.executable) -> list[Finding]:
     """Conflicting builds, then whether onnxruntime imports and which providers run; with a CUDA GPU, whether
     insightface can use it."""
-    findings = [conflict] if (conflict := onnxruntime_conflict(cuda_gpu)) else []
+    findings = [conflict] if (conflict := onnxruntime_conflict(cuda_gpu, python)) else []
     if not any(installed_version(name) for name in ONNXRUNTIME_DISTRIBUTIONS):
         return findings + [Finding(MISSING, "onnxruntime", "not installed (insightface's face detector runs on it)",
-                                   f"{sys.executable} -m pip install {onnxruntime_build(cuda_gpu)}")]
+                                   f"{python} -m pip install {onnxruntime_build(cuda_gpu)}")]
     try:
         import onnxruntime
     except Exception as error:
@@ -235,7 +323,7 @@ def check_onnxruntime(cuda_gpu: bool) -> list[Finding]:
         return findings + [Finding(
             INFO, "onnxruntime", detail + "; the GPU build, on a machine where torch sees no CUDA GPU",
             "it runs on the CPU but prints provider errors at every start; the CPU build is the one for this machine: "
-            f"{sys.executable} -m pip uninstall -y onnxruntime-gpu && {sys.executable} -m pip install onnxruntime")]
+            f"{python} -m pip uninstall -y onnxruntime-gpu && {python} -m pip install onnxruntime")]
     return findings + [Finding(OK, "onnxruntime", detail)]
 
 
@@ -279,9 +367,10 @@ def classify_file(path: Path):
 
 
 SETUP_COMMAND = "python scripts/facediffuser_setup.py"
-# Written by the set-up beside the models: the files whose content matched the hub's hash, by name, with the
-# size and mtime they had then, so that each is read in full once.
+# Written by the set-up beside the models: the files whose content it compared with the hub's hash, by name, with
+# the size and mtime they had then, so that each is read in full once, and whether they were damaged.
 VERIFIED_RECORD = ".facediffuser-setup-verified.json"
+VERIFIED, DAMAGED, CHANGED = "verified", "damaged", "changed"
 
 
 def verified_records(folder: Path) -> dict:
@@ -296,9 +385,18 @@ def file_stamp(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def changed_since_verified(path: Path) -> bool:
+def verification(path: Path) -> str:
+    """What the set-up found of the file's content: VERIFIED, DAMAGED, CHANGED since (either), or "" (never compared)."""
     record = verified_records(path.parent).get(path.name)
-    return record is not None and record.get("stamp") != file_stamp(path)
+    if record is None:
+        return ""
+    if record.get("stamp") != file_stamp(path):
+        return CHANGED
+    return DAMAGED if record.get("damaged") else VERIFIED
+
+
+def changed_since_verified(path: Path) -> bool:
+    return verification(path) == CHANGED
 
 
 def find_checkpoint(folders: list[Path], names: tuple[str, ...]) -> Path | None:
@@ -330,20 +428,27 @@ def check_checkpoint(folders: list[Path], role: str, names: tuple[str, ...], sou
     what = unchecked if classification is None else classification.kind.value
     if path.name != names[-1]:  # a conversion: the converter compared it with its source
         return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what})")
-    if changed_since_verified(path):
+    found = verification(path)
+    if found == CHANGED:
         return Finding(PROBLEM, subject, f"{path} changed since the set-up verified its content",
                        f"run `{SETUP_COMMAND}`: it checks the file against the hub's sha256 and says what to do")
-    verified = "content verified by the set-up" if path.name in verified_records(path.parent) else (
+    if found == DAMAGED:  # the set-up said so and would only say it again
+        return Finding(PROBLEM, subject, f"{path} is damaged: the set-up found its content differs from the hub's",
+                       f"delete {path}, then run `{SETUP_COMMAND}`: it downloads the hub's file anew")
+    verified = "content verified by the set-up" if found == VERIFIED else (
         f"content not verified: `{SETUP_COMMAND}` checks it against the hub's sha256")
     return Finding(OK, subject, f"{path} ({size:.2f} GiB, {what}; {verified})")
 
 
 def insightface_pack_fix(root: Path) -> str:
-    """How to install the default pack by hand into <root>/models (root: an insightface folder)."""
+    """How to install the default pack into <root>/models (root: an insightface folder): by the set-up, with a zip
+    fetched elsewhere when this machine cannot download it, or by hand."""
     models = root / "models"
-    return (f"run `{SETUP_COMMAND}`, which installs {packs.DEFAULT_PACK}, or download {packs.PACK_SOURCES[packs.DEFAULT_PACK]} and unzip it so that "
-            f"{models / packs.DEFAULT_PACK / packs.detector_file(packs.DEFAULT_PACK)} exists (antelopev2 works too, "
-            f"as {models / 'antelopev2' / packs.detector_file('antelopev2')})")
+    source = packs.PACK_SOURCES[packs.DEFAULT_PACK]
+    return (f"run `{SETUP_COMMAND}`, which installs {packs.DEFAULT_PACK}; where it cannot download (offline, a proxy), "
+            f"fetch {source} another way and give it the zip: `{SETUP_COMMAND} --insightface-source <the zip>`; or unzip "
+            f"it yourself so that {models / packs.DEFAULT_PACK / packs.detector_file(packs.DEFAULT_PACK)} exists "
+            f"(antelopev2 works too, as {models / 'antelopev2' / packs.detector_file('antelopev2')})")
 
 
 def check_insightface_pack(roots: list[Path]) -> Finding:
@@ -396,8 +501,8 @@ def check_recognition_model(roots: list[Path]) -> Finding | None:
     if (folder / name).is_file():
         return Finding(OK, subject, f"{folder / name} (the Identity Score node's)")
     if pack == packs.DEFAULT_PACK:
-        fix = (f"run `{SETUP_COMMAND}`, which completes {pack}, or download {packs.PACK_SOURCES[pack]} and unzip its {name} "
-               f"into {folder}")
+        fix = (f"run `{SETUP_COMMAND}`, which completes {pack} from its zip (where it cannot download: `{SETUP_COMMAND} "
+               f"--insightface-source <the zip>`), or download {packs.PACK_SOURCES[pack]} and unzip its {name} into {folder}")
     else:
         fix = (f"put {name} from the {pack} zip into {folder} (`{SETUP_COMMAND} --insightface-pack {pack} "
                f"--insightface-source <the zip>` does it)")
@@ -410,7 +515,7 @@ def shipped_workflows() -> dict[str, set[str]]:
     needs = {}
     for path in sorted((PACK_ROOT / "workflows" / "api").glob("*.json")):
         nodes = json.loads(path.read_text(encoding="utf-8")).values()
-        needs[path.stem] = {subject for node in nodes for subject in NODE_NEEDS.get(node["class_type"], ())}
+        needs[path.stem] = {*BASE_NEEDS, *(subject for node in nodes for subject in NODE_NEEDS.get(node["class_type"], ()))}
     return needs
 
 
@@ -425,20 +530,30 @@ def blocked_workflows(findings: list[Finding]) -> dict[str, list[str]]:
 
 
 def runner_command(findings: list[Finding]) -> str:
-    """The first-picture command; on a CPU-only torch it says --cpu, as ComfyUI needs it there."""
+    """The first-picture command. On a CPU-only torch the runner passes --cpu to the ComfyUI it starts by itself;
+    the command asks for a smaller picture in fewer steps there, at most a tenth of the shipped size's sampling work."""
     cpu_only = any(f.subject == "torch" and "CPU only" in f.detail for f in findings)
-    cpu = ' --comfyui-args "--cpu"' if cpu_only else ""
-    return f'python scripts/facediffuser_run.py --face <photo> --prompt "a photo of a man <|image|> hiking in the alps"{cpu}'
+    smaller = " --steps 20 --width 256 --height 256" if cpu_only else ""
+    return f'python scripts/facediffuser_run.py --face <photo> --prompt "a photo of a man <|image|> hiking in the alps"{smaller}'
 
 
 # --- the report --------------------------------------------------------------------------------------------
 
 
-def run_checks(comfyui: Path | None, models_dir: Path | None, extra_model_paths: tuple[Path, ...] = ()) -> list[Finding]:
+def run_checks(comfyui: Path | None, models_dir: Path | None, extra_model_paths: tuple[Path, ...] = (),
+               python_found: str = "", script: str = "facediffuser_check") -> list[Finding]:
+    """Every finding, in the report's order. `python_found`: how this Python was found to be ComfyUI's ("": it was
+    not); `script`: the command that runs the check, for the fix that names it."""
     root = model_folders.find_comfyui(comfyui)
-    findings = [check_python(), check_comfyui(root, comfyui)]
+    probe = probe_comfyui_requirements(root)
+    if probe is not None and not probe.failure:
+        python_finding = check_python(python_found, probe.not_installed, len(probe.results), script)
+    else:
+        python_finding = check_python(python_found, [] if installed_version("torch") else ["torch"], 0, script)
+    python = sys.executable if python_finding.status == OK else COMFYUIS_PYTHON
     torch_finding, cuda_gpu = check_torch()
-    findings += [torch_finding, check_insightface(cuda_gpu), *check_onnxruntime(cuda_gpu)]
+    findings = [python_finding, check_comfyui(root, comfyui), *([check_comfyui_requirements(probe, python)] if probe else []),
+                torch_finding, check_insightface(cuda_gpu, python), *check_onnxruntime(cuda_gpu, python)]
     if models_dir is None and root is None:
         findings.append(Finding(MISSING, "model files", "no models folder: ComfyUI was not found",
                                 "pass --models-dir <ComfyUI>/models (or --comfyui) to check the model files"))
@@ -480,9 +595,12 @@ def render(findings: list[Finding]) -> str:
         if ready:
             lines.append(f"  ready: {', '.join(ready)}")
     else:
-        lines.append(f"All set. Every shipped workflow can run; make a first picture: {runner_command(findings)} (it starts "
-                     "ComfyUI if none runs). Or start ComfyUI and open the template browser (Workflow > Browse Templates > "
-                     "Face-diffuser): facediffuser_single_subject.")
+        cpu_only = any(f.subject == "torch" and "CPU only" in f.detail for f in findings)
+        started = ("it starts ComfyUI if none runs, with --cpu for this CPU-only torch; a CPU is slow, and this picture is at "
+                   "most a tenth of the work of the shipped 512 px and 50 steps") if cpu_only else "it starts ComfyUI if none runs"
+        lines.append(f"All set. Every shipped workflow can run; make a first picture: {runner_command(findings)} ({started}). "
+                     "Or start ComfyUI and open the template browser (Workflow > Browse Templates > Face-diffuser): "
+                     "facediffuser_single_subject.")
     notes = [f for f in findings if f.status == INFO and f.fix]
     if notes:
         lines += ["", "Notes:"] + [f"  - {f.subject}: {f.fix}" for f in notes]

@@ -31,19 +31,25 @@ def unused_path(output_dir: Path, name: str) -> Path:
 
 
 def save_images(download, entry: dict, output_dir: Path) -> list[Path]:
-    """Download every picture of output_images(entry), in its order, one path each; never overwriting. A file of the
-    same name and content is that picture (the output folder of a ComfyUI on this machine), not written twice."""
+    """Download every picture of output_images(entry), in its order, one path each (save_pictures)."""
+    return [path for path, _ in save_pictures(download, output_images(entry), output_dir)]
+
+
+def save_pictures(download, pictures: list[tuple[str, dict]], output_dir: Path) -> list[tuple[Path, bool]]:
+    """Download each (node id, image reference), in order: its path, and whether it was written now; never
+    overwriting. A file of the same name and content is that picture (the output folder of a ComfyUI on this
+    machine, or an earlier download), not written twice."""
     output_dir.mkdir(parents=True, exist_ok=True)
     saved = []
-    for _, image in output_images(entry):
+    for _, image in pictures:
         content = download(image)
         same = output_dir / Path(image["filename"]).name
-        if same.is_file() and same.read_bytes() == content:  # the server's own output folder: already there
-            saved.append(same)
+        if same.is_file() and same.read_bytes() == content:
+            saved.append((same, False))
             continue
         target = unused_path(output_dir, same.name)
         target.write_bytes(content)
-        saved.append(target)
+        saved.append((target, True))
     return saved
 
 

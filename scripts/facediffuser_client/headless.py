@@ -5,20 +5,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import uuid
 from pathlib import Path
 
 from .best_of_n import (SCORES_FILE, describe_candidate, identity_score_node, rank_pictures, scored_pictures,
                         scored_pictures_saver)
-from .http_api import ComfyClient, RunError, describe_failure
-from .files import best_file_name, save_images, unused_path
+from .http_api import ComfyClient, RunError, cached_nodes, describe_failure, output_images
+from .files import best_file_name, save_pictures, unused_path
 from . import server_log
+from .pack import core
 from .progress import ProgressDisplay
-from .regions import set_regions, shipped_regions_workflow
+from .regions import follow_the_latent, set_regions, shipped_regions_workflow
 from .server_log import JobLog
-from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, load_api_workflow, reference_image_loaders,
-                       set_override, shipped_workflow, use_installed_checkpoints)
+from .api_workflow import (OVERRIDE_TARGETS, REFERENCE_ENCODER, current_value, is_link, load_api_workflow,
+                           reference_image_loaders, set_override, shipped_workflow, use_installed_checkpoints)
+
+SUBJECT_PROMPT = OVERRIDE_TARGETS["prompt"][0][0]
+
+# How the nodes name one photo of the reference batch in their errors (Encode Reference Faces, Identity Score).
+PHOTO_IN_ERROR = re.compile(r"\b(?:image (\d+) of the batch|reference photo (\d+))")
+
+
+class JobCancelled(KeyboardInterrupt):
+    """Ctrl-C while a job ran or waited: the job was taken off the server before the interruption went on."""
 
 
 def workflow_file(args: argparse.Namespace) -> Path:
@@ -29,19 +40,18 @@ def workflow_file(args: argparse.Namespace) -> Path:
 
 
 def configured_workflow(args: argparse.Namespace) -> dict:
-    """The workflow with the command line's overrides and --regions set: everything but the photos and the server's files."""
+    """The workflow with the command line's overrides and --regions set, checked against the faces: everything but the
+    photos and the server's files, all known before any ComfyUI starts, so that a mistake in it is said at once rather
+    than after the models loaded."""
     workflow = load_api_workflow(workflow_file(args))
     for option in OVERRIDE_TARGETS:
         value = getattr(args, option)
         if value is not None:
             set_override(workflow, option, value)
+    if args.width is not None or args.height is not None:
+        follow_the_latent(workflow)
     if args.regions:
         set_regions(workflow, args.regions, args.boxes, len(args.face), args.prompt)
-    return workflow
-
-
-def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
-    workflow = configured_workflow(args)
     if args.face:
         loaders = reference_image_loaders(workflow)
         if len(loaders) != len(args.face):
@@ -49,10 +59,48 @@ def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
                 f"--face given {len(args.face)} time(s) but the workflow loads {len(loaders)} reference photo(s) "
                 f"(LoadImage nodes {', '.join(loaders) or 'none'} feeding {REFERENCE_ENCODER}); give one --face per photo"
             )
-        for node_id, photo in zip(loaders, args.face):
+    check_prompt_markers(workflow, args)
+    return workflow
+
+
+def check_prompt_markers(workflow: dict, args: argparse.Namespace) -> None:
+    """Each subject prompt's <|image|> markers against the faces, by the Subject Prompt node's own rules
+    (facediffuser_core.markers). A workflow run as saved (no --face, no --prompt) is left to that node."""
+    if not args.face and args.prompt is None:
+        return
+    if args.face:
+        faces = len(args.face)
+    elif any(node["class_type"] == REFERENCE_ENCODER for node in workflow.values()):
+        faces = len(reference_image_loaders(workflow))
+    else:
+        return
+    markers = core("markers")
+    for node_id, node in workflow.items():
+        text = node["inputs"].get("text")
+        if node["class_type"] != SUBJECT_PROMPT or is_link(text) or not isinstance(text, str):
+            continue
+        try:
+            markers.check_face_count(markers.parse_subject_markers(text), faces)
+        except ValueError as error:
+            where = "--prompt" if args.prompt is not None else f"the workflow's prompt (node {node_id}) {text!r}"
+            raise RunError(f"{where}: {error}") from None
+
+
+def prepare_workflow(args: argparse.Namespace, client: ComfyClient) -> dict:
+    workflow = configured_workflow(args)
+    if args.face:
+        for node_id, photo in zip(reference_image_loaders(workflow), args.face):
             workflow[node_id]["inputs"]["image"] = client.upload_image(photo)
     use_installed_checkpoints(workflow, client)
     return workflow
+
+
+def naming_the_photos(message: str, photos: list[Path]) -> str:
+    """A node's error with the file behind each photo of the reference batch it names: the node sees only the batch,
+    the runner knows which --face went where."""
+    indices = sorted({int(batch or reference) for batch, reference in PHOTO_IN_ERROR.findall(message)})
+    named = [f"photo {index} is --face {photos[index]}" for index in indices if index < len(photos)]
+    return f"{message}\n({'; '.join(named)})" if named else message
 
 
 def run(args: argparse.Namespace, client: ComfyClient) -> int:
@@ -66,33 +114,49 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
     display = ProgressDisplay(workflow, sys.stdout)
     try:
         prompt_id = client.submit(workflow, client_id=client_id)
-        print(f"submitted to {client.server} as job {prompt_id}")
-        say_if_unavailable(listener)
 
         def tick() -> None:
             display.step(listener.progress(prompt_id))
             server_log.show(listener.take(prompt_id), display.state)
 
         try:
+            print(f"submitted to {client.server} as job {prompt_id}")
+            say_if_unavailable(listener)
             entry = client.wait(prompt_id, args.timeout, report=display.state, tick=tick)
         except KeyboardInterrupt:
             display.close()
             cancel(client, [prompt_id])
-            raise
+            raise JobCancelled() from None
         listener.wait_for_end(prompt_id)
         server_log.show(listener.take(prompt_id), display.state)
     finally:
         display.close()
         listener.close()
     if entry.get("status", {}).get("status_str") != "success":
-        raise RunError(describe_failure(entry))
-    saved = save_images(client.download, entry, args.output)
-    if not saved:
+        raise RunError(naming_the_photos(describe_failure(entry), args.face))
+    pictures = output_images(entry)
+    if not pictures:
         print("the workflow finished but produced no images (does it end in a SaveImage node?)", file=sys.stderr)
         return 1
-    for path in saved:
-        print(f"saved {path}")
+    save_run_pictures(client, pictures, cached_nodes(entry), args.output)
     return 0
+
+
+def save_run_pictures(client: ComfyClient, pictures: list[tuple[str, dict]], reused: set[str], output: Path) -> None:
+    """The job's pictures into `output`, each reported as what happened to it. A node whose result ComfyUI reused
+    from an earlier run reports that run's pictures again: its previews (the face crops, ...) are not saved again,
+    and its pictures already in `output` are said to be there, not saved."""
+    reused_previews = [(node_id, image) for node_id, image in pictures if node_id in reused and image.get("type") == "temp"]
+    wanted = [picture for picture in pictures if picture not in reused_previews]
+    for (node_id, _), (path, written) in zip(wanted, save_pictures(client.download, wanted, output)):
+        if written or node_id not in reused:
+            print(f"saved {path}")
+        else:
+            print(f"already saved: {path} (ComfyUI reused node {node_id}'s result from an earlier run)")
+    if reused_previews:
+        nodes = ", ".join(sorted({node_id for node_id, _ in reused_previews}, key=str))
+        print(f"not saved again: {len(reused_previews)} preview picture(s) of node(s) {nodes}, which ComfyUI reused from an "
+              f"earlier run")
 
 
 def say_if_unavailable(listener: JobLog) -> None:
@@ -163,14 +227,14 @@ def scored_candidates(args, client: ComfyClient, jobs: list[tuple[int, str]], id
             listener.wait_for_end(prompt_id)
             server_log.show(listener.take(prompt_id), say)
             if entry.get("status", {}).get("status_str") != "success":
-                raise RunError(f"seed {seed}: {describe_failure(entry)}")
+                raise RunError(f"seed {seed}: {naming_the_photos(describe_failure(entry), args.face)}")
             try:
                 pictures, images = scored_pictures(entry, identity_node, saver)
             except RunError as error:
                 raise RunError(f"seed {seed}: {error}") from None
         except KeyboardInterrupt:
             cancel(client, [unfinished for _, unfinished in jobs[waited - 1:]])
-            raise
+            raise JobCancelled() from None
         except RunError:
             later = [later for _, later in jobs[waited:]]
             cancel(client, later)

@@ -185,6 +185,13 @@ def output_images(entry: dict) -> list[tuple[str, dict]]:
     return [(node_id, image) for node_id, node_output in entry.get("outputs", {}).items() for image in node_output.get("images", [])]
 
 
+def cached_nodes(entry: dict) -> set[str]:
+    """The nodes whose results ComfyUI reused from an earlier run instead of running them (its "execution_cached"
+    message); their pictures in the history are that earlier run's."""
+    return {str(node) for event, data in entry.get("status", {}).get("messages", []) if event == "execution_cached"
+            for node in data.get("nodes", [])}
+
+
 TRANSIENT_EXCEPTIONS = ("OutOfMemory",)  # execution errors another server (another GPU) may not have
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import signal
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import comfyui_python
 from .http_api import DEFAULT_SERVER, ComfyClient, RunError, comfyui_answers
 from .pack import PACK_ROOT, core
 
@@ -24,15 +26,19 @@ OWN_SERVER_STOP_TIMEOUT_S = 30.0
 GPU_PROBE_TIMEOUT_S = 120.0
 # What the ComfyUI that is started prints when it was asked for a GPU that its torch lacks.
 NO_GPU_SIGNS = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available")
-# Read in the Python that runs ComfyUI (this one), in a child so that the client itself never imports torch.
+# What it prints when its Python lacks ComfyUI's requirements (a Python that is not ComfyUI's), or holds a broken one.
+MISSING_MODULE = re.compile(r"No module named '[^']+'")
+TORCHVISION_MISMATCH = "operator torchvision::nms does not exist"
+# Read in the Python that runs ComfyUI, in a child so that the client itself never imports torch.
 GPU_PROBE = ("import torch; mps = getattr(torch.backends, 'mps', None); xpu = getattr(torch, 'xpu', None); "
              "print(int(torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())))")
 
 
-def torch_sees_a_gpu() -> bool | None:
-    """Whether this Python's torch has a GPU to run on (CUDA or ROCm, MPS, XPU); None when that cannot be told."""
+def torch_sees_a_gpu(python: Path | None = None) -> bool | None:
+    """Whether the torch of `python` (default: this one) has a GPU to run on (CUDA or ROCm, MPS, XPU); None when that
+    cannot be told."""
     try:
-        probe = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT_S,
+        probe = subprocess.run([str(python or sys.executable), "-c", GPU_PROBE], capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT_S,
                                stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -40,12 +46,12 @@ def torch_sees_a_gpu() -> bool | None:
     return answer == ["1"] if answer in (["0"], ["1"]) else None
 
 
-def comfyui_arguments(extra_args: list[str], report=print) -> list[str]:
-    """The user's arguments for main.py, with --cpu ahead of them when this torch has no GPU: ComfyUI dies at start
-    without it there ("Torch not compiled with CUDA enabled")."""
-    if "--cpu" in extra_args or torch_sees_a_gpu() is not False:
+def comfyui_arguments(extra_args: list[str], report=print, python: Path | None = None) -> list[str]:
+    """The user's arguments for main.py, with --cpu ahead of them when the torch of ComfyUI's Python has no GPU:
+    ComfyUI dies at start without it there ("Torch not compiled with CUDA enabled")."""
+    if "--cpu" in extra_args or torch_sees_a_gpu(python) is not False:
         return extra_args
-    report(f"torch in {sys.executable} has no GPU (a CPU-only build): starting ComfyUI with --cpu")
+    report(f"torch in {python or sys.executable} has no GPU (a CPU-only build): starting ComfyUI with --cpu")
     return ["--cpu", *extra_args]
 
 
@@ -56,17 +62,18 @@ def free_loopback_port() -> int:
 
 
 class OwnComfyUI:
-    """The ComfyUI in `root`, started by the runner with this Python, headless on 127.0.0.1 and a free port,
-    in a process group of its own so that stopping it ends everything it started."""
+    """The ComfyUI in `root`, started by the runner with `python` (default: this Python), headless on 127.0.0.1 and
+    a free port, in a process group of its own so that stopping it ends everything it started."""
 
-    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False):
+    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False, python: Path | None = None):
         self.root = root
         self.extra_args = extra_args
         self.report = report
+        self.python = python or Path(sys.executable)
         self.url = f"http://127.0.0.1:{free_loopback_port()}"
         handle, log = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
         self.log = Path(log)
-        command = [sys.executable, str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+        command = [str(self.python), str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
                    "--disable-auto-launch", *extra_args]
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         if die_with_parent and sys.platform == "linux":
@@ -89,11 +96,8 @@ class OwnComfyUI:
         while not comfyui_answers(self.url):
             if self.process.poll() is not None:
                 tail = self.log_tail()
-                with_cpu = shlex.join(["--cpu", *self.extra_args])
-                hint = (f'\nThis torch has no usable GPU: run again with --comfyui-args "{with_cpu}"'
-                        if any(sign in tail for sign in NO_GPU_SIGNS) else "")
                 raise RunError(f"the ComfyUI started from {self.root} exited with status {self.process.returncode} before "
-                               f"answering; the end of its log ({self.log}):\n{tail}{hint}")
+                               f"answering; the end of its log ({self.log}):\n{tail}{self.start_failure_hint(tail)}")
             if time.monotonic() - started > timeout_s:
                 raise RunError(f"the ComfyUI started from {self.root} did not answer within {timeout_s:g} s; see its log {self.log}")
             time.sleep(0.5)
@@ -101,6 +105,20 @@ class OwnComfyUI:
             raise RunError(f"the ComfyUI started from {self.root} has not loaded the Face-diffuser nodes (is the pack in its "
                            f"custom_nodes folder?); look for 'Cannot import' in its log {self.log}")
         self.report(f"ComfyUI is ready ({time.monotonic() - started:.0f} s)")
+
+    def start_failure_hint(self, tail: str) -> str:
+        """The fix for the start failures a user meets, read from the end of the log."""
+        if any(sign in tail for sign in NO_GPU_SIGNS):
+            return f'\nThis torch has no usable GPU: run again with --comfyui-args "{shlex.join(["--cpu", *self.extra_args])}"'
+        if TORCHVISION_MISMATCH in tail:
+            return (f"\nThe torchvision of {self.python} does not match its torch: the check says which one to install "
+                    f"(`{self.python} {PACK_ROOT / 'scripts' / 'facediffuser_check.py'}`)")
+        if missing := MISSING_MODULE.search(tail):
+            return (f"\nComfyUI was started with {self.python}, which lacks ComfyUI's requirements ({missing.group(0)}): is it "
+                    f"the Python that runs ComfyUI? Name that one with {comfyui_python.OPTION} (its python, or its venv or "
+                    f"conda environment's folder); or, if it is this one, install them: `{self.python} -m pip install -r "
+                    f"{self.root / 'requirements.txt'}`")
+        return ""
 
     def stop(self) -> bool:
         """End the process group; False when the process had already exited by itself (its log then tells why)."""
@@ -155,6 +173,15 @@ def comfyui_root(option: Path | None) -> Path | None:
     return core("model_folders").find_comfyui(option)
 
 
+def python_said(python: comfyui_python.ComfyUIPython) -> str:
+    """The Python a ComfyUI is started with, and why that one: plainly so when it is not the one running the client."""
+    if not python.found:
+        return f"this Python, {python.executable} (none found beside ComfyUI; {comfyui_python.OPTION} names another)"
+    if python.is_this_one:
+        return f"this Python, {python.executable} ({python.found})"
+    return f"ComfyUI's Python, {python.executable} ({python.found}), not this one ({sys.executable})"
+
+
 @contextlib.contextmanager
 def server_for(args: argparse.Namespace):
     """The address to send the job to: --server; else the default address when a ComfyUI answers there; else a
@@ -168,8 +195,12 @@ def server_for(args: argparse.Namespace):
             f"this pack ({PACK_ROOT}) is not inside ComfyUI/custom_nodes and COMFYUI_PATH is not set")
         raise RunError(f"no ComfyUI server answers at {DEFAULT_SERVER}, and none can be started: {where}. Pass --comfyui "
                        f"<ComfyUI folder> to start that one, or start ComfyUI yourself and pass --server")
-    print(f"no ComfyUI answers at {DEFAULT_SERVER}: starting one for this job")
-    own = OwnComfyUI(root, comfyui_arguments(shlex.split(args.comfyui_args or "")))
+    try:
+        python = comfyui_python.choose(root, getattr(args, "comfyui_python", None))
+    except comfyui_python.PythonNotUsable as error:
+        raise RunError(str(error)) from None
+    print(f"no ComfyUI answers at {DEFAULT_SERVER}: starting one for this job with {python_said(python)}")
+    own = OwnComfyUI(root, comfyui_arguments(shlex.split(args.comfyui_args or ""), python=python.executable), python=python.executable)
     ready = False
     try:
         own.wait_until_ready()

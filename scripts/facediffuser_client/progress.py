@@ -1,7 +1,8 @@
 """A job's step progress as ComfyUI's own frontend gets it: the "progress" messages of its websocket
 (/ws?clientId=...), which reach the client id the job was submitted with. Read on a thread with the standard
 library (a websocket client in a few lines: the server's frames are unmasked and small), and shown as a bar
-on a terminal, as plain lines where the output is piped or logged."""
+on a terminal, as plain lines where the output is piped or logged, with the time elapsed and an estimate of the
+time left. StatusLine, the line redrawn in place, also draws the set-up's download progress."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 
 CONNECT_TIMEOUT_S = 10.0
@@ -117,26 +119,76 @@ class ProgressListener:
             self._sock.close()
 
 
-class ProgressDisplay:
-    """Queue states and step progress: one bar redrawn in place on a terminal, plain lines otherwise."""
+def clock_text(seconds: float) -> str:
+    """A duration as a clock shows it: 0:07, 12:34, 1:02:03."""
+    minutes, whole_seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{whole_seconds:02d}" if hours else f"{minutes}:{whole_seconds:02d}"
 
-    def __init__(self, workflow: dict, stream, prefix: str = "  "):
+
+def time_left(seconds_so_far: float, done_so_far: float, remaining: float) -> float | None:
+    """The time `remaining` units take at the pace of the `done_so_far` units that took `seconds_so_far`; None
+    before any unit was timed."""
+    return seconds_so_far / done_so_far * remaining if done_so_far > 0 else None
+
+
+def timing_text(elapsed: float, left: float | None) -> str:
+    return f"{clock_text(elapsed)} elapsed" + ("" if left is None else f", about {clock_text(left)} left")
+
+
+class StatusLine:
+    """One line redrawn in place on a terminal. A drawing covers the whole of the previous one: a shorter line
+    after a longer one would otherwise leave the longer one's tail on screen."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.terminal = stream.isatty()
+        self.width = 0  # of the line on screen; 0: none open
+
+    def draw(self, text: str) -> None:
+        self.stream.write(f"\r{text}{' ' * (self.width - len(text))}")
+        self.stream.flush()
+        self.width = max(len(text), 1)
+
+    def end(self) -> None:
+        """Leave the line as it is and go to the next one."""
+        if self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+
+
+class ProgressDisplay:
+    """Queue states and step progress: one bar redrawn in place on a terminal, plain lines otherwise; each with
+    the time since the job began running and, from the pace of the node's steps so far, the time its steps left take."""
+
+    def __init__(self, workflow: dict, stream, prefix: str = "  ", clock=time.monotonic):
         self.workflow = workflow
         self.stream = stream
         self.prefix = prefix
-        self.terminal = stream.isatty()
-        self.bar_open = False
+        self.clock = clock
+        self.line = StatusLine(stream)
+        self.terminal = self.line.terminal
         self.last: tuple[int, int, str] | None = None
-
-    def _end_bar(self) -> None:
-        if self.bar_open:
-            self.stream.write("\n")
-            self.bar_open = False
+        self.running_since: float | None = None
+        self.node_pace_from: tuple[str, int, int, float] | None = None  # (node, steps, step, time) the pace counts from
 
     def state(self, text: str) -> None:
-        self._end_bar()
+        if text == "running" and self.running_since is None:
+            self.running_since = self.clock()
+        self.line.end()
         self.stream.write(f"{self.prefix}{text}\n")
         self.stream.flush()
+
+    def _timing(self, value: int, steps: int, node: str, previous: tuple[int, int, str] | None) -> str:
+        now = self.clock()
+        if self.running_since is None:
+            self.running_since = now
+        start = self.node_pace_from
+        if start is None or start[:2] != (node, steps) or previous is None or value < previous[0]:
+            self.node_pace_from = start = (node, steps, value, now)
+        left = None if value >= steps else time_left(now - start[3], value - start[2], steps - value)
+        return timing_text(now - self.running_since, left)
 
     def step(self, progress: tuple[int, int, str] | None) -> None:
         if progress is None or progress == self.last:
@@ -144,17 +196,17 @@ class ProgressDisplay:
         value, steps, node = progress
         previous = self.last
         self.last = progress
+        timing = self._timing(value, steps, node, previous)
         what = f"node {node} ({self.workflow.get(node, {}).get('class_type', '?')})"
         if self.terminal:
             done = BAR_WIDTH * value // max(steps, 1)
-            self.stream.write(f"\r{self.prefix}{what} [{'#' * done}{'.' * (BAR_WIDTH - done)}] {value}/{steps}")
-            self.bar_open = True
-        else:
-            tenth = PLAIN_LINES * value // max(steps, 1)
-            if previous is not None and previous[1:] == progress[1:] and PLAIN_LINES * previous[0] // max(steps, 1) == tenth:
-                return
-            self.stream.write(f"{self.prefix}{what}: step {value}/{steps}\n")
+            self.line.draw(f"{self.prefix}{what} [{'#' * done}{'.' * (BAR_WIDTH - done)}] {value}/{steps}, {timing}")
+            return
+        tenth = PLAIN_LINES * value // max(steps, 1)
+        if previous is not None and previous[1:] == progress[1:] and PLAIN_LINES * previous[0] // max(steps, 1) == tenth:
+            return
+        self.stream.write(f"{self.prefix}{what}: step {value}/{steps}, {timing}\n")
         self.stream.flush()
 
     def close(self) -> None:
-        self._end_bar()
+        self.line.end()

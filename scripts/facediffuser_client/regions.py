@@ -126,6 +126,13 @@ def _follow_the_latent(workflow: dict, layout_node: str) -> tuple[int, int] | No
     return size if all(isinstance(side, int) for side in size) else None
 
 
+def follow_the_latent(workflow: dict) -> None:
+    """Every Region Layout's size made the picture's: after --width or --height changed the picture, its masks must
+    have the new size."""
+    for node_id in _nodes(workflow, LAYOUT_NODE):
+        _follow_the_latent(workflow, node_id)
+
+
 def people(workflow: dict, faces: int, prompt: str | None) -> tuple[int, str]:
     """How many people the regions are for, and what says so: the --face count, else the prompt's markers."""
     if faces:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import urllib.parse
 import zipfile
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Callable
 
 from . import check
 from .pack import core
+from .progress import PLAIN_LINES, StatusLine, time_left, timing_text
 
 packs, model_folders = core("insightface_packs"), core("model_folders")
 
@@ -31,7 +33,7 @@ WEIGHTS_LICENCE = (
     "See https://github.com/CodeGoat24/Face-diffuser#-license"
 )
 CHUNK_BYTES = 8 * 2**20
-INTERRUPTED = "interrupted: what was downloaded is kept (hidden .partial files beside the targets); run the set-up again to resume"
+UNSIZED_LINE_BYTES = 10**8  # piped, a download of unknown size prints a line each 100 MB
 SOURCE_VARIABLE = "FACEDIFFUSER_INSIGHTFACE_SOURCE"  # --insightface-source set once, as HF_ENDPOINT names a hub mirror
 HASH_LENGTHS = {64: "sha256", 40: "git-sha1"}  # the hub's ETag: sha256 for LFS files, the git blob sha1 otherwise
 
@@ -135,10 +137,72 @@ def quiet_retries():
         logger.removeFilter(quiet)
 
 
+class DownloadProgress:
+    """A download's progress: what arrived of how much, the speed, the time elapsed and about how long the rest takes;
+    one line redrawn in place on a terminal, a line each tenth of the file (each 100 MB of one of unknown size) where
+    the output is piped or logged.
+    The set-up's own, not huggingface_hub's bar, which a terminal that reports no width shows empty."""
+
+    def __init__(self, label: str, total: int | None, start: int, stream=None, clock=time.monotonic):
+        self.label, self.total, self.start = label, total, start
+        self.stream = stream or sys.stdout
+        self.line = StatusLine(self.stream)
+        self.clock = clock
+        self.began = clock()
+        self.tenth_shown = -1
+        self.unshown = ""  # piped: the last state, when it had no line of its own
+
+    def show(self, have: int) -> None:
+        elapsed = self.clock() - self.began
+        arrived = have - self.start
+        speed = f", {arrived / elapsed / 1e6:.1f} MB/s" if elapsed > 0 and arrived > 0 else ""
+        if self.total:
+            left = time_left(elapsed, arrived, self.total - have) if have < self.total else None
+            text = (f"  {self.label}: {have / 1e6:.1f} of {self.total / 1e6:.1f} MB ({100 * have // self.total}%){speed}, "
+                    f"{timing_text(elapsed, left)}")
+            tenth = PLAIN_LINES * have // self.total
+        else:
+            text, tenth = f"  {self.label}: {have / 1e6:.1f} MB{speed}, {timing_text(elapsed, None)}", have // UNSIZED_LINE_BYTES
+        self.unshown = ""
+        if self.line.terminal:
+            self.line.draw(text)
+        elif tenth != self.tenth_shown:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        else:
+            self.unshown = text
+        self.tenth_shown = tenth
+
+    def end(self) -> None:
+        """The last state on its line: a download ends on what arrived, however it ends."""
+        if self.unshown:
+            self.stream.write(self.unshown + "\n")
+            self.stream.flush()
+            self.unshown = ""
+        self.line.end()
+
+
+class ReportingFile:
+    """The partial file as http_get writes it, showing the progress after each chunk. The file's position, not a
+    count of chunks, is what arrived: http_get truncates and starts over when a server ignores the Range asked for."""
+
+    def __init__(self, file, progress: DownloadProgress):
+        self.file, self.progress = file, progress
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        self.progress.show(self.file.tell())
+        return written
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
 def fetch(url: str, partial: Path, expected_size: int | None, headers: dict | None, label: str) -> None:
     """Download `url` into `partial`, resuming from what is already there; huggingface_hub's http_get retries
-    with a Range request when the connection drops and shows a progress bar."""
-    _, http_get = hub()
+    with a Range request when the connection drops. The progress is the set-up's own (DownloadProgress)."""
+    huggingface_hub, http_get = hub()
+    huggingface_hub.utils.disable_progress_bars()  # one progress line, not two
     partial.parent.mkdir(parents=True, exist_ok=True)
     have = partial.stat().st_size if partial.exists() else 0
     if expected_size is not None and have > expected_size:
@@ -153,10 +217,13 @@ def fetch(url: str, partial: Path, expected_size: int | None, headers: dict | No
                              f"{free / 1e9:.2f} GB are free; make room and run the set-up again")
     if have:
         print(f"  resuming {label} at {have / 1e6:.1f} MB")
+    progress = DownloadProgress(label, expected_size, have)
     with open(partial, "ab") as file, quiet_retries():
         try:
-            http_get(url, file, resume_size=have, headers=headers, expected_size=expected_size, displayed_filename=label)
+            http_get(url, ReportingFile(file, progress), resume_size=have, headers=headers, expected_size=expected_size,
+                     displayed_filename=label)
         except BaseException as error:  # httpx or requests errors, depending on the huggingface_hub version; Ctrl-C
+            progress.end()
             file.close()
             kept = partial.stat().st_size if partial.exists() else 0
             if kept == 0:
@@ -171,6 +238,7 @@ def fetch(url: str, partial: Path, expected_size: int | None, headers: dict | No
                 raise SetupError(f"{label}: the download did not start ({describe_network_error(error)})") from None
             raise SetupError(f"{label}: the download stopped ({describe_network_error(error)}); {kept / 1e6:.1f} MB are kept "
                              f"in {partial} and the next run resumes from there") from None
+    progress.end()
 
 
 def download_hub_file(repository_file: str, target: Path) -> None:
@@ -212,18 +280,18 @@ def download_hub_file(repository_file: str, target: Path) -> None:
     print(f"  saved {target}")
 
 
-def remember_verified(path: Path, digest: str) -> None:
+def remember_verified(path: Path, digest: str, damaged: bool = False) -> None:
+    """What the comparison with the hub's hash found, for the next runs and the check (check.verification)."""
     records = check.verified_records(path.parent)
-    records[path.name] = {"stamp": check.file_stamp(path), "hash": digest}
+    records[path.name] = {"stamp": check.file_stamp(path), "hash": digest, **({"damaged": True} if damaged else {})}
     record = path.parent / check.VERIFIED_RECORD
     record.with_name(record.name + ".tmp").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     os.replace(record.with_name(record.name + ".tmp"), record)
 
 
 def was_verified(path: Path) -> bool:
-    """Whether the file is unchanged (size and mtime) since its content was checked against the hub's hash."""
-    record = check.verified_records(path.parent).get(path.name)
-    return bool(record) and record.get("stamp") == check.file_stamp(path)
+    """Whether the file is unchanged (size and mtime) since its content matched the hub's hash."""
+    return check.verification(path) == check.VERIFIED
 
 
 def verify_in_place(repository_file: str, path: Path) -> None:
@@ -242,9 +310,10 @@ def verify_in_place(repository_file: str, path: Path) -> None:
         print(f"  not the hub's file ({path.stat().st_size} bytes, the hub's has {metadata.size}); kept as it is")
         return
     algorithm, digest = promised
-    print(f"  verifying {path.name} ({algorithm}, once)")
+    print(f"  verifying {path.name} ({algorithm})")
     actual = file_hash(path, algorithm)
     if actual != digest:
+        remember_verified(path, digest, damaged=True)
         raise SetupError(f"{path} is damaged: it has the size of the hub's {repository_file} but not its content ({algorithm} "
                          f"{actual}, the hub's {digest}), so it would load wrong weights. Delete it and run the set-up "
                          f"again, which downloads it anew")
@@ -328,7 +397,8 @@ def install_pack_from(source: str, pack: str, pack_dir: Path) -> None:
 # --- the plan ----------------------------------------------------------------------------------------------
 
 
-def model_steps(model: HubModel, folders: model_folders.ModelFolders, convert: bool) -> list[Step]:
+def model_steps(model: HubModel, folders: model_folders.ModelFolders, convert: bool, verify: bool = False) -> list[Step]:
+    """The model's steps: in place, verified against the hub's hash once (or again: `verify`), converted; or downloaded."""
     search = folders.search("facediffuser")
     existing = check.find_checkpoint(search, model.names)
     if existing is not None:
@@ -338,9 +408,12 @@ def model_steps(model: HubModel, folders: model_folders.ModelFolders, convert: b
                              f"delete it and run the set-up again ({finding.fix})")
         bin_file = existing
         steps = [Step(f"{model.role} in place: {finding.detail}")]
-        if existing.name == model.names[-1] and not was_verified(existing):  # the download itself: the hub has its hash
-            steps.append(Step(f"verify {existing} against the hub's sha256 (once)",
-                              lambda: verify_in_place(model.repository_file, existing)))
+        download = existing.with_name(model.names[-1])  # the hub has the hash of the download, not of a conversion
+        if download.is_file() and (verify or (download == existing and not was_verified(existing))):
+            steps.append(Step(f"verify {download} against the hub's sha256 ({'--verify' if verify else 'once'})",
+                              lambda: verify_in_place(model.repository_file, download)))
+        elif verify:
+            steps.append(Step(f"not verified: {existing} is a conversion, and the hub has the hash of {model.names[-1]} only"))
     else:
         bin_file = folders.target("facediffuser") / model.names[-1]
         url = hub_url(model.repository_file)
@@ -367,32 +440,44 @@ def convert_to_fp16(source: Path, target: Path) -> None:
 
 
 def insightface_steps(folders: model_folders.ModelFolders, pack: str | None, source: str | None) -> list[Step]:
+    """A pack in place, with its face detector and the Identity Score's recognition model; or the steps that install
+    it, or complete one that lacks its recognition model (from the same zip)."""
     roots = folders.search("insightface")
+    pack_dir = None
     if pack is None:  # any pack the loader's `auto` takes will do
         finding = check.check_insightface_pack(roots)
-        if finding.status == check.OK:
-            return [Step(f"insightface in place: {finding.detail}")]
         if finding.status == check.PROBLEM:
             raise SetupError(f"insightface: {finding.detail}: {finding.fix}")
-        pack = packs.DEFAULT_PACK
+        if finding.status == check.OK:
+            recognition = check.check_recognition_model(roots)
+            if recognition is None or recognition.status == check.OK:
+                return [Step(f"insightface in place: {finding.detail}")]
+            pack, pack_dir = check.auto_pack(roots)
+        else:
+            pack = packs.DEFAULT_PACK
     else:
-        installed = [root / "models" / pack for root in roots if (root / "models" / pack / packs.detector_file(pack)).is_file()]
-        if installed:
-            return [Step(f"insightface in place: {pack} in {installed[0]}")]
+        detected = [root / "models" / pack for root in roots if (root / "models" / pack / packs.detector_file(pack)).is_file()]
+        complete = [folder for folder in detected if (folder / packs.recognition_file(pack)).is_file()]
+        if complete:
+            return [Step(f"insightface in place: {pack} in {complete[0]}")]
+        pack_dir = detected[0] if detected else None
     source = source or packs.PACK_SOURCES.get(pack)
     if source is None:
         raise SetupError(f"insightface: {pack} has no official download (insightface's release has no {pack}.zip); "
                          f"give the zip you have, or its address, with --insightface-source, or use {packs.DEFAULT_PACK} (the default)")
-    pack_dir = folders.target("insightface") / "models" / pack
-    return [Step(f"install insightface {pack} from {source} into {pack_dir}", lambda: install_pack_from(source, pack, pack_dir),
+    if pack_dir is None:
+        pack_dir, what = folders.target("insightface") / "models" / pack, "install"
+    else:
+        what = f"complete (its {packs.recognition_file(pack)} is missing)"
+    return [Step(f"{what} insightface {pack} from {source} into {pack_dir}", lambda: install_pack_from(source, pack, pack_dir),
                  packs.PACKS_LICENCE)]
 
 
 def plan(folders: model_folders.ModelFolders, convert: bool, insightface_pack: str | None,
-         insightface_source: str | None) -> tuple[list[list[Step]], list[str]]:
+         insightface_source: str | None, verify: bool = False) -> tuple[list[list[Step]], list[str]]:
     """The steps of each part (SDM, TDM, insightface pack), and the problems that keep a part from being set up."""
     parts, problems = [], []
-    planners = [lambda model=model: model_steps(model, folders, convert) for model in MODELS]
+    planners = [lambda model=model: model_steps(model, folders, convert, verify) for model in MODELS]
     planners.append(lambda: insightface_steps(folders, insightface_pack, insightface_source))
     for planner in planners:
         try:
@@ -402,10 +487,26 @@ def plan(folders: model_folders.ModelFolders, convert: bool, insightface_pack: s
     return parts, problems
 
 
+def partial_downloads(folders: model_folders.ModelFolders) -> list[Path]:
+    """The partial downloads an interrupted set-up leaves to resume from: beside the models, and the pack's zip."""
+    places = (folders.target("facediffuser"), folders.target("insightface") / "models")
+    return sorted(path for place in places if place.is_dir() for path in place.glob(".*.partial") if path.is_file())
+
+
+def interrupted_message(folders: model_folders.ModelFolders) -> str:
+    kept = partial_downloads(folders)
+    if kept:
+        arrived = ", ".join(f"{path} ({path.stat().st_size / 1e6:.1f} MB)" for path in kept)
+        return f"interrupted: what arrived is kept: {arrived}; run the set-up again to resume"
+    return ("interrupted: no partial download is left to resume (none had arrived yet); what is in place stays; run the "
+            "set-up again to go on")
+
+
 def set_up(comfyui: Path | None, models_dir: Path | None, extra_model_paths: tuple[Path, ...] = (), *, convert: bool = False,
-           insightface_pack: str | None = None, insightface_source: str | None = None, dry_run: bool = False) -> int:
-    """Everything not yet in place, the first-run check's report after it; the exit status (0: all in place).
-    `comfyui`: the folder the user named, if any."""
+           insightface_pack: str | None = None, insightface_source: str | None = None, dry_run: bool = False,
+           verify: bool = False, python_found: str = "") -> int:
+    """Everything not yet in place, the first-run check's report after it; the exit status (0: all in place; 130:
+    Ctrl-C). `comfyui`: the folder the user named, if any; `python_found`: how this Python was found to be ComfyUI's."""
     root = model_folders.find_comfyui(comfyui)
     if root is None and models_dir is None:
         where = f"{comfyui} has no comfyui_version.py" if comfyui else "this pack is not inside ComfyUI/custom_nodes and COMFYUI_PATH is not set"
@@ -417,12 +518,28 @@ def set_up(comfyui: Path | None, models_dir: Path | None, extra_model_paths: tup
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Face-diffuser set-up: models into {folders.target('facediffuser')}, insightface into {folders.target('insightface')}")
-    parts, problems = plan(folders, convert, insightface_pack, insightface_source)
+    try:
+        problems = carry_out(folders, convert, insightface_pack, insightface_source, dry_run, verify)
+        if dry_run:
+            return 1 if problems else 0
+        print()
+        findings = check.run_checks(comfyui, models_dir, extra_model_paths, python_found, script="facediffuser_setup")
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(folders)}", file=sys.stderr)
+        return 130
+    print(check.render(findings))
+    return 1 if problems or check.to_do(findings) else 0
+
+
+def carry_out(folders: model_folders.ModelFolders, convert: bool, insightface_pack: str | None, insightface_source: str | None,
+              dry_run: bool, verify: bool) -> list[str]:
+    """Each part's steps, said and (but in a dry run) done; the problems met, said at the end."""
+    parts, problems = plan(folders, convert, insightface_pack, insightface_source, verify)
     to_do = [step for part in parts for step in part if step.run]
     for licence in dict.fromkeys(step.licence for step in to_do if step.licence):
         print(f"Licence: {licence}")
-    if dry_run:
-        print("Dry run, nothing is changed:" if to_do else "Dry run: nothing to do.")
+    if dry_run and to_do:
+        print("Dry run, nothing is changed:")
     for part in parts:
         for step in part:
             print(f"{'would ' if dry_run and step.run else ''}{step.summary}")
@@ -433,11 +550,8 @@ def set_up(comfyui: Path | None, models_dir: Path | None, extra_model_paths: tup
             except SetupError as error:
                 problems.append(str(error))
                 break  # the part's later steps need this one
+    if dry_run and not to_do:
+        print("Dry run: nothing to do, all of the above is in place.")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    if dry_run:
-        return 1 if problems else 0
-    print()
-    findings = check.run_checks(comfyui, models_dir, extra_model_paths)
-    print(check.render(findings))
-    return 1 if problems or check.to_do(findings) else 0
+    return problems

@@ -1,6 +1,7 @@
-"""What the pack's development commands in scripts/ and its tests share: ComfyUI started in-process and tiny
-random models. scripts/benchmark.py and scripts/measure_convert_memory.py import it as a sibling package
-(`python scripts/<script>.py` puts scripts/ first on sys.path), the tests through tests/pytest.ini's pythonpath;
+"""What the pack's development commands and its tests share: ComfyUI started in-process and tiny random
+models. scripts/measure_convert_memory.py imports it as a sibling package (`python scripts/<script>.py` puts
+scripts/ first on sys.path), the tools in dev/ through PYTHONPATH=scripts, the tests through tests/pytest.ini's
+pythonpath;
 like facediffuser_client, it reaches facediffuser_core through facediffuser_client.pack.
 
     comfy_harness         ComfyUI in this process (COMFYUI_PATH), with the pack loaded as ComfyUI loads custom nodes

@@ -59,6 +59,29 @@ def sd15_patcher(seed: int):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+def controlnet(seed: int, device: torch.device = torch.device("cpu")):
+    """A ControlNet of the tiny UNets' structure with random (not zero) output convolutions, so it acts."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in TINY_UNET_CONFIG.items() if k != "out_channels"}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="cpu",
+                                               operations=comfy.ops.disable_weight_init, **config)
+    randomise(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=device, manual_cast_dtype=None)
+
+
+def write_lora(model_patcher, path, seed: int = 8) -> None:
+    """A LoRA file (ComfyUI's full-difference format) for the tiny UNet's output convolution, strong enough to
+    change the picture."""
+    import safetensors.torch
+
+    weight = model_patcher.model.state_dict()["diffusion_model.out.2.weight"]
+    diff = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+    safetensors.torch.save_file({"diffusion_model.out.2.diff": diff}, str(path))
+
+
 def model_pair():
     """A tiny TDM and SDM: (tdm, sdm)."""
     return sd15_patcher(1), sd15_patcher(2)

@@ -1,0 +1,7 @@
+"""python -m dev.benchmarks: the benchmark's command line (cli)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
