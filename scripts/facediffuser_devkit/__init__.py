@@ -8,4 +8,5 @@ like facediffuser_client, it reaches facediffuser_core through facediffuser_clie
     tiny_comfy            tiny SD1.5-family ComfyUI models with random weights, and their conditionings
     official_checkpoints  tiny Face-diffuser checkpoints in the official key layout (diffusers and transformers)
     simulated_fleet       hundreds of simulated GPU workers with their faults, behind the batch client's worker pool
+    tensor_traffic        host reads of tensor values and copies to a device or dtype, per model evaluation and place
 """
