@@ -28,7 +28,7 @@ import sys
 import standalone  # noqa: F401  (the pack and the dev kit on the path when run as a command)
 
 import attention_stand_ins
-from facediffuser_devkit import comfy_harness, tiny_comfy
+from dev.devkit import comfy_harness, tiny_comfy
 
 # backend -> (the command-line flags that choose it, the library stand-in it calls, how it is put in place)
 BACKENDS = {

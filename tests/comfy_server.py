@@ -1,7 +1,7 @@
 """A real ComfyUI server for the tests of the headless runner and the batch client, in its own process, on 127.0.0.1 and a free port.
 
 Run as a script, this file is the server's entry point: it registers the harness's CPU torchvision shim
-(facediffuser_devkit.comfy_harness), then runs ComfyUI's main.py with the command line it was given. Imported, it
+(dev.devkit.comfy_harness), then runs ComfyUI's main.py with the command line it was given. Imported, it
 starts such a server with `--base-directory` pointing at a temporary folder whose custom_nodes/ holds a
 link to this pack, so the server loads the pack as an installed one and writes nowhere else.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import standalone  # noqa: F401  (run as the servers' entry point, this file needs the dev kit's path)
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 from facediffuser_client.own_comfyui import OwnComfyUI, free_loopback_port as free_port  # noqa: F401  (the tests' free ports)
 
 START_TIMEOUT_S = 180.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 from test_regions_comfyui import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep, with_replacements
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 

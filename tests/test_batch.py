@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
 from facediffuser_client import api_workflow, http_api

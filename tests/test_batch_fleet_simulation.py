@@ -1,9 +1,9 @@
-"""A hundred thousand jobs on a simulated fleet of 256 GPU workers (facediffuser_devkit.simulated_fleet), through the
+"""A hundred thousand jobs on a simulated fleet of 256 GPU workers (dev.devkit.simulated_fleet), through the
 batch client's own scheduler, manifest and worker pool, in simulated time: run times from a distribution, 5 % of
 runs failing, 2 % of the workers dying in the middle of a run, a few runs hanging their ComfyUI, a few workers
 falling silent, a few results lost, replacements that fail to start. Every job ends exactly once, each run was
 sent as often as the manifest says and never more than --max-attempts, the fleet is kept busy; the driver's own
-time per run is printed (its figures in the README come from scripts/benchmark_fleet.py, on disk).
+time per run is printed (its figures in the README come from dev/benchmark_fleet.py, on disk).
 
 The run directory (a hundred thousand folders of pictures, half a gigabyte) goes to memory (/dev/shm) where there
 is room: on a disk that other work shares, writing and removing them took minutes, and that is not what is tested."""
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from facediffuser_client.manifest import DONE, FAILED
-from facediffuser_devkit.simulated_fleet import simulate, write_jobs_file
+from dev.devkit.simulated_fleet import simulate, write_jobs_file
 
 JOBS = 100_000
 WORKERS = 256
@@ -65,10 +65,10 @@ def test_the_fleet_benchmark_reports_the_drivers_cost_the_resume_and_the_memory(
     import subprocess
     import sys
 
-    import pack_scripts
+    from dev import child_process
 
-    done = subprocess.run([sys.executable, str(pack_scripts.SCRIPTS_DIR / "benchmark_fleet.py"), "--jobs", "2000", "--workers", "16"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(child_process.module_command("dev.benchmark_fleet", "--jobs", "2000", "--workers", "16"),
+                          cwd=child_process.REPO_ROOT, env=child_process.environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     batch, resume, again = done.stdout.strip().splitlines()
     assert re.fullmatch(r"batch of 2000 jobs on 16 simulated workers \([\d.]+ h simulated\): driver [\d.]+ ms CPU per run; reading "

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facediffuser_devkit import comfy_harness
+from dev import child_process
+from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
 from test_batch import SCRIPT, all_runs, face_workflow, finish, manifest_of, photo, start_batch, wait_for, write_jobs
@@ -291,8 +292,9 @@ def test_the_benchmark_gives_runs_per_second_of_ray_against_servers_and_the_same
     photo(tmp_path / "me.png")
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
         {"id": "me", "workflow": workflow.name, "faces": ["me.png"], "prompt": "a woman <|image|> by the sea", "count": 3}])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(STARTUP_SHIMS), os.environ.get("PYTHONPATH")]))}
-    ran = subprocess.run([sys.executable, str(SCRIPT.with_name("benchmark_batch.py")), str(jobs_file), "--workers", "1",
+    env = child_process.environment(PYTHONPATH=os.pathsep.join(filter(None, [
+        str(STARTUP_SHIMS), str(child_process.REPO_ROOT), str(child_process.CLIENT_FOLDER), os.environ.get("PYTHONPATH")])))
+    ran = subprocess.run([*child_process.module_command("dev.benchmark_batch"), str(jobs_file), "--workers", "1",
                           "--ray-cpus-per-worker", "1", "--comfyui", str(comfy_harness.comfyui_path()),
                           "--comfyui-args", shlex.join(comfy_server.server_options(base))],
                          capture_output=True, text=True, timeout=900, env=env)

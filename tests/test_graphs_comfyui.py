@@ -13,8 +13,8 @@ import re
 import pytest
 import torch
 
-from facediffuser_devkit import official_checkpoints as oc
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import official_checkpoints as oc
+from dev.devkit import tiny_comfy
 
 SEED = 5
 SETTINGS = dict(steps=6, cfg=5.0, sampler_name="euler", scheduler="normal", alpha=0.34, beta=0.67, denoise=1.0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
 from facediffuser_client import api_workflow, best_of_n, headless, http_api, own_comfyui

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facediffuser_devkit import official_checkpoints as oc
+from dev.devkit import official_checkpoints as oc
 from facediffuser_core import checkpoint, convert, sd15_keys
 
 TOLERANCE = 1e-4

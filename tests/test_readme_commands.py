@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from dev.benchmarks import cli as benchmarks_cli
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import pack_scripts
 from test_first_run_check import fake_comfyui
 
@@ -261,9 +261,9 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --device cuda": "an NVIDIA GPU",
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --null-unet": MEASURES,
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --regions --latent 64": MEASURES,
-    'python scripts/benchmark_batch.py jobs.jsonl --workers 2 --ray-cpus-per-worker 1 --comfyui-args "--cpu" --repeat 5':
+    'PYTHONPATH=scripts python -m dev.benchmark_batch jobs.jsonl --workers 2 --ray-cpus-per-worker 1 --comfyui-args "--cpu" --repeat 5':
         "benchmark runs: a Ray cluster and servers, minutes; test_batch_ray_comfyui.py runs it with one worker on 3 runs",
-    "python scripts/benchmark_fleet.py --jobs 100000 --workers 256":
+    "PYTHONPATH=scripts python -m dev.benchmark_fleet --jobs 100000 --workers 256":
         "minutes; test_batch_fleet_simulation.py runs it on 2,000 jobs",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "72 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
@@ -310,7 +310,7 @@ def test_every_script_command_of_the_readme_parses(command):
 
 
 def test_the_benchmark_batch_and_fleet_commands_parse():
-    for command in commands_of("python scripts/benchmark_batch.py") + commands_of("python scripts/benchmark_fleet.py"):
+    for command in commands_of("PYTHONPATH=scripts python -m dev.benchmark_batch") + commands_of("PYTHONPATH=scripts python -m dev.benchmark_fleet"):
         # No parse function of its own: argparse reads every word before --help, then prints the help.
         done = run_typed(command + " --help", comfy_harness.REPO_ROOT, {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr
@@ -373,7 +373,7 @@ def test_the_convert_commands_run_as_printed(tmp_path):
     from safetensors import safe_open
 
     import hub_stand_in
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
     from test_first_picture import official_bin
     from test_setup import serve_everything
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 HERE = Path(__file__).resolve().parent
 LIBRARIES = {"xformers": "xformers", "flash": "flash", "sage_v1": "sage_v1", "sage_v2": "sage_v2"}

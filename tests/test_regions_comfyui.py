@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 
 ROWS = (5, 9)  # the two subjects' token rows in the tiny prompts

@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 from test_graphs_comfyui import apply_advanced
 from test_regions_comfyui import HEIGHT, ROWS, WIDTH, halves, sample, subject_conds
 

@@ -1,5 +1,5 @@
 """Regions copy nothing to the device and read nothing back per evaluation: counted during sampling
-(facediffuser_devkit.tensor_traffic; on this CPU every call that targets a device or dtype, and every host read),
+(dev.devkit.tensor_traffic; on this CPU every call that targets a device or dtype, and every host read),
 evaluation by evaluation, against the same run without regions."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facediffuser_devkit.tensor_traffic import TensorTraffic
+from dev.devkit.tensor_traffic import TensorTraffic
 from test_regions_comfyui import halves, sample, subject_conds, with_replacements
 
 STEPS, ALPHA, BETA = 6, 0.34, 0.67  # ddim_uniform makes it 7: two scene steps, then the SDM in every evaluation

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 
 SEED = 3
 

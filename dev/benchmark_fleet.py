@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The batch client's own cost at the scale of a fleet, on a simulated fleet of GPU workers
-(facediffuser_devkit.simulated_fleet: the client's real scheduler, manifest and worker pool, simulated time):
+(dev.devkit.simulated_fleet: the client's real scheduler, manifest and worker pool, simulated time):
 
-    python scripts/benchmark_fleet.py --jobs 100000 --workers 256
+    PYTHONPATH=scripts python -m dev.benchmark_fleet --jobs 100000 --workers 256
 
 Each measurement runs in a process of its own, so that its memory is its own:
 - the batch: the driver's CPU time per run (from the first run sent to the last result: the scheduler, the
@@ -25,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from facediffuser_devkit.simulated_fleet import SimulatedClock, SimulatedFleet, simulate, write_jobs_file
+from dev import child_process
+from dev.devkit.simulated_fleet import SimulatedClock, SimulatedFleet, simulate, write_jobs_file
 
-BATCH = Path(__file__).resolve().parent / "facediffuser_batch.py"
+BATCH = child_process.CLIENT_FOLDER / "facediffuser_batch.py"
 
 
 def peak_megabytes() -> float:
@@ -68,7 +69,8 @@ def measure_resume(folder: Path, workers: int) -> dict:
 
 
 def child(*arguments: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True)
+    done = subprocess.run(child_process.module_command("dev.benchmark_fleet", *arguments), capture_output=True, text=True,
+                          cwd=child_process.REPO_ROOT, env=child_process.environment())
     if done.returncode != 0:
         sys.exit(f"the measurement {' '.join(arguments)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

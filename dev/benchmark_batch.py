@@ -3,7 +3,7 @@
 jobs file, the same number of ComfyUIs from the same folder (here started for --server, by the Ray workers for
 --ray), runs per second of each, their ratio, and whether both made the same pictures.
 
-    python scripts/benchmark_batch.py jobs.jsonl --workers 2 --comfyui-args "--lowvram"
+    PYTHONPATH=scripts python -m dev.benchmark_batch jobs.jsonl --workers 2 --comfyui-args "--lowvram"
 
 Each side counts from its first dispatch to its last run's end, so that starting the ComfyUIs and Ray, and shutting
 them down, is left out. With --repeat N each side runs N times, interleaved, every ComfyUI started afresh each
@@ -26,10 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dev import child_process
 from facediffuser_client.http_api import RunError
 from facediffuser_client.own_comfyui import OwnComfyUI, attach_command_line_values, private_folders
 
-BATCH = Path(__file__).resolve().parent / "facediffuser_batch.py"
+BATCH = child_process.CLIENT_FOLDER / "facediffuser_batch.py"
 ENDED = re.compile(r"^(\d+) run\(s\) ended in ([\d.]+) s", re.M)
 
 

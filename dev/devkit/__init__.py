@@ -1,8 +1,7 @@
-"""What the pack's development commands and its tests share: ComfyUI started in-process and tiny random
-models. scripts/measure_convert_memory.py imports it as a sibling package (`python scripts/<script>.py` puts
-scripts/ first on sys.path), the tools in dev/ through PYTHONPATH=scripts, the tests through tests/pytest.ini's
-pythonpath;
-like facediffuser_client, it reaches facediffuser_core through facediffuser_client.pack.
+"""What the pack's development tools and its tests share: ComfyUI started in-process, tiny random models, a
+simulated fleet and a counter of tensor traffic. It is part of dev/, which a user's install does not need (the
+registry archive leaves it out, .comfyignore); like facediffuser_client, it reaches facediffuser_core through
+facediffuser_client.pack.
 
     comfy_harness         ComfyUI in this process (COMFYUI_PATH), with the pack loaded as ComfyUI loads custom nodes
     tiny_comfy            tiny SD1.5-family ComfyUI models with random weights, and their conditionings
