@@ -3,7 +3,7 @@ custom nodes: the tests' ComfyUI tier and the benchmark.
 
 The ComfyUI tier of the tests needs a ComfyUI checkout: set COMFYUI_PATH to it. Without one those tests
 are skipped with a reason and the plain tier (facediffuser_core alone) still runs. Standard library only at
-import: tests/comfy_startup/sitecustomize.py loads this file by its path into ComfyUI servers for the shims.
+import: tests/support/comfy_startup/sitecustomize.py loads this file by its path into ComfyUI servers for the shims.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from dev.devkit import comfy_harness
+from batch_runs import (SCRIPT, TINY_WORKFLOW, all_runs, face_workflow, finish, manifest_of, photo, start_batch, wait_for,
+                        write_jobs)
 import comfy_server
 import pack_scripts
 from facediffuser_client import api_workflow, http_api
@@ -32,14 +32,7 @@ from facediffuser_client.scheduler import Scheduler
 from facediffuser_client.servers import ServerExecutor
 
 batch = pack_scripts.load("facediffuser_batch")
-SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_batch.py"
 EXAMPLE = pack_scripts.SCRIPTS_DIR.parent / "workflows" / "jobs_example.jsonl"
-
-
-TINY_WORKFLOW = {
-    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "tiny"}},
-}
 
 
 def with_identity_score(workflow: dict) -> dict:
@@ -59,23 +52,6 @@ def with_identity_score(workflow: dict) -> dict:
         "references": references, "images": ["100", 0], "face_analysis": workflow[encoder]["inputs"]["face_analysis"],
         "recognition": "insightface", "keep_best": 0}}
     return workflow
-
-
-def write_jobs(path: Path, jobs: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
-    return path
-
-
-def photo(path: Path, face: bool = True) -> Path:
-    """The tests' astronaut portrait, or a blank grey picture in which no detector finds a face."""
-    import tiny_install
-
-    if face:
-        (made,) = tiny_install.write_face_photos(path.parent, names=(path.name,))
-        return made
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(path)
-    return path
 
 
 # --- the jobs file (plain tier) ----------------------------------------------------------------------------
@@ -445,55 +421,11 @@ def two_servers(tmp_path_factory):
         yield running
 
 
-def face_workflow(folder: Path) -> Path:
-    """The shipped single-subject workflow at the tiny models' size: seconds per run on a CPU."""
-    import tiny_install
-
-    path = folder / "tiny_single_subject.json"
-    path.write_text(json.dumps(tiny_install.small_api_workflow("facediffuser_single_subject")))
-    return path
-
-
-def start_batch(jobs_file: Path, urls, *options: str) -> subprocess.Popen:
-    command = [sys.executable, str(SCRIPT), str(jobs_file), *(a for url in urls for a in ("--server", url)),
-               "--poll", "0.05", "--progress-every", "1", *options]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()  # a failed test leaves no batch running
-        process.communicate()
-        raise
-    return process.returncode, out, err
-
-
-def manifest_of(jobs_file: Path) -> dict:
-    """The live manifest of the batch of `jobs_file` (also while it runs)."""
-    return read_manifest(jobs_file.with_name(f"{jobs_file.stem}_run"))
-
-
 def rewrite_manifest(run_dir: Path, data: dict) -> None:
     """The run directory as if an earlier invocation had left `data` as its manifest (imported at the next start)."""
     for name in ("manifest.sqlite", "manifest.sqlite-wal", "manifest.sqlite-shm"):
         (run_dir / name).unlink(missing_ok=True)
     (run_dir / "manifest.json").write_text(json.dumps(data))
-
-
-def all_runs(manifest: dict) -> dict:
-    return {(job_id, key): run for job_id, job in manifest["jobs"].items() for key, run in job["runs"].items()}
-
-
-def wait_for(condition, timeout: float = 300, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            if condition():
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def history_ids(server) -> set[str]:
@@ -720,7 +652,7 @@ def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path)
     """Each `--server` command of README.md typed as printed, in a folder that holds the pack's scripts as the pack's
     folder does, with two substitutions: its server addresses become the two test servers' (in order), and its jobs
     file holds two one-run jobs of a tiny workflow."""
-    from test_readme_commands import batch_server_commands, run_typed
+    from documented_commands import batch_server_commands, run_typed
 
     commands = batch_server_commands()
     assert len(commands) == 2

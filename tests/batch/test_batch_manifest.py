@@ -18,9 +18,9 @@ import pytest
 import pack_scripts
 from facediffuser_client.jobs import load_jobs
 from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest, read_manifest
-from test_batch import TINY_WORKFLOW, finish, write_jobs
+from batch_runs import TINY_WORKFLOW, finish, write_jobs
 
-FROZEN_0_3_0 = Path(__file__).resolve().parent / "compat" / "batch_0.3.0"
+FROZEN_0_3_0 = Path(__file__).resolve().parents[1] / "compat" / "batch_0.3.0"
 SEEDED_WORKFLOW = {**TINY_WORKFLOW, "3": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}}}
 
 

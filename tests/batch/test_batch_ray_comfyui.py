@@ -27,11 +27,11 @@ from dev import child_process
 from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
-from test_batch import SCRIPT, all_runs, face_workflow, finish, manifest_of, photo, start_batch, wait_for, write_jobs
+from batch_runs import SCRIPT, all_runs, face_workflow, finish, manifest_of, photo, start_batch, wait_for, write_jobs
 
 pytest.importorskip("ray", reason="the --ray tests need Ray (requirements-test.txt)")
 
-STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"  # the workers' ComfyUIs get the tests' CPU shims
+STARTUP_SHIMS = comfy_server.STARTUP_SHIMS  # the workers' ComfyUIs get the tests' CPU shims
 # Ray gives a worker with one CPU one thread; the --server ComfyUI compared with it gets the same, since sums of
 # floats taken in another order differ in their last bits.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -163,7 +163,7 @@ def test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_s
     killed (its worker cannot come back: the first node has no room). Every run done
     exactly once, within its attempts, bad jobs failing alone; nothing left running or on disk; a head that wants
     a token refuses a batch without one in one line; the same jobs through --server give the same pictures."""
-    from test_readme_commands import cluster_commands
+    from documented_commands import cluster_commands
 
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")

@@ -26,12 +26,12 @@ import pytest
 
 import pack_scripts
 from facediffuser_client.manifest import read_manifest
-from test_batch import SCRIPT, finish, wait_for, write_jobs
+from batch_runs import SCRIPT, finish, wait_for, write_jobs
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray in this process (a driver under test) on loopback only
 pytest.importorskip("ray", reason="the --ray tests need Ray (requirements-test.txt)")
 
-STAND_IN = Path(__file__).resolve().parent / "comfy_stand_in.py"
+STAND_IN = Path(__file__).resolve().parents[1] / "support" / "comfy_stand_in.py"
 SEEDED_WORKFLOW = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "tiny"}},

@@ -18,9 +18,8 @@ import pytest
 
 import pack_scripts
 from facediffuser_client import comfyui_python, http_api, own_comfyui
-from test_first_run_check import complete_install, fake_comfyui
-from test_headless_runner import fake_comfyui as fake_comfyui_to_start
-from test_headless_runner import nothing_at_the_default_address  # noqa: F401
+from fake_installs import complete_install, fake_comfyui
+from runner_runs import fake_comfyui as fake_comfyui_to_start
 
 CHECK = pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"
 runner = pack_scripts.load("facediffuser_run")

@@ -6,7 +6,7 @@ What stands in for the outside world, and nothing else: `git clone` of the pack'
 working tree (git's url.<base>.insteadOf), pip finds every requirement installed and is pointed at a closed
 loopback index (so it cannot download), HF_ENDPOINT and FACEDIFFUSER_INSIGHTFACE_SOURCE point the set-up at
 the hub stand-in (tiny official-layout SDM and TDM, a zipped tiny insightface pack with a detector and a
-recognition model), and tests/comfy_startup/ on PYTHONPATH gives the ComfyUI that the runner starts (and the
+recognition model), and tests/support/comfy_startup/ on PYTHONPATH gives the ComfyUI that the runner starts (and the
 check's probe of what that ComfyUI imports) the CPU shims every test server gets. The runner itself finds that torch has no GPU and passes --cpu.
 
 At the end: a 512 x 512 picture in ComfyUI's output folder and nothing in the pack's checkout, every shipped
@@ -33,30 +33,10 @@ from PIL import Image
 from dev.devkit import comfy_harness
 import comfy_server
 import hub_stand_in
+from newcomer import newcomer_environment, official_bin, quick_start_blocks
 from facediffuser_client import http_api, setup
 
-STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"
-README = comfy_harness.REPO_ROOT / "README.md"
-PACK_ADDRESS = "https://github.com/facediffuser/comfyui-facediffuser"
-
-
-def quick_start_blocks() -> tuple[list[str], list[str]]:
-    """The command lines of the quick start's step 1 (install) and step 2 (the two commands), as printed."""
-    text = README.read_text(encoding="utf-8")
-    install = text.split("1. **Install the pack**", 1)[1].split("2. **Two commands**", 1)[0]
-    commands = text.split("2. **Two commands**", 1)[1].split("\n\n", 2)[1]
-    lines = lambda block: [line.strip() for line in block.splitlines() if line.startswith("       ") and line.strip()]
-    return lines(install), lines(commands)
-
-
-def official_bin(refs) -> bytes:
-    import torch
-
-    from dev.devkit import official_checkpoints
-
-    buffer = io.BytesIO()
-    torch.save(official_checkpoints.official_state_dict(refs), buffer)
-    return buffer.getvalue()
+STARTUP_SHIMS = comfy_server.STARTUP_SHIMS
 
 
 def zipped_pack(scratch: Path) -> bytes:
@@ -70,22 +50,6 @@ def zipped_pack(scratch: Path) -> bytes:
         archive.write(pack / "det.onnx", "buffalo_l/det_10g.onnx")
         archive.write(recognition, "buffalo_l/w600k_r50.onnx")
     return buffer.getvalue()
-
-
-def pack_origin(scratch: Path) -> Path:
-    """A git repository holding this working tree as it is (committed or not): what the pack's address serves."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=comfy_harness.REPO_ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    origin = scratch / "origin"
-    for name in filter(None, files):
-        source = comfy_harness.REPO_ROOT / name
-        if source.is_file():
-            (origin / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, origin / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "the pack"]):
-        subprocess.run([*git, *command], cwd=origin, check=True, capture_output=True)
-    return origin
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -105,19 +69,6 @@ def typed(line: str, cwd: Path, env: dict, timeout: float) -> subprocess.Complet
     result = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert "Traceback" not in result.stdout + result.stderr, f"{line}\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def newcomer_environment(scratch: Path) -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("COMFYUI_", "HF_", "PIP_", "GIT_"))}
-    closed = f"http://127.0.0.1:{comfy_server.free_port()}/simple"
-    return {
-        **env,
-        "HOME": str(scratch / "home"),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),  # `python`: ComfyUI's Python
-        "PIP_INDEX_URL": closed, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_RETRIES": "0",
-        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "1",
-        "GIT_CONFIG_KEY_0": f"url.{pack_origin(scratch)}.insteadOf", "GIT_CONFIG_VALUE_0": PACK_ADDRESS,
-    }
 
 
 def validate_templates(comfyui: Path, env: dict) -> None:

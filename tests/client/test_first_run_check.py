@@ -6,47 +6,18 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import onnxruntime
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from fake_installs import SDM_KEYS, TDM_KEYS, complete_install, fake_comfyui, tensors
 import pack_scripts
 from facediffuser_client import check
 
 cli = pack_scripts.load("facediffuser_check")
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"
-
-SDM_KEYS = ["unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight",
-            "image_encoder.vision_model.embeddings.class_embedding", "image_encoder.visual_projection.weight",
-            "vae.encoder.conv_in.weight", "postfuse_module.mlp1.fc1.weight"]
-TDM_KEYS = ["unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight", "vae.encoder.conv_in.weight",
-            "text_encoder.embeddings.position_ids"]
-
-
-def tensors(keys):
-    return {key: torch.full((2,), float(index)) for index, key in enumerate(keys)}
-
-
-def fake_comfyui(root: Path, version: str = "0.17.0") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
-    return root
-
-
-def complete_install(tmp_path: Path) -> tuple[Path, Path]:
-    comfyui = fake_comfyui(tmp_path / "ComfyUI")
-    models = comfyui / "models"
-    (models / "facediffuser").mkdir(parents=True)
-    save_file(tensors(SDM_KEYS), models / "facediffuser" / "facediffuser_sdm.safetensors")
-    torch.save(tensors(TDM_KEYS), models / "facediffuser" / "facediffuser_tdm.bin")
-    pack = models / "insightface" / "models" / "antelopev2"
-    pack.mkdir(parents=True)
-    for name in check.packs.KNOWN_PACK_FILES["antelopev2"]:
-        (pack / name).write_bytes(b"onnx")
-    return comfyui, models
 
 
 def by_subject(findings):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
+from runner_runs import CUSTOM_SAMPLING_WORKFLOW, fake_comfyui, write
 from facediffuser_client import api_workflow, best_of_n, headless, http_api, own_comfyui
 
 runner = pack_scripts.load("facediffuser_run")
@@ -33,12 +33,6 @@ SNF_WORKFLOW = {
                                                            "latent_image": ["7", 0], "conditioning": ["6", 0]}},
     "9": {"class_type": "LoadImage", "inputs": {"image": "unrelated.png"}},  # not a reference photo
     "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "x"}},
-}
-
-CUSTOM_SAMPLING_WORKFLOW = {
-    "1": {"class_type": "FaceDiffuserGuider", "inputs": {"cfg": 5.0, "alpha": 0.3, "beta": 0.6}},
-    "2": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
-    "3": {"class_type": "BasicScheduler", "inputs": {"steps": 50, "scheduler": "ddim_uniform", "denoise": 1.0}},
 }
 
 
@@ -156,60 +150,6 @@ def test_a_checkpoint_the_server_lacks_is_taken_in_its_other_format():
     assert workflow["1"]["inputs"]["ckpt_name"] == "facediffuser_sdm.bin" and len(notes) == 1
 
 
-FAKE_COMFYUI_MAIN = """
-import argparse, http.server, json, pathlib, sys
-pathlib.Path("argv.json").write_text(json.dumps(sys.argv[1:]))
-pathlib.Path("prefix").write_text(sys.prefix)  # which Python started it
-mode = pathlib.Path("mode").read_text()
-if mode == "crash":
-    print("boom: the fake ComfyUI cannot start")
-    sys.exit(3)
-if mode == "no PIL":  # what ComfyUI prints when started with a Python that lacks its requirements
-    print("ModuleNotFoundError: No module named 'PIL'")
-    sys.exit(1)
-if mode == "no cuda":  # what ComfyUI prints when started without --cpu on a CPU-only torch
-    print("\\n".join(f"log line {number} " + "x" * 60 for number in range(100)))
-    print("AssertionError: Torch not compiled with CUDA enabled")
-    sys.exit(1)
-if mode == "slow":
-    import time
-    time.sleep(120)
-parser = argparse.ArgumentParser()
-parser.add_argument("--port", type=int)
-args, _ = parser.parse_known_args()
-answers = {"/system_stats": {"system": {}}, "/object_info/FaceDiffuserSNFSampler": {"FaceDiffuserSNFSampler": {}} if mode == "pack" else {}}
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps(answers.get(self.path, {})).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-http.server.HTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
-"""
-
-
-def fake_comfyui(tmp_path, mode: str):
-    """A folder that passes for ComfyUI: its main.py answers /system_stats, with or without the pack's nodes,
-    or crashes at start."""
-    root = tmp_path / "FakeComfyUI"
-    root.mkdir()
-    (root / "comfyui_version.py").write_text('__version__ = "0.17.0"\n')
-    (root / "main.py").write_text(FAKE_COMFYUI_MAIN)
-    (root / "mode").write_text(mode)
-    return root
-
-
-@pytest.fixture
-def nothing_at_the_default_address(monkeypatch):
-    monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", f"http://127.0.0.1:{comfy_server.free_port()}")
-
-
 def started_pid(output: str) -> int:
     return int(re.search(r"started ComfyUI from .* \(pid (\d+)\)", output).group(1))
 
@@ -264,20 +204,6 @@ def test_with_no_server_and_no_comfyui_to_start_the_error_says_what_to_pass(tmp_
 
 
 # --- against a real ComfyUI server -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if comfy_harness.comfyui_path() is None:
-        pytest.skip(comfy_harness.SKIP_REASON)
-    with comfy_server.running_server(tmp_path_factory.mktemp("comfyui")) as running:
-        yield running
-
-
-def write(tmp_path, workflow: dict):
-    path = tmp_path / "workflow.json"
-    path.write_text(json.dumps(workflow))
-    return str(path)
 
 
 def test_runs_a_workflow_and_saves_its_images(server, tmp_path, capsys):
@@ -662,7 +588,7 @@ def test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed(server, tmp_p
     """The README's CPU command, words as printed, with the shipped workflow as shipped but for what the command sets;
     the default address is the test server's, where the tiny models stand in for the real ones."""
     import tiny_install
-    from test_readme_commands import arguments, runner_small_picture_commands
+    from documented_commands import arguments, runner_small_picture_commands
 
     tiny_install.install_models(server.models_dir)
     monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)
@@ -681,7 +607,7 @@ def test_the_readmes_runner_commands_with_a_workflow_run_as_printed(server, tmp_
     the pack's workflows as the pack's folder does. Substituted: the server it names, or the default address it uses
     without one, becomes the test server's; the shipped workflows are at the tiny models' size (64 px, 3 steps)."""
     import tiny_install
-    from test_readme_commands import arguments, runner_workflow_commands
+    from documented_commands import arguments, runner_workflow_commands
 
     tiny_install.install_models(server.models_dir)
     monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)

@@ -10,7 +10,6 @@ import pytest
 
 import pack_scripts
 from facediffuser_core.identity import assign_subjects, greedy_min_similarity
-from test_headless_runner import server  # noqa: F401  (the module's ComfyUI server on 127.0.0.1)
 
 benchmark = pack_scripts.load("identity_benchmark")
 

@@ -21,7 +21,7 @@ import pytest
 
 import pack_scripts
 from facediffuser_client import api_workflow, headless, http_api, own_comfyui
-from test_headless_runner import CUSTOM_SAMPLING_WORKFLOW, fake_comfyui, nothing_at_the_default_address  # noqa: F401
+from runner_runs import CUSTOM_SAMPLING_WORKFLOW, fake_comfyui
 
 runner = pack_scripts.load("facediffuser_run")
 

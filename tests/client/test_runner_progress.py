@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 from facediffuser_client.progress import ProgressDisplay, StatusLine, clock_text
+from terminal_screen import screen
 
 WORKFLOW = {"11": {"class_type": "FaceDiffuserSNFSampler", "inputs": {}}, "12": {"class_type": "VAEDecode", "inputs": {}}}
 
@@ -14,23 +15,6 @@ WORKFLOW = {"11": {"class_type": "FaceDiffuserSNFSampler", "inputs": {}}, "12": 
 class Terminal(io.StringIO):
     def isatty(self):
         return True
-
-
-def screen(text: str) -> list[str]:
-    """What a terminal shows after `text`: a carriage return goes back to the start of the line, and what is
-    written then covers the old characters one by one, leaving those beyond it as they were."""
-    lines, column = [""], 0
-    for char in text:
-        if char == "\r":
-            column = 0
-        elif char == "\n":
-            lines.append("")
-            column = 0
-        else:
-            line = lines[-1]
-            lines[-1] = line[:column] + char + line[column + 1:]
-            column += 1
-    return lines
 
 
 def show_steps(stream, steps: list[tuple[float, tuple[int, int, str]]]) -> ProgressDisplay:

@@ -15,7 +15,7 @@ import comfy_server
 import pack_scripts
 import workflow_builder
 from facediffuser_client import headless, http_api, regions, server_log
-from test_headless_runner import fake_comfyui, nothing_at_the_default_address, server, write  # noqa: F401  (fixtures)
+from runner_runs import fake_comfyui, write
 
 runner = pack_scripts.load("facediffuser_run")
 
@@ -224,7 +224,7 @@ def test_the_readmes_regions_commands_run_as_printed(server, tmp_path, monkeypat
     (64 px, 3 steps); the photos are the test's two faces under the names the command gives."""
     import tiny_install
     from facediffuser_client import own_comfyui
-    from test_readme_commands import DOCUMENTS, arguments, runner_regions_commands
+    from documented_commands import DOCUMENTS, arguments, runner_regions_commands
 
     tiny_install.install_models(server.models_dir)
     monkeypatch.setattr(own_comfyui, "DEFAULT_SERVER", server.url)

@@ -1,5 +1,5 @@
 """scripts/facediffuser_setup.py against a stand-in for the hub's file endpoints and insightface's release, on
-127.0.0.1 (tests/hub_stand_in.py): fresh, resumed, corrupted and already-complete set-ups, zips of any layout,
+127.0.0.1 (tests/support/hub_stand_in.py): fresh, resumed, corrupted and already-complete set-ups, zips of any layout,
 extra_model_paths.yaml, offline, --dry-run and --convert. The set-up runs as users run it, in a fresh
 interpreter, with HF_ENDPOINT pointing at the stand-in and HF_HOME at a scratch folder."""
 
@@ -10,7 +10,6 @@ import io
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,46 +19,15 @@ import comfy_server
 import hub_stand_in
 import pack_scripts
 from facediffuser_client import setup
-from test_first_run_check import SDM_KEYS, TDM_KEYS, fake_comfyui, tensors
+from fake_installs import BUFFALO_FILES, REPOSITORY, SDM_BYTES, SDM_KEYS, TDM_BYTES, checkpoint_bytes, fake_comfyui, pack_zip, serve_everything
 
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_setup.py"
-REPOSITORY = setup.HUB_REPOSITORY
-BUFFALO_FILES = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx")
-
-
-def checkpoint_bytes(keys, extra_floats: int = 0) -> bytes:
-    """A torch .bin with the tensor names of an SDM or a TDM; `extra_floats` makes it as large as needed."""
-    state = tensors(keys)
-    if extra_floats:
-        state["unet.padding.weight"] = torch.arange(extra_floats, dtype=torch.float32)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def pack_zip(folder: str, files=BUFFALO_FILES) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name in files:
-            archive.writestr(f"{folder}{name}", f"onnx {name}".encode())
-        archive.writestr("__MACOSX/._det_10g.onnx", b"resource fork")
-    return buffer.getvalue()
-
-
-SDM_BYTES = checkpoint_bytes(SDM_KEYS)
-TDM_BYTES = checkpoint_bytes(TDM_KEYS)
 
 
 @pytest.fixture
 def hub():
     with hub_stand_in.running() as running:
         yield running
-
-
-def serve_everything(hub, sdm=SDM_BYTES, tdm=TDM_BYTES, zip_folder="buffalo_l/", **sdm_faults) -> str:
-    hub.add_hub_file(REPOSITORY, "SDM/pytorch_model.bin", sdm, **sdm_faults)
-    hub.add_hub_file(REPOSITORY, "TDM/pytorch_model.bin", tdm)
-    return hub.add_file("/releases/download/v0.7/buffalo_l.zip", pack_zip(zip_folder))
 
 
 def run_setup(hub_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -436,7 +404,7 @@ def test_download_progress_is_drawn_on_a_terminal(hub, tmp_path, columns):
     """One line per download, redrawn in place: what arrived of how much, the speed, the time. huggingface_hub's own
     bar (tqdm) sizes itself to the terminal's width, and on a terminal that reports none (a serial console, a
     pseudo-terminal no one sized, some IDE and CI consoles) it drew nothing at all."""
-    from test_runner_progress import screen
+    from terminal_screen import screen
 
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     sdm = checkpoint_bytes(SDM_KEYS, extra_floats=6 * 2**20)  # 24 MB: three of huggingface_hub's chunks

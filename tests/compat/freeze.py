@@ -2,7 +2,7 @@
 frozen files are checked in and never regenerated, since they stand for what users saved):
 
 - workflows/<commit>/...: each distinct state of the shipped workflows/ folder, as of the commit that made it;
-- schemas/<commit>.json: each distinct set of node schemas the pack has had (tests/schema_lock.py's form),
+- schemas/<commit>.json: each distinct set of node schemas the pack has had (tests/support/schema_lock.py's form),
   read by loading the pack as of that commit into ComfyUI;
 - prompts/<commit>/<name>.json: today's shipped API workflows as they are written against each earlier
   schema (the pack's nodes given only the inputs that schema had), where that differs from what is frozen
@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(HERE.parent))  # tests/: schema_lock, and standalone for the dev kit's path
+sys.path.insert(0, str(HERE.parent / "support"))  # schema_lock, and standalone for the dev kit's path
 import standalone  # noqa: E402,F401
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import workflow_builder
-from test_workflows import installed, run_in_process  # noqa: F401  (the fixture is used by name)
+from in_process_runs import run_in_process
 
-COMPAT = Path(__file__).resolve().parent / "compat"
+COMPAT = Path(__file__).resolve().parent
 API_FILES = sorted(COMPAT.glob("workflows/*/api/*.json")) + sorted(COMPAT.glob("prompts/*/*.json"))
 UI_FILES = sorted(COMPAT.glob("workflows/*/*.json"))
 _latents: dict[str, list[torch.Tensor]] = {}

@@ -1,4 +1,4 @@
-"""The pack's node schemas against the checked-in lock (tests/schema_lock.json) and against every schema the pack
+"""The pack's node schemas against the checked-in lock (tests/compat/schema_lock.json) and against every schema the pack
 has had (tests/compat/schemas, recovered from git history): a change fails here until it is made on purpose, and
 no change may break a workflow saved against an earlier version."""
 
@@ -11,8 +11,8 @@ import pytest
 
 import schema_lock
 
-HISTORY = sorted((Path(__file__).resolve().parent / "compat" / "schemas").glob("*.json"))
-REGENERATE = "cd tests && COMFYUI_PATH=/path/to/ComfyUI python schema_lock.py"
+HISTORY = sorted((Path(__file__).resolve().parent / "schemas").glob("*.json"))
+REGENERATE = "cd tests && COMFYUI_PATH=/path/to/ComfyUI python support/schema_lock.py"
 
 
 def incompatibilities(old: dict, new: dict) -> list[str]:
@@ -62,8 +62,8 @@ def test_the_regeneration_command_writes_the_lock(comfyui, tmp_path):
     import subprocess
     import sys
 
-    here = Path(__file__).resolve().parent
-    subprocess.run([sys.executable, "schema_lock.py", str(tmp_path / "lock.json")], cwd=here, check=True, capture_output=True,
+    tests = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "support/schema_lock.py", str(tmp_path / "lock.json")], cwd=tests, check=True, capture_output=True,
                    timeout=600)
     assert (tmp_path / "lock.json").read_text() == schema_lock.LOCK_FILE.read_text()
 

@@ -5,13 +5,13 @@ ComfyUI's own validation accepts the API files, and each API workflow runs end t
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from in_process_runs import run_in_process
 import workflow_builder
 from facediffuser_client.api_workflow import is_link, reference_image_loaders, set_override
 
@@ -96,27 +96,6 @@ def test_the_runners_overrides_find_their_nodes(name):
 # --- ComfyUI tier ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def installed(comfyui, tmp_path_factory):
-    """ComfyUI's folders moved to a tiny install (tests/tiny_install.py), with empty output and temp folders."""
-    import folder_paths
-
-    import tiny_install
-
-    root = tmp_path_factory.mktemp("installed")
-    models = tiny_install.install_models(root / "models")
-    tiny_install.write_face_photos(root / "input")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(folder_paths.folder_names_and_paths, "facediffuser", ([str(models / "facediffuser")], {".bin", ".safetensors"}))
-        patch.setitem(folder_paths.folder_names_and_paths, "insightface", ([str(models / "insightface")], set()))
-        patch.setattr(folder_paths, "models_dir", str(models))
-        patch.setattr(folder_paths, "filename_list_cache", {})
-        for kind in ("input", "output", "temp"):
-            (root / kind).mkdir(exist_ok=True)
-            patch.setattr(folder_paths, f"{kind}_directory", str(root / kind))
-        yield root
-
-
 def _without_unlinked_outputs(text: str) -> dict:
     """Newer ComfyUI versions give some nodes outputs they lacked (0.33's Save Image and Preview Image pass
     their images on); an unlinked output is rebuilt from the node's definition when the frontend loads a
@@ -130,7 +109,7 @@ def _without_unlinked_outputs(text: str) -> dict:
 def test_files_are_what_the_builder_makes(comfyui, installed):
     for path, text in workflow_builder.render_all(comfyui.nodes.NODE_CLASS_MAPPINGS).items():
         assert _without_unlinked_outputs(path.read_text()) == _without_unlinked_outputs(text), (
-            f"{path} is stale: regenerate with `python tests/workflow_builder.py`")
+            f"{path} is stale: regenerate with `python tests/support/workflow_builder.py`")
 
 
 def _check_widget(node_type: str, name: str, spec, value):
@@ -196,34 +175,6 @@ def test_comfyui_accepts_the_api_workflows(comfyui, installed, name):
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("check", api_workflow(name), None))
     assert valid, (error, node_errors)
     assert outputs
-
-
-class _Server:
-    """What PromptExecutor needs of ComfyUI's server when nobody listens."""
-
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
-def run_in_process(comfyui, workflow: dict):
-    import execution
-
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("run", workflow, None))
-    assert valid, (error, node_errors)
-    # ComfyUI's main.py fills cache_args from its command line, and newer versions read more keys from it
-    # ("ram_inactive" from 0.33); 0 is main.py's value for every one of them when no RAM cache is asked for.
-    cache_args = collections.defaultdict(float, lru=0, ram=0)
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC, cache_args=cache_args)
-    executor.execute(workflow, "run", {}, outputs)
-    failures = [data for event, data in executor.status_messages if event == "execution_error"]
-    assert executor.success, failures
-    return executor.history_result["outputs"]
 
 
 @pytest.mark.parametrize("name", NAMES)

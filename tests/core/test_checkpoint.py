@@ -16,7 +16,7 @@ from facediffuser_core import checkpoint, convert, sd15_keys
 from facediffuser_core.checkpoint import CheckpointKind
 from facediffuser_core.checkpoint_file import CheckpointFileError, read_state_dict
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
+PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

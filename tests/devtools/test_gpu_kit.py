@@ -16,7 +16,7 @@ from dev import child_process
 from dev.gpu_kit import image, plan, prepare, report
 from dev.gpu_kit.conductor import Conductor
 
-TESTS = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "support"  # the stand-in worker
 PREPARED = prepare.KIT_FOLDER
 NOT_PREPARED = f"no prepared kit in {PREPARED.name}/: .ci/run prepares it (python -m dev.gpu_kit.prepare --comfyui <ComfyUI>)"
 
@@ -108,7 +108,7 @@ def test_the_prepared_kit_travels_under_the_limit_and_installs_on_the_gpu_image(
 
 
 def conduct(tmp_path, monkeypatch, names, budgets, deadline=None):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")])))
     args = argparse.Namespace(device="cpu", tiny=True, comfyui=tmp_path, as_gpu_image=False, deadline=deadline)
     (tmp_path / "results").mkdir()
     conductor = Conductor(args, tmp_path / "results", tmp_path / "gpu-kit.log", budgets, "gpu_kit_stand_in_worker")

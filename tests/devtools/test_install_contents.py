@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LEFT_OUT = {"tests/", "dev/", ".ci/", "requirements-test.txt"}
 
 

@@ -1,4 +1,4 @@
-"""The stage pictures the pack ships (tests/stage_pictures.py draws them): every template has its thumbnail where
+"""The stage pictures the pack ships (tests/support/stage_pictures.py draws them): every template has its thumbnail where
 the template browser asks for it, and each picture's bars show the stages its settings make, read back from the
 shipped files' pixels."""
 
@@ -54,7 +54,7 @@ def test_each_thumbnail_shows_its_templates_stages(name):
         # JPEG blurs a colour edge over a pixel or two; a step is at least 5 pixels wide in every thumbnail
         assert abs(fusion_start - want[0]) <= 2 and abs(subject_start - want[1]) <= 2, (
             f"{name}.jpg: its bar shows other stages than the template's settings ({schedule}): "
-            "run `cd tests && python stage_pictures.py`")
+            "run `cd tests && python support/stage_pictures.py`")
 
 
 def test_the_readmes_diagram_shows_the_nodes_default_stages():

@@ -1,5 +1,5 @@
 """Face-diffuser Identity Score in ComfyUI, on real photos: the insightface path with the InsightFace Loader's
-recognition model (a stand-in in ArcFace's layout, tests/insightface_test_pack.py), the dlib path with dlib's
+recognition model (a stand-in in ArcFace's layout, tests/support/insightface_test_pack.py), the dlib path with dlib's
 real ResNet, the outputs, the UI result a headless client reads, and the errors."""
 
 from __future__ import annotations

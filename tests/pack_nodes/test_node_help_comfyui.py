@@ -1,6 +1,6 @@
 """The node help pages ComfyUI's node docs panel shows (web/docs/<node id>.md, served through the pack's
 WEB_DIRECTORY): one per node, titled with its display name, naming every input and output its schema has.
-tests/test_canvas_browser_comfyui.py opens each in a real browser."""
+tests/pack_nodes/test_canvas_browser_comfyui.py opens each in a real browser."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Face-diffuser Subject Prompt in ComfyUI, on a tiny SDM with the real SD1 tokenizer.
 
 References: ComfyUI's own CLIP Text Encode for the text conditioning, transformers' CLIPTextModel for the
-encoder output, the SPEC postfuse formula (tests/spec_postfuse.py) for the marked rows, and the
+encoder output, the SPEC postfuse formula (tests/support/spec_postfuse.py) for the marked rows, and the
 tokenizer's tokens of the marked word for where the rows are.
 """
 

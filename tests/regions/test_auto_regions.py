@@ -1,5 +1,5 @@
 """facediffuser_core.auto_regions: person regions from face boxes, their order, their masks, the fallback, and
-a real detection (the tests' insightface pack, tests/insightface_test_pack.py) on a picture of two real people."""
+a real detection (the tests' insightface pack, tests/support/insightface_test_pack.py) on a picture of two real people."""
 
 import numpy as np
 import pytest

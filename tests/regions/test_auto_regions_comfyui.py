@@ -10,67 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from auto_regions_stand_ins import FACES, StandInAnalysis, StandInDetector, StandInVAE, stand_in_auto_regions
 from dev.devkit import tiny_comfy
-from test_regions_comfyui import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep, with_replacements
-from test_snf_sampler_comfyui import SEED, EvaluationLog
+from region_runs import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep, with_replacements
+from sampling_runs import SEED, EvaluationLog
 
-FACES = [(62.0, 10.0, 78.0, 28.0), (14.0, 16.0, 30.0, 34.0)]  # right, left, in the 96x64 picture
 SD15_SCALE = 0.18215
-
-
-class StandInVAE:
-    """Decodes a latent to a picture of its size x 8 and keeps what it was given; with `unload`, it first unloads
-    every model, as loading a real VAE into a full GPU does, or those `unload(patcher)` picks."""
-
-    def __init__(self, unload=False):
-        self.latents = []
-        self.unload = unload
-
-    def decode(self, latent):
-        self.latents.append(latent.clone())
-        if self.unload is True:
-            import comfy.model_management
-
-            comfy.model_management.unload_all_models()
-        elif self.unload:
-            import comfy.model_management
-
-            loaded = comfy.model_management.current_loaded_models
-            for index in reversed(range(len(loaded))):
-                if self.unload(loaded[index].model):
-                    loaded.pop(index).model_unload()
-        picture = torch.sigmoid(latent[:, :3]).repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1)
-        return picture.movedim(1, -1)
-
-
-class StandInDetector:
-    """insightface's detection model with fixed answers, one list of boxes per call (the last one repeats)."""
-
-    def __init__(self, *answers):
-        self.answers = list(answers)
-        self.pictures = []
-
-    def detect(self, img, max_num=0, metric="default"):
-        self.pictures.append(img)
-        boxes = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return np.asarray([[*box, 0.9] for box in boxes], dtype=np.float32).reshape(-1, 5), None
-
-
-class StandInAnalysis:
-    """insightface's FaceAnalysis as far as finding faces needs it: its detection model."""
-
-    def __init__(self, *answers):
-        self.det_model = StandInDetector(*answers)
-
-    @property
-    def pictures(self):
-        return self.det_model.pictures
-
-
-def setup(comfyui, *answers, expansion=1.0, unload=False):
-    vae, analysis = StandInVAE(unload), StandInAnalysis(*(answers or (FACES,)))
-    (auto,) = comfyui.run("FaceDiffuserAutoRegions", vae=vae, face_analysis=analysis, expansion=expansion)
-    return auto, vae, analysis
 
 
 def expected_masks(comfyui, faces=FACES, expansion=1.0):
@@ -83,7 +28,7 @@ def test_found_regions_act_exactly_as_the_same_masks_given(comfyui, models, monk
     snf_guider = comfyui.pack("nodes.snf_guider")
     tdm, sdm = models
     conds = subject_conds(comfyui)
-    auto, vae, analysis = setup(comfyui, expansion=0.5)
+    auto, vae, analysis = stand_in_auto_regions(comfyui, expansion=0.5)
     masks = expected_masks(comfyui, expansion=0.5)
     assert masks[0, 20, 20] == 1 and masks[1, 20, 70] == 1  # the left face is subject 1
     real_predict = snf_guider.ModelSide.predict
@@ -130,7 +75,7 @@ def test_models_the_vae_pushed_off_the_device_are_loaded_again(comfyui, models, 
         return real_predict(side, x, timestep, options, seed, capture)
 
     monkeypatch.setattr(snf_guider.ModelSide, "predict", spy)
-    auto, vae, _ = setup(comfyui, unload=True)
+    auto, vae, _ = stand_in_auto_regions(comfyui, unload=True)
     found, _ = sample(comfyui, tdm, sdm, conds, steps=10, auto_regions=auto)
     assert vae.latents and unloaded and not any(unloaded)
     monkeypatch.undo()
@@ -203,7 +148,7 @@ def test_too_few_faces_are_exactly_no_regions_and_say_so(comfyui, models, caplog
                           "every subject a region: sampling goes on without regions"),
         (0.0, FACES, "Face-diffuser SNF Sampler: auto_regions: this run has no scene construction step before fusion"),
     ):
-        auto, vae, _ = setup(comfyui, faces)
+        auto, vae, _ = stand_in_auto_regions(comfyui, faces)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             fallback, saliency = sample(comfyui, tdm, sdm, conds, steps=10, alpha=alpha, auto_regions=auto, outside_regions="tdm")
@@ -212,7 +157,7 @@ def test_too_few_faces_are_exactly_no_regions_and_say_so(comfyui, models, caplog
         assert torch.equal(fallback["samples"], reference["samples"]) and saliency.regions is None
         assert len(vae.latents) == (1 if alpha else 0)
     without_decisions = [d.sdm_chosen for d in without_saliency.decisions]
-    auto, _, _ = setup(comfyui, [FACES[0]])
+    auto, _, _ = stand_in_auto_regions(comfyui, [FACES[0]])
     _, saliency = sample(comfyui, tdm, sdm, conds, steps=10, auto_regions=auto, outside_regions="tdm")
     assert len(saliency) == len(without_decisions) > 0
     assert all(torch.equal(a.sdm_chosen, b) for a, b in zip(saliency.decisions, without_decisions))
@@ -224,16 +169,16 @@ def test_with_a_replacement_on_the_sdm_found_regions_equal_given_ones_and_too_fe
     tdm, sdm = models
     conds = subject_conds(comfyui)
     replaced = with_replacements(comfyui, sdm, lambda q, k, v, extra: attention.optimized_attention(q, k, v, extra["n_heads"]) + 0.5 * q.tanh())
-    found, _ = sample(comfyui, tdm, replaced, conds, auto_regions=setup(comfyui)[0])
+    found, _ = sample(comfyui, tdm, replaced, conds, auto_regions=stand_in_auto_regions(comfyui)[0])
     given, _ = sample(comfyui, tdm, replaced, conds, regions=expected_masks(comfyui))
     assert torch.equal(found["samples"], given["samples"])
-    fallback, _ = sample(comfyui, tdm, replaced, conds, auto_regions=setup(comfyui, [FACES[0]])[0])
+    fallback, _ = sample(comfyui, tdm, replaced, conds, auto_regions=stand_in_auto_regions(comfyui, [FACES[0]])[0])
     assert torch.equal(fallback["samples"], sample(comfyui, tdm, replaced, conds)[0]["samples"])
 
 
 def test_auto_regions_cost_no_extra_unet_evaluation(comfyui, models):
     counts = []
-    for region_inputs in ({}, {"auto_regions": setup(comfyui)[0], "outside_regions": "tdm"}):
+    for region_inputs in ({}, {"auto_regions": stand_in_auto_regions(comfyui)[0], "outside_regions": "tdm"}):
         tdm_log, sdm_log = EvaluationLog(models[0]), EvaluationLog(models[1])
         sample(comfyui, tdm_log.patcher, sdm_log.patcher, subject_conds(comfyui), **region_inputs)
         counts.append((tdm_log.calls, sdm_log.calls))
@@ -246,19 +191,19 @@ def test_guider_and_stage_sweep_find_regions_in_every_run(comfyui, models):
     masks = expected_masks(comfyui)
     expected, _ = sample(comfyui, tdm, sdm, conds, steps=10, regions=masks)
     plain, _ = sample(comfyui, tdm, sdm, conds, steps=10)
-    auto, _, analysis = setup(comfyui, FACES, [FACES[0]])  # two people found in the first run, one in the second
+    auto, _, analysis = stand_in_auto_regions(comfyui, FACES, [FACES[0]])  # two people found in the first run, one in the second
     guider, saliency = comfyui.run("FaceDiffuserGuider", tdm=tdm, sdm=sdm, cfg=5.0, alpha=0.3, beta=0.6, auto_regions=auto, **conds)
     for reference in (expected, plain):
         torch.testing.assert_close(sample_with_guider(comfyui, sdm, guider)["samples"], reference["samples"], rtol=1e-5, atol=1e-5)
     assert saliency.regions is None and len(analysis.pictures) == 2
-    swept, _ = sweep(comfyui, tdm, sdm, conds, auto_regions=setup(comfyui)[0])
+    swept, _ = sweep(comfyui, tdm, sdm, conds, auto_regions=stand_in_auto_regions(comfyui)[0])
     torch.testing.assert_close(swept["samples"], expected["samples"], rtol=1e-5, atol=1e-5)
 
 
 def test_a_batch_falls_back_and_says_so(comfyui, models, caplog):
     tdm, sdm = models
     conds = subject_conds(comfyui)
-    auto, vae, _ = setup(comfyui)
+    auto, vae, _ = stand_in_auto_regions(comfyui)
     latent = tiny_comfy.empty_latent(2, HEIGHT, WIDTH)
     run = dict(tdm=tdm, sdm=sdm, latent_image=latent, seed=SEED, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform",
                alpha=0.3, beta=0.6, denoise=1.0, **conds)
@@ -271,7 +216,7 @@ def test_a_batch_falls_back_and_says_so(comfyui, models, caplog):
 def test_bad_auto_regions_name_the_node_the_input_and_the_fix(comfyui, models):
     tdm, sdm = models
     conds = subject_conds(comfyui)
-    auto, _, _ = setup(comfyui)
+    auto, _, _ = stand_in_auto_regions(comfyui)
     with pytest.raises(ValueError, match="Face-diffuser SNF Sampler: both 'regions' and 'auto_regions' are connected.*disconnect"):
         sample(comfyui, tdm, sdm, conds, regions=expected_masks(comfyui), auto_regions=auto)
     bare = dict(conds, augmented=[[conds["augmented"][0][0], {}]])

@@ -15,7 +15,7 @@ import torch
 
 from dev.devkit import comfy_harness
 
-HERE = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 LIBRARIES = {"xformers": "xformers", "flash": "flash", "sage_v1": "sage_v1", "sage_v2": "sage_v2"}
 TOLERANCE = 1e-5  # relative to the picture's largest value: float rounding of the same attention
 
@@ -25,7 +25,7 @@ def backends(tmp_path_factory):
     if comfy_harness.comfyui_path() is None:
         pytest.skip(comfy_harness.SKIP_REASON)
     out = tmp_path_factory.mktemp("backends") / "backends.json"
-    done = subprocess.run([sys.executable, str(HERE / "attention_backends.py"), str(out)], cwd=HERE, env=dict(os.environ),
+    done = subprocess.run([sys.executable, str(SUPPORT / "attention_backends.py"), str(out)], cwd=SUPPORT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return json.loads(out.read_text())
@@ -60,7 +60,7 @@ def test_backends_that_honour_a_mask_take_it_and_the_others_attend_per_group(bac
 def test_comfyuis_attention_backend_node_keeps_working_with_regions(comfyui, models):
     """ModelAttentionBackend (ComfyUI 0.33 on) puts an attention override into the SDM's options: regions attend
     per group through it, and the picture is the one without the node."""
-    from test_regions_comfyui import halves, sample, subject_conds
+    from region_runs import halves, sample, subject_conds
 
     if "ModelAttentionBackend" not in comfyui.nodes.NODE_CLASS_MAPPINGS:
         pytest.skip("this ComfyUI has no ModelAttentionBackend node (0.33 and later have)")

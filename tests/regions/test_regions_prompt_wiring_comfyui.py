@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dev.devkit import tiny_comfy
-from test_graphs_comfyui import apply_advanced
-from test_regions_comfyui import HEIGHT, ROWS, WIDTH, halves, sample, subject_conds
+from region_runs import HEIGHT, ROWS, WIDTH, halves, sample, subject_conds
+from sampling_runs import apply_advanced
 
 EVERYWHERE = torch.ones(2, HEIGHT * 8, WIDTH * 8)
 

@@ -1,5 +1,5 @@
 """Regions in ComfyUI against masked cross-attention written again as diffusers attention processors, on the
-tiny official-layout UNets with the same weights (dev.devkit.official_checkpoints, tests/official_reference.py)."""
+tiny official-layout UNets with the same weights (dev.devkit.official_checkpoints, tests/support/official_reference.py)."""
 
 import pytest
 import torch

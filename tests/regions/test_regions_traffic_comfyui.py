@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dev.devkit.tensor_traffic import TensorTraffic
-from test_regions_comfyui import halves, sample, subject_conds, with_replacements
+from region_runs import halves, sample, subject_conds, with_replacements
 
 STEPS, ALPHA, BETA = 6, 0.34, 0.67  # ddim_uniform makes it 7: two scene steps, then the SDM in every evaluation
 

@@ -1,6 +1,6 @@
 """Face-diffuser inside the graphs artists build around it (ComfyUI tier, CPU, tiny random models): ControlNet,
 LoRA hooks, TorchCompileModel, CFG++ samplers, Differential Diffusion, caches and other wrappers, split and cut
-schedules, and ComfyUI's default NVIDIA patcher (dynamic VRAM) as far as a CPU can show it (tests/dynamic_vram.py).
+schedules, and ComfyUI's default NVIDIA patcher (dynamic VRAM) as far as a CPU can show it (tests/support/dynamic_vram.py).
 
 Most checks compare with core's KSampler: at alpha = beta = 1 the SNF sampler is KSampler with the TDM (text
 against null), at alpha = beta = 0 KSampler with the SDM (augmented against text), so whatever a node does to a
@@ -15,6 +15,7 @@ import torch
 
 from dev.devkit import official_checkpoints as oc
 from dev.devkit import tiny_comfy
+from sampling_runs import CONTROL_STRENGTH, apply_advanced
 
 SEED = 5
 SETTINGS = dict(steps=6, cfg=5.0, sampler_name="euler", scheduler="normal", alpha=0.34, beta=0.67, denoise=1.0)
@@ -72,19 +73,10 @@ class UNetCalls:
 # --- ControlNet ---------------------------------------------------------------------------------------------
 
 
-CONTROL_STRENGTH = 0.3  # a random tiny ControlNet at full strength swamps the tiny UNet
-
-
 @pytest.fixture(scope="module")
 def control(comfyui):
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
     return tiny_comfy.controlnet(3), hint
-
-
-def apply_advanced(comfyui, positive, negative, control):
-    net, hint = control
-    return comfyui.run("ControlNetApplyAdvanced", positive=positive, negative=negative, control_net=net, image=hint,
-                       strength=CONTROL_STRENGTH, start_percent=0.0, end_percent=1.0)
 
 
 @pytest.mark.parametrize("wiring", ["augmented+text", "text+null", "text only (Apply ControlNet, old)"])
@@ -278,7 +270,7 @@ def region_inputs(comfyui, prompts: dict, regions: str | None) -> tuple[dict, di
     given regions (two halves) or auto regions (two faces found); without regions, both as they are."""
     if regions is None:
         return prompts, {}
-    from test_auto_regions_comfyui import setup
+    from auto_regions_stand_ins import stand_in_auto_regions
 
     core = comfyui.pack("facediffuser_core.regions")
     augmented, options = prompts["augmented"][0]
@@ -286,7 +278,7 @@ def region_inputs(comfyui, prompts: dict, regions: str | None) -> tuple[dict, di
     subjects = core.SubjectTokens(rows, augmented.shape[1], prompts["text"][0][0][0, list(rows)].clone())
     prompts = dict(prompts, augmented=[[augmented, {**options, core.SUBJECTS_KEY: subjects}]])
     if regions == "auto":
-        return prompts, {"auto_regions": setup(comfyui, [(40.0, 8.0, 56.0, 24.0), (8.0, 8.0, 24.0, 24.0)])[0]}
+        return prompts, {"auto_regions": stand_in_auto_regions(comfyui, [(40.0, 8.0, 56.0, 24.0), (8.0, 8.0, 24.0, 24.0)])[0]}
     return prompts, {"regions": comfyui.run("FaceDiffuserRegionLayout", layout="halves", subjects=2, width=64, height=64, boxes="")[0]}
 
 

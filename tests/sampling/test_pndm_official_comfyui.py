@@ -1,5 +1,5 @@
 """The official picture from the official seed: the SNF Sampler's pndm_official mode in ComfyUI against the
-official run written on diffusers' PNDMScheduler (tests/official_reference.py) with the same tiny weights.
+official run written on diffusers' PNDMScheduler (tests/support/official_reference.py) with the same tiny weights.
 
 The tiny UNets' cross-attention is made strong, so that the two models' guidance responses differ by far more
 than float rounding and every SNF choice is a real one, not a tie decided by the implementation's noise."""

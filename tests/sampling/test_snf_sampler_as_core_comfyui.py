@@ -1,5 +1,7 @@
-"""Promises the review of the SNF Sampler found broken: each model's cleanup runs once per sampling, as KSampler
-runs its model's; the sampled latent comes back in ComfyUI's intermediate dtype, as KSampler's does."""
+"""The SNF Sampler and Guider do what core's KSampler and CFGGuider do: each model's cleanup runs once per sampling,
+as KSampler runs its model's; the sampled latent comes back in ComfyUI's intermediate dtype, as KSampler's does;
+SplitSigmas halves with a multistep sampler restart its history as with core; and the stage tooltips give the
+official split for each sampler."""
 
 from __future__ import annotations
 

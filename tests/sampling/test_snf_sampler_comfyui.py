@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from dev.devkit import tiny_comfy
-
-SEED = 3
+from sampling_runs import SEED, EvaluationLog
 
 
 def snf_sample(comfyui, tdm, sdm, conds, latent, steps=10, alpha=0.3, beta=0.6, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, cfg=5.0):
@@ -19,23 +18,6 @@ def snf_sample(comfyui, tdm, sdm, conds, latent, steps=10, alpha=0.3, beta=0.6, 
 
 def ksample(comfyui, model, positive, negative, latent, steps=10, sampler="ddim", scheduler="ddim_uniform", cfg=5.0):
     return comfyui.nodes.common_ksampler(model, SEED, steps, cfg, sampler, scheduler, positive, negative, latent)[0]["samples"]
-
-
-class EvaluationLog:
-    """Counts a model's UNet evaluations through a unet wrapper patch on a clone (which also proves that
-    each model's own patches act inside the guider)."""
-
-    def __init__(self, patcher):
-        self.patcher = patcher.clone()
-        self.calls = []  # (sigma, rows in the batch)
-        self.patcher.set_model_unet_function_wrapper(self._wrapper)
-
-    def _wrapper(self, apply_model, args):
-        self.calls.append((float(args["timestep"][0]), args["input"].shape[0]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    def rows(self):
-        return sum(rows for _, rows in self.calls)
 
 
 @pytest.mark.parametrize("batch, height, width", [(1, 8, 8), (2, 8, 12)])

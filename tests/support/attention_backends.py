@@ -118,7 +118,7 @@ def relative_difference(a, b) -> float:
 
 
 def main(out_path: str) -> None:
-    from test_regions_comfyui import halves, sample, subject_conds
+    from region_runs import halves, sample, subject_conds
 
     comfyui = comfy_harness.start()
     import comfy.ldm.modules.attention as attention

@@ -20,6 +20,8 @@ from dev.devkit import comfy_harness
 from facediffuser_client.own_comfyui import OwnComfyUI, free_loopback_port as free_port  # noqa: F401  (the tests' free ports)
 
 START_TIMEOUT_S = 180.0
+# On PYTHONPATH for a command that starts a ComfyUI by itself: that ComfyUI gets the same CPU shims as these servers.
+STARTUP_SHIMS = Path(__file__).resolve().parent / "comfy_startup"
 
 
 @dataclass

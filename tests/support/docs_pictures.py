@@ -4,13 +4,13 @@
   photos: the astronaut found in her photo (and a face-like patch on her suit left to no subject), and a
   picture without a face;
 - docs/stage_sweep_grid_tiny_models.png: the shipped facediffuser_stage_sweep workflow run by the headless
-  runner on a ComfyUI server with the tests' tiny random models (tests/tiny_install.py): the grid's layout and
+  runner on a ComfyUI server with the tests' tiny random models (tests/support/tiny_install.py): the grid's layout and
   labels are real, its pictures are noise, in which no face is found.
 - docs/regions_tiny_models.png: per-subject regions (Region Layout's halves) and where the SDM painted during
   fusion without and with them, from the SNF Sampler's saliency record on the tests' tiny models
-  (tests/test_regions_comfyui.py's prompts), the middle outside both regions.
+  (tests/regions/test_regions_comfyui.py's prompts), the middle outside both regions.
 
-    cd tests && COMFYUI_PATH=~/ComfyUI ../.venv/bin/python docs_pictures.py
+    cd tests && COMFYUI_PATH=~/ComfyUI ../.venv/bin/python support/docs_pictures.py
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def regions_picture(comfyui) -> Image.Image:
     from PIL import ImageDraw
 
     from dev.devkit import tiny_comfy
-    from test_regions_comfyui import HEIGHT, WIDTH, sample, subject_conds
+    from region_runs import HEIGHT, WIDTH, sample, subject_conds
 
     tdm, sdm = tiny_comfy.model_pair()
     conds = subject_conds(comfyui)

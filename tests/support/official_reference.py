@@ -1,6 +1,6 @@
 """Face-diffuser's official algorithm written again on diffusers modules, as the tests' independent reference.
 
-It follows SPEC.md: the official sampling loop, the three stages, SNF computed by tests/snf_reference.py in
+It follows SPEC.md: the official sampling loop, the three stages, SNF computed by tests/support/snf_reference.py in
 float64 numpy. Nothing here calls into the pack. Two schedulers:
 - `sample_official`: the official run exactly, on diffusers' PNDMScheduler (PLMS) as SD1.5 configures it,
   from latents = the noise itself (its initial noise sigma is 1), the stage split counting loop entries

@@ -4,10 +4,10 @@ values by position), each with its type, the default of every optional input (wh
 it gets), the outputs in order (links in saved workflows name outputs by index) and, for combo inputs, the options
 the pack itself offers (a saved workflow holds the option it was saved with).
 
-tests/schema_lock.json is the lock; tests/test_schema_lock_comfyui.py fails on any difference from it. After a
+tests/compat/schema_lock.json is the lock; tests/compat/test_schema_lock_comfyui.py fails on any difference from it. After a
 deliberate change (a new optional input, say), regenerate it and add a CHANGELOG.md note:
 
-    cd tests && COMFYUI_PATH=/path/to/ComfyUI python schema_lock.py
+    cd tests && COMFYUI_PATH=/path/to/ComfyUI python support/schema_lock.py
 
 Combo options that are ComfyUI's are left out: its sampler and scheduler lists differ between its versions, and a
 checkpoint list names the files installed. The pack's own options are locked (`pndm_official` among the samplers).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LOCK_FILE = Path(__file__).resolve().parent / "schema_lock.json"
+LOCK_FILE = Path(__file__).resolve().parents[1] / "compat" / "schema_lock.json"
 PREFIX = "FaceDiffuser"
 
 

@@ -5,9 +5,9 @@
 - workflows/<template>.jpg: each template's thumbnail in ComfyUI's template browser (the frontend asks a custom
   node pack's template for `<name>.jpg` beside its `.json`): its name, people, sampler and its own stages.
 
-    cd tests && python stage_pictures.py
+    cd tests && python support/stage_pictures.py
 
-tests/test_stage_pictures.py reads the stages back from the shipped pictures' bars, so a template whose steps,
+tests/docs/test_stage_pictures.py reads the stages back from the shipped pictures' bars, so a template whose steps,
 alpha or beta change without its thumbnail being redrawn fails there.
 """
 
@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 import standalone  # noqa: F401  (facediffuser_core, as pytest.ini gives the tests)
 from facediffuser_core.schedule import StageSchedule
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 DIAGRAM = REPO / "docs" / "stages.png"
 
@@ -136,7 +136,7 @@ def diagram() -> Image.Image:
             draw.text((x + 4, 268 + 22 * row), line, font=font(16), fill=TEXT)
     evaluations = 2 * schedule.scene_end + 4 * (schedule.fusion_end - schedule.scene_end) + 2 * (steps - schedule.fusion_end)
     draw.text((40, 356), f"{evaluations} UNet evaluations in all, against KSampler's {2 * steps} at the same steps. "
-              "Drawn by tests/stage_pictures.py from the pack's stage rule.", font=font(16), fill=MUTED)
+              "Drawn by tests/support/stage_pictures.py from the pack's stage rule.", font=font(16), fill=MUTED)
     return image
 
 

@@ -1,5 +1,5 @@
 """For the files of this folder that also run as commands (schema_lock.py, workflow_builder.py, docs_pictures.py,
-stage_pictures.py, compat/freeze.py, and comfy_server.py as the test servers' entry point): what
+stage_pictures.py, tests/compat/freeze.py, and comfy_server.py as the test servers' entry point): what
 tests/pytest.ini's pythonpath gives the tests, the repository's root (facediffuser_core, dev.devkit) and
 scripts/ (facediffuser_client). Such a command imports this module before those packages; under
 pytest it changes nothing."""
@@ -7,7 +7,7 @@ pytest it changes nothing."""
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 for path in (REPO_ROOT, REPO_ROOT / "scripts"):
     if not any(Path(entry or ".").resolve() == path for entry in sys.path):

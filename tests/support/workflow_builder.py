@@ -4,12 +4,12 @@ two formats cannot drift apart and widget values follow the nodes' real input or
 
 Regenerate after a node's inputs change:
 
-    COMFYUI_PATH=~/ComfyUI .venv/bin/python tests/workflow_builder.py
+    COMFYUI_PATH=~/ComfyUI .venv/bin/python tests/support/workflow_builder.py
 
 with the oldest ComfyUI the pack supports (0.17): newer versions add outputs to some core nodes, which the
 frontend rebuilds from the node definitions on loading, so files made on the oldest load on all of them.
 
-tests/test_workflows.py checks that the files are what this builds, and checks the files themselves.
+tests/compat/test_workflows.py checks that the files are what this builds, and checks the files themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 
 SDM_FILE = "facediffuser_sdm.safetensors"
