@@ -1,6 +1,15 @@
+"""Fixtures every feature's tests share, and the tiers: each test gets the `comfyui` and `server` markers from
+what it uses (pytest.ini describes them), so that a new test cannot forget them."""
+
 import pytest
 
 from dev.devkit import comfy_harness
+import tiers
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers.mark(item)
 
 
 @pytest.fixture(scope="session")

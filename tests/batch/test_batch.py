@@ -473,6 +473,7 @@ def test_jobs_spread_over_both_servers_photos_go_once_and_bad_jobs_fail_alone(tw
     assert me.is_file()
 
 
+@pytest.mark.server  # its own two servers, one of them killed
 def test_a_server_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path_factory, tmp_path):
     with servers(tmp_path_factory) as (steady, doomed):
         workflow = face_workflow(tmp_path)
