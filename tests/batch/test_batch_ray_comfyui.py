@@ -181,6 +181,9 @@ def test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_s
            "FACEDIFFUSER_TEST_REFUSE_START": str(refuse),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(STARTUP_SHIMS), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
+    # The loopback-only ban another test of this session may have set makes `ray start --address` refuse a second
+    # node; in this namespace loopback is all there is, so a user's plain environment is what the recipe gets.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     generate, head, join, run = cluster_commands()
     cpu_options = ["--ray-cpus-per-worker", "1", "--comfyui", str(comfy_harness.comfyui_path()), "--comfyui-args",
                    shlex.join(comfy_server.server_options(base)), "--poll", "0.05", "--progress-every", "1"]

@@ -107,7 +107,12 @@ def test_a_run_that_kills_its_comfyui_is_sent_max_attempts_times_and_each_send_i
     assert recorded[3]["state"] == "failed" and recorded[3]["attempts"] == 3 == really[3], (recorded[3], really)
     assert recorded[3]["error"].startswith("3 attempts failed; the last: ")
     for seed in range(8):
-        assert recorded[seed]["attempts"] == really[seed] <= 3, (seed, recorded[seed], really)
+        # A send cut off by seed 3's kill ("Remote end closed connection") is counted though the stand-in may not
+        # have logged it: whether a dying server took it cannot be known, so it counts against --max-attempts.
+        # Ray re-running a task by itself would make the stand-in's count the larger one.
+        assert really[seed] <= recorded[seed]["attempts"] <= 3, (seed, recorded[seed], really)
+        if not recorded[seed]["errors"]:
+            assert recorded[seed]["attempts"] == really[seed] == 1, (seed, recorded[seed], really)
         if seed != 3:
             assert recorded[seed]["state"] == "done" and out.count(f"done    s{seed} seed-{seed} ") == 1
     retried = [run for run in recorded.values() if run["errors"]]
