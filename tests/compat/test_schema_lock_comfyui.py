@@ -46,7 +46,7 @@ def test_the_schemas_are_the_locked_ones(comfyui):
     current = schema_lock.pack_schemas(comfyui.nodes.NODE_CLASS_MAPPINGS)
     locked = json.loads(schema_lock.LOCK_FILE.read_text())
     assert current == locked, (
-        "The pack's node schemas differ from tests/schema_lock.json. If the change is deliberate and compatible "
+        "The pack's node schemas differ from tests/compat/schema_lock.json. If the change is deliberate and compatible "
         f"(test_no_schema_the_pack_had_is_broken passes), regenerate the lock with `{REGENERATE}` and add a note "
         "to CHANGELOG.md")
 

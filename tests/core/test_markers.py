@@ -2,7 +2,7 @@
 
 The plain tier uses a small word-level tokenizer written here with ComfyUI's layout (chunks of 77: start
 token, up to 75 content tokens, end token, padding; word id 0 for the special tokens; weight syntax
-stripped). The ComfyUI tier (test_subject_prompt.py) checks the same on ComfyUI's real SD1 tokenizer.
+stripped). The ComfyUI tier (pack_nodes/test_subject_prompt_comfyui.py) checks the same on ComfyUI's real SD1 tokenizer.
 """
 
 import re

@@ -8,7 +8,7 @@
   labels are real, its pictures are noise, in which no face is found.
 - docs/regions_tiny_models.png: per-subject regions (Region Layout's halves) and where the SDM painted during
   fusion without and with them, from the SNF Sampler's saliency record on the tests' tiny models
-  (tests/regions/test_regions_comfyui.py's prompts), the middle outside both regions.
+  (tests/support/region_runs.py's prompts), the middle outside both regions.
 
     cd tests && COMFYUI_PATH=~/ComfyUI ../.venv/bin/python support/docs_pictures.py
 """
