@@ -3,12 +3,14 @@
 #   scripts/run_tests.sh [pytest arguments, test paths relative to tests/]
 #
 # Without COMFYUI_PATH it builds .venv (CPU torch 2.13.0 and the test dependencies) and runs the suite: the
-# plain tier runs, the ComfyUI tier is skipped with its reason.
+# tests that need no ComfyUI run, the others are skipped with their reason.
 # COMFYUI_PATH names one ComfyUI checkout, or several separated by ':' (as in PATH). For each one it builds
 # a virtual environment of its own (.venv-comfyui-<version>: ComfyUI versions pin different frontend and
 # comfy-kitchen/comfy-aimdo releases, so they cannot share one), installs that ComfyUI's requirements
-# without letting them replace the CPU torch, and runs the whole suite, both tiers, against it. The exit
+# without letting them replace the CPU torch, and runs the whole suite, every tier, against it. The exit
 # status is non-zero when the run against any checkout failed.
+# The tiers are pytest markers (docs/testing.md): the inner loop's fast command, against one checkout, is
+#   COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh -m "not slow and not server"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
