@@ -444,6 +444,7 @@ def assert_each_run_done_once(jobs_file: Path, manifest: dict, images_per_run: i
         assert len(files) == images_per_run and sorted(Path(f).name for f in run["files"]) == files
 
 
+@pytest.mark.slow  # 17.5 s here
 def test_jobs_spread_over_both_servers_photos_go_once_and_bad_jobs_fail_alone(two_servers, tmp_path):
     workflow = face_workflow(tmp_path)
     me = photo(tmp_path / "photos" / "me.png")
@@ -473,6 +474,7 @@ def test_jobs_spread_over_both_servers_photos_go_once_and_bad_jobs_fail_alone(tw
     assert me.is_file()
 
 
+@pytest.mark.slow  # 30.9 s here
 @pytest.mark.server  # its own two servers, one of them killed
 def test_a_server_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path_factory, tmp_path):
     with servers(tmp_path_factory) as (steady, doomed):
@@ -495,6 +497,7 @@ def test_a_server_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path_f
         assert f"server  {doomed.url} stopped answering" in out
 
 
+@pytest.mark.slow  # 21.3 s here
 def test_a_stopped_client_resumes_and_reattaches_to_its_runs(two_servers, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")
@@ -519,6 +522,7 @@ def test_a_stopped_client_resumes_and_reattaches_to_its_runs(two_servers, tmp_pa
     assert len(submitted) == 8  # one prompt per run, over both invocations
 
 
+@pytest.mark.slow  # 2.4 s here
 def test_a_run_over_its_time_is_cancelled_and_tried_again_then_fails(two_servers, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")
@@ -556,6 +560,7 @@ def test_load_every_one_of_hundreds_of_runs_ends_exactly_once(two_servers, tmp_p
     print(f"\nload test: {throughput.group(0)})")
 
 
+@pytest.mark.slow  # 12.6 s here
 def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two_servers, tmp_path):
     import tiny_install
 

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from facediffuser_client.manifest import DONE, FAILED
 from dev.devkit.simulated_fleet import simulate, write_jobs_file
 
@@ -30,6 +32,7 @@ def scratch_folder(tmp_path: Path) -> Path:
     return tmp_path / "fleet"
 
 
+@pytest.mark.slow  # 43.7 s here
 def test_a_hundred_thousand_jobs_on_a_failing_fleet_each_end_once_within_their_attempts(tmp_path):
     folder = scratch_folder(tmp_path)
     try:
@@ -60,6 +63,7 @@ def test_a_hundred_thousand_jobs_on_a_failing_fleet_each_end_once_within_their_a
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow  # 2.7 s here
 def test_the_fleet_benchmark_reports_the_drivers_cost_the_resume_and_the_memory():
     import re
     import subprocess

@@ -157,6 +157,7 @@ def second_raylet(mark: str) -> int:
     raise AssertionError("no second raylet")
 
 
+@pytest.mark.slow  # 52.8 s here
 def test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_server_gives_the_same_pictures(base, tmp_path, monkeypatch):
     """The recipe of docs/batches.md (Several machines) on one machine, two nodes of one CPU each, so one worker on
     each: a worker's ComfyUI killed and the other worker killed, both restarts failing once, then the second node
@@ -260,6 +261,7 @@ def test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_s
             assert np.array_equal(from_ray, from_server), key
 
 
+@pytest.mark.slow  # 34.2 s here
 def test_a_driver_stopped_with_sigint_resumes_and_redoes_nothing(base, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")
@@ -290,6 +292,7 @@ def test_a_driver_stopped_with_sigint_resumes_and_redoes_nothing(base, tmp_path)
     assert sum(out.count(f"done    me seed-{seed} ") for seed in range(6)) == 6 - len(done_before)
 
 
+@pytest.mark.slow  # 27.3 s here
 def test_the_benchmark_gives_runs_per_second_of_ray_against_servers_and_the_same_pictures(base, tmp_path):
     workflow = face_workflow(tmp_path)
     photo(tmp_path / "me.png")

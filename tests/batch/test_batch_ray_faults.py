@@ -98,6 +98,7 @@ def runs(jobs_file: Path) -> dict[int, dict]:
     return {int(job_id[1:]): entry["runs"][f"seed-{job_id[1:]}"] for job_id, entry in manifest["jobs"].items()}
 
 
+@pytest.mark.slow  # 12.1 s here
 def test_a_run_that_kills_its_comfyui_is_sent_max_attempts_times_and_each_send_is_counted(tmp_path, stand_in, ray_env):
     (stand_in / "faults.json").write_text(json.dumps({"die": [3]}))
     jobs_file = seeded_jobs(tmp_path, range(8))
@@ -119,6 +120,7 @@ def test_a_run_that_kills_its_comfyui_is_sent_max_attempts_times_and_each_send_i
     assert retried and all(len(run["errors"]) == run["attempts"] - (run["state"] == "done") for run in retried)  # each retry recorded
 
 
+@pytest.mark.slow  # 26.8 s here
 def test_a_worker_whose_restart_fails_is_given_up_and_sent_nothing(tmp_path, stand_in, ray_env):
     jobs_file = seeded_jobs(tmp_path, range(60))
     process = ray_batch(jobs_file, stand_in, ray_env)
@@ -136,6 +138,7 @@ def test_a_worker_whose_restart_fails_is_given_up_and_sent_nothing(tmp_path, sta
     assert runs(jobs_file)[20]["attempts"] == 2 == sent(stand_in)[20]
 
 
+@pytest.mark.slow  # 17.6 s here
 def test_a_batch_whose_every_worker_is_given_up_stops_resumable_with_the_last_error(tmp_path, stand_in, ray_env):
     jobs_file = seeded_jobs(tmp_path, range(30))
     process = ray_batch(jobs_file, stand_in, ray_env)
@@ -154,6 +157,7 @@ def test_a_batch_whose_every_worker_is_given_up_stops_resumable_with_the_last_er
     assert {run["state"] for run in recorded.values()} <= {"done", "pending", "failed"} and any(r["state"] == "pending" for r in recorded.values())
 
 
+@pytest.mark.slow  # 11.1 s here
 def test_a_run_that_hangs_its_comfyui_restarts_the_worker_and_the_next_runs_go_through(tmp_path, stand_in, ray_env):
     (stand_in / "faults.json").write_text(json.dumps({"hang_once": [2]}))
     jobs_file = seeded_jobs(tmp_path, range(12))
@@ -167,6 +171,7 @@ def test_a_run_that_hangs_its_comfyui_restarts_the_worker_and_the_next_runs_go_t
     assert sum(run["attempts"] > 1 for run in recorded.values()) <= 2, recorded
 
 
+@pytest.mark.slow  # 8.2 s here
 def test_workers_leave_no_folder_log_picture_or_process_behind(tmp_path, stand_in, ray_env):
     (stand_in / "faults.json").write_text(json.dumps({"die_once": [5]}))
     jobs_file = seeded_jobs(tmp_path, range(16))
@@ -184,6 +189,7 @@ def test_workers_leave_no_folder_log_picture_or_process_behind(tmp_path, stand_i
     assert sorted(path.name for path in temp.iterdir()) == []  # no scratch folder, log or picture of a worker
 
 
+@pytest.mark.slow  # 6.2 s here
 def test_a_rerun_with_nothing_left_starts_nothing(tmp_path, stand_in, ray_env):
     jobs_file = seeded_jobs(tmp_path, range(2))
     code, out, err = finish(ray_batch(jobs_file, stand_in, ray_env), timeout=300)
@@ -194,6 +200,7 @@ def test_a_rerun_with_nothing_left_starts_nothing(tmp_path, stand_in, ray_env):
     assert sent(stand_in) == {0: 1, 1: 1}
 
 
+@pytest.mark.slow  # 7.0 s here
 @pytest.mark.parametrize("known", ["RAY_ADDRESS", "a record of a cluster"])
 def test_plain_ray_starts_a_cluster_of_its_own_whatever_cluster_is_known(known, tmp_path, stand_in, ray_env):
     """RAY_ADDRESS, or the record `ray start --head` leaves of its cluster (here a stale one): ray.init connected to
@@ -220,6 +227,7 @@ def can_be_alone() -> bool:
         return False
 
 
+@pytest.mark.slow  # 5.5 s here
 @pytest.mark.parametrize("case", ["auto without a cluster", "a port that is no Ray head"])
 def test_a_ray_address_that_leads_nowhere_is_one_line_naming_the_fix(case, tmp_path, stand_in, ray_env):
     """`--ray auto` takes any Ray head running on the machine (Ray's rule): run where no other process is seen (a
@@ -272,6 +280,7 @@ def carries(value, needle: bytes) -> bool:
     return False
 
 
+@pytest.mark.slow  # 8.3 s here
 def test_a_lost_result_runs_again_photos_go_once_and_the_clock_stops_at_the_last_result(monkeypatch, tmp_path, stand_in, ray_env):
     """One batch in this process, Ray patched three ways (one Ray session per process: Ray does not ship this package
     to a second cluster started by the same process): the first result to come back is lost, as when its node dies

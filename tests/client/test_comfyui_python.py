@@ -125,6 +125,7 @@ def broken_torchvision(site: Path) -> Path:
     return site
 
 
+@pytest.mark.slow  # 4.6 s here
 def test_a_torchvision_that_does_not_match_torch_is_found_before_all_set(tmp_path):
     import torch
 
@@ -173,6 +174,7 @@ def test_the_runner_starts_comfyui_with_a_named_python(tmp_path, capsys, nothing
     assert "(named with --comfyui-python), not this one" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 2.0 s here
 def test_a_comfyui_started_with_a_python_without_its_requirements_gets_the_fix(tmp_path, capsys, nothing_at_the_default_address):
     root = fake_comfyui_to_start(tmp_path, "no PIL")
     with pytest.raises(http_api.RunError) as raised:

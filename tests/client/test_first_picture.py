@@ -99,6 +99,7 @@ def validate_templates(comfyui: Path, env: dict) -> None:
         server.wait(60)
 
 
+@pytest.mark.slow  # 55.8 s here
 def test_the_readmes_quick_start_as_printed_reaches_a_picture_on_a_cpu_only_machine(tmp_path):
     import torch
 

@@ -162,6 +162,7 @@ def gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # 2.0 s here
 @pytest.mark.parametrize("keep", [False, True])
 def test_with_no_server_the_runner_starts_comfyui_and_stops_it_unless_kept(tmp_path, capsys, nothing_at_the_default_address, keep):
     root = fake_comfyui(tmp_path, "pack")
@@ -181,6 +182,7 @@ def test_with_no_server_the_runner_starts_comfyui_and_stops_it_unless_kept(tmp_p
     assert gone(pid) and not http_api.comfyui_answers(url)
 
 
+@pytest.mark.slow  # 2.0 s here
 @pytest.mark.parametrize("mode, message", [
     ("crash", r"exited with status 3 before answering; the end of its log .*\n.*boom: the fake ComfyUI cannot start"),
     ("no pack", r"has not loaded the Face-diffuser nodes \(is the pack in its custom_nodes folder\?\)"),
@@ -276,6 +278,7 @@ def test_waiting_is_bounded(server):
     assert states == ["finishing"]
 
 
+@pytest.mark.slow  # 2.4 s here
 @pytest.mark.parametrize("name, prompt", [
     ("facediffuser_single_subject", "a woman <|image|> reading in a cafe"),
     ("facediffuser_two_subjects", "a man <|image|> and a woman <|image|> at the beach"),
@@ -471,6 +474,7 @@ def test_comfyui_args_take_the_readmes_spelling(value):
     assert pack_scripts.load("identity_benchmark").parse_args([*two_faces, "--comfyui-args", value]).comfyui_args == value
 
 
+@pytest.mark.slow  # 2.0 s here
 def test_on_a_cpu_only_torch_the_runner_starts_comfyui_with_cpu_and_says_so(tmp_path, capsys, nothing_at_the_default_address):
     import torch
 
@@ -498,6 +502,7 @@ def test_a_comfyui_that_needs_cpu_gets_a_hint_with_the_users_arguments_and_a_tai
     assert "had exited by itself (status 1)" in out and "stopped the ComfyUI" not in out
 
 
+@pytest.mark.slow  # 2.0 s here
 def test_a_comfyui_that_exits_during_the_job_is_not_said_to_be_stopped(tmp_path, capsys, nothing_at_the_default_address):
     root = fake_comfyui(tmp_path, "pack")
     with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root)])) as url:
@@ -524,6 +529,7 @@ def test_default_output_is_never_inside_the_pack(tmp_path, monkeypatch):
     assert runner.parse_args(["--comfyui", str(root)]).output == Path("facediffuser_output")
 
 
+@pytest.mark.slow  # 2.8 s here
 def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_running(tmp_path):
     import subprocess
     import sys
@@ -584,6 +590,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_when_piped():
                 (45, "1:30 elapsed, about 0:10 left"), (50, "1:40 elapsed"))]
 
 
+@pytest.mark.slow  # 6.8 s here
 def test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed(server, tmp_path, monkeypatch, capsys):
     """The README's CPU command, words as printed, with the shipped workflow as shipped but for what the command sets;
     the default address is the test server's, where the tiny models stand in for the real ones."""

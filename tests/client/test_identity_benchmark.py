@@ -85,6 +85,7 @@ def tiny_clip(folder):
     return folder
 
 
+@pytest.mark.slow  # 6.8 s here
 def test_a_run_on_tiny_models_prints_the_table(server, tmp_path, capsys):
     import tiny_install
 

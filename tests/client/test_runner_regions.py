@@ -195,6 +195,7 @@ def test_a_server_without_a_websocket_is_said_to_show_no_log(capsys):
 # --- against a real ComfyUI server ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 2.6 s here
 def test_an_auto_regions_run_that_finds_no_face_says_so_in_the_runners_output(server, tmp_path, capsys):
     """The shipped auto-regions workflow on the tiny models, whose random pictures hold no face for the detector: the
     run goes on without regions and exits 0, and the warning the sampler logs reaches the runner's output (it was in

@@ -44,6 +44,7 @@ def leftovers(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if path.name.endswith(".partial")]
 
 
+@pytest.mark.slow  # 3.3 s here
 def test_fresh_setup_downloads_verifies_and_places_everything(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     zip_url = serve_everything(hub, zip_folder="buffalo_l/buffalo_l/")  # nested one level too deep, as some zips are
@@ -64,6 +65,7 @@ def test_fresh_setup_downloads_verifies_and_places_everything(hub, tmp_path):
     assert "[  ok   ] SDM model:" in out and "[  ok   ] insightface models: buffalo_l" in out and "All set." in out
 
 
+@pytest.mark.slow  # 4.3 s here
 def test_a_dropped_connection_resumes_and_a_rerun_resumes_an_interrupted_download(hub, tmp_path):
     # huggingface_hub writes what arrived in chunks of 10 MiB, so the file is larger than that to resume mid-file.
     sdm = checkpoint_bytes(SDM_KEYS, extra_floats=4 * 2**20)
@@ -84,6 +86,7 @@ def test_a_dropped_connection_resumes_and_a_rerun_resumes_an_interrupted_downloa
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # 3.3 s here
 @pytest.mark.parametrize("fault, message", [
     ({"announced_sha256": hashlib.sha256(b"other content").hexdigest()}, "the downloaded file does not match the hub's sha256"),
     ({"announced_size": len(SDM_BYTES) - 10}, "the server sent more than the"),
@@ -101,6 +104,7 @@ def test_a_hash_or_size_mismatch_installs_nothing_and_says_so(hub, tmp_path, fau
     assert "[missing] SDM model" in result.stdout
 
 
+@pytest.mark.slow  # 6.3 s here
 def test_a_complete_setup_downloads_nothing(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     args = install_args(comfyui, serve_everything(hub))
@@ -112,6 +116,7 @@ def test_a_complete_setup_downloads_nothing(hub, tmp_path):
     assert "SDM in place:" in result.stdout and "TDM in place:" in result.stdout and "insightface in place: buffalo_l" in result.stdout
 
 
+@pytest.mark.slow  # 4.8 s here
 def test_a_dry_run_with_nothing_to_do_says_so_after_what_is_in_place(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     args = install_args(comfyui, serve_everything(hub))
@@ -134,6 +139,7 @@ def test_dry_run_says_what_it_would_do_and_touches_nothing(hub, tmp_path):
     assert hub.gets() == [] or all(r.path.startswith("/api/") for r in hub.gets())
 
 
+@pytest.mark.slow  # 8.1 s here
 def test_offline_names_the_manual_steps(tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     closed = f"http://127.0.0.1:{comfy_server.free_port()}"
@@ -203,6 +209,7 @@ def test_ctrl_c_before_anything_arrived_does_not_say_something_was_kept(hub, tmp
                                         "place stays; run the set-up again to go on"]
 
 
+@pytest.mark.slow  # 18.5 s here
 def test_a_file_in_place_is_verified_against_the_hub_once_and_a_damaged_one_is_reported(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     zip_url = serve_everything(hub, sdm=checkpoint_bytes(SDM_KEYS, extra_floats=2**16))  # mostly tensor data
@@ -244,6 +251,7 @@ def test_a_file_in_place_is_verified_against_the_hub_once_and_a_damaged_one_is_r
     assert again.returncode == 0 and "All set." in again.stdout, again.stdout + again.stderr
 
 
+@pytest.mark.slow  # 9.4 s here
 def test_verify_compares_a_file_verified_before_again(hub, tmp_path):
     """A file altered in place with its size and date kept passes for verified; --verify reads it again."""
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
@@ -264,6 +272,7 @@ def test_verify_compares_a_file_verified_before_again(hub, tmp_path):
     assert f"{sdm} is damaged" in verified.stderr
 
 
+@pytest.mark.slow  # 3.3 s here
 def test_a_pack_without_its_recognition_model_is_completed_from_its_zip(hub, tmp_path):
     """The check's fix for it is the set-up; the set-up then completes the pack instead of calling it in place."""
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
@@ -277,6 +286,7 @@ def test_a_pack_without_its_recognition_model_is_completed_from_its_zip(hub, tmp
     assert "[  ok   ] insightface recognition model:" in result.stdout
 
 
+@pytest.mark.slow  # 3.3 s here
 def test_extra_model_paths_default_folders_receive_the_files_and_other_folders_count(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     shared = tmp_path / "shared models"
@@ -301,6 +311,7 @@ def test_extra_model_paths_default_folders_receive_the_files_and_other_folders_c
     assert f"[  ok   ] TDM model: {shared / 'older' / 'facediffuser_tdm.bin'}" in result.stdout and "All set." in result.stdout
 
 
+@pytest.mark.slow  # 3.2 s here
 def test_a_broken_file_in_place_is_reported_not_overwritten(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     broken = comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin"
@@ -313,6 +324,7 @@ def test_a_broken_file_in_place_is_reported_not_overwritten(hub, tmp_path):
     assert (comfyui / "models" / "facediffuser" / "facediffuser_tdm.bin").is_file()
 
 
+@pytest.mark.slow  # 6.3 s here
 def test_antelopev2_comes_only_from_a_source_the_user_gives(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     serve_everything(hub)
@@ -331,6 +343,7 @@ def test_antelopev2_comes_only_from_a_source_the_user_gives(hub, tmp_path):
     assert local_zip.is_file()  # the user's own zip is left alone
 
 
+@pytest.mark.slow  # 3.3 s here
 def test_a_zip_that_is_not_the_pack_installs_nothing(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     serve_everything(hub)
@@ -342,6 +355,7 @@ def test_a_zip_that_is_not_the_pack_installs_nothing(hub, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # 6.8 s here
 def test_convert_writes_fp16_safetensors_with_the_packs_converter(hub, tmp_path):
     from dev.devkit import official_checkpoints
     from safetensors import safe_open
@@ -399,6 +413,7 @@ def on_a_terminal(command: list[str], env: dict, columns: int, timeout: float = 
     return written.decode(errors="replace")
 
 
+@pytest.mark.slow  # 3.4 s here
 @pytest.mark.parametrize("columns", [100, 0])
 def test_download_progress_is_drawn_on_a_terminal(hub, tmp_path, columns):
     """One line per download, redrawn in place: what arrived of how much, the speed, the time. huggingface_hub's own
@@ -419,6 +434,7 @@ def test_download_progress_is_drawn_on_a_terminal(hub, tmp_path, columns):
                for line in screen(text.replace("\r\n", "\n")))
 
 
+@pytest.mark.slow  # 3.2 s here
 def test_download_progress_is_lines_when_piped(hub, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     result = run_setup(hub.url, tmp_path, *install_args(comfyui, serve_everything(hub)))

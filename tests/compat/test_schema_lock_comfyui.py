@@ -57,6 +57,7 @@ def test_no_schema_the_pack_had_is_broken(comfyui, history):
     assert incompatibilities(json.loads(history.read_text()), current) == []
 
 
+@pytest.mark.slow  # 8.7 s here
 def test_the_regeneration_command_writes_the_lock(comfyui, tmp_path):
     """The documented command, run as a process against the same ComfyUI, writing beside the lock instead."""
     import subprocess

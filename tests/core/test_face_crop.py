@@ -41,6 +41,7 @@ def test_square_crop_box_examples():
         square_crop_box((0, 0, 10, 10), 100, 100, -0.1)
 
 
+@pytest.mark.slow  # 6.0 s here
 @settings(max_examples=200, deadline=None)
 @given(
     width=st.integers(16, 900), height=st.integers(16, 900),

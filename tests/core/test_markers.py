@@ -146,6 +146,7 @@ def prompts(draw):
     return " ".join(pieces), marked_words
 
 
+@pytest.mark.slow  # 4.8 s here
 @settings(max_examples=150, deadline=None)
 @given(prompts())
 def test_marked_rows_hold_the_marked_words(case):

@@ -116,6 +116,7 @@ def conduct(tmp_path, monkeypatch, names, budgets, deadline=None):
     return conductor
 
 
+@pytest.mark.slow  # 9.3 s here
 def test_a_measurement_that_fails_hangs_or_kills_its_worker_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     names = ["ok-a", "fail-b", "hang-c", "ok-d", "die-e", "ok-f"]
     # Time enough for each but the hanging one (the stand-in's first result imports torch: seconds on a loaded machine).

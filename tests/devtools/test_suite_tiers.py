@@ -10,11 +10,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import tiers
 
 TESTS = tiers.TESTS
 
 
+@pytest.mark.slow  # 10.7 s here
 def test_markers_follow_what_each_test_uses_and_every_module_sits_in_a_feature_folder(tmp_path):
     report = tmp_path / "tiers.json"
     env = {**os.environ, "FACEDIFFUSER_TIER_REPORT": str(report),

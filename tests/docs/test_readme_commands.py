@@ -176,6 +176,7 @@ def plain_env(tmp_path: Path, **more: str) -> dict:
     return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", **more}
 
 
+@pytest.mark.slow  # 6.4 s here
 @pytest.mark.parametrize("command", check_commands())
 def test_the_readmes_check_and_dry_run_commands_report_without_a_traceback(command, tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")  # also `~/ComfyUI`, HOME being tmp_path
@@ -194,6 +195,7 @@ def test_the_python_one_liners_run_as_printed(tmp_path):
         assert done.returncode == 0 and done.stdout.strip(), done.stdout + done.stderr
 
 
+@pytest.mark.slow  # 8.5 s here
 def test_the_install_commands_run_as_printed(tmp_path):
     """The by-hand install in a scratch ComfyUI folder, then the optional packages' lines: pip finds everything
     installed (its index is a closed loopback port), git clones this working tree."""
@@ -207,6 +209,7 @@ def test_the_install_commands_run_as_printed(tmp_path):
     assert "Requirement already satisfied: ray==" in done.stdout
 
 
+@pytest.mark.slow  # 7.2 s here
 def test_the_convert_commands_run_as_printed(tmp_path):
     """In a pack folder inside a scratch ComfyUI: the set-up's --convert against the hub stand-in (tiny official-layout
     checkpoints), then, with its conversions moved away, the converter's two commands on the .bin files it left."""

@@ -168,6 +168,7 @@ def test_a_reference_without_a_face_names_the_node_and_the_photo(comfyui):
         score(comfyui, [skimage.data.astronaut()[:400, :400], coffee], [coffee])
 
 
+@pytest.mark.slow  # 2.3 s here
 def test_the_reference_face_is_chosen_as_the_encoder_chooses_it(comfyui, group):
     """A reference photo with two people: the score is about the one face / face_index pick, as in Encode
     Reference Faces, not always the largest."""

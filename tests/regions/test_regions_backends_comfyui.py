@@ -31,6 +31,7 @@ def backends(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # 10.8 s here
 @pytest.mark.parametrize("backend", ["split", "sub_quad", "basic", "xformers", "flash", "sage_v1", "sage_v2", "sage3",
                                      "unknown", "override"])
 def test_regions_under_each_backend_equal_the_pytorch_attention_run(backends, backend):

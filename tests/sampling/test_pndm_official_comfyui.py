@@ -52,6 +52,7 @@ RUNS = [
 ]
 
 
+@pytest.mark.slow  # 3.7 s here
 @pytest.mark.parametrize("steps, start_merge, final, alpha, beta, batch, height, width", RUNS)
 def test_pndm_official_matches_the_official_run(comfyui, official_models, prompts, steps, start_merge, final, alpha, beta, batch, height, width):
     import official_reference

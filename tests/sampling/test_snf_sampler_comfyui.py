@@ -102,6 +102,7 @@ def test_lora_style_patch_on_the_tdm_acts(comfyui, models, conds):
     torch.testing.assert_close(again["samples"], plain["samples"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # 8.4 s here
 def test_every_comfyui_sampler_runs_each_model_only_at_its_stages_noise_levels(comfyui, models, conds):
     import comfy.samplers
 
