@@ -19,6 +19,7 @@ and conversion (torch), and what the check checks, each imported when it is need
     scheduler    the batch's dispatch to an executor, retries and progress
     servers      the batch's executor for ComfyUI servers a user runs (--server)
     ray_workers  the batch's executor on a Ray cluster (--ray)
-    check        the first-run check: what is installed and in place, and the fix for what is not
-    setup        the set-up: the models and an insightface pack downloaded, verified and put in place
+    check/       the first-run check: what is installed and in place, and the fix for what is not (its modules: check/__init__.py)
+    setup/       the set-up: the models and an insightface pack downloaded, verified and put in place (its modules: setup/__init__.py)
+    verified_records  the model files whose content the set-up compared with the hub's hash, read by the check too
 """
