@@ -6,6 +6,7 @@ import sys
 import time
 
 from ..progress import PLAIN_LINES, StatusLine, time_left, timing_text
+
 UNSIZED_LINE_BYTES = 10**8  # piped, a download of unknown size prints a line each 100 MB
 
 

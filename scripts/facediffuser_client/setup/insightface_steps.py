@@ -15,6 +15,7 @@ from .downloads import CHUNK_BYTES, fetch, partial_path
 from .steps import SetupError, Step
 
 packs, model_folders = core("insightface_packs"), core("model_folders")
+
 SOURCE_VARIABLE = "FACEDIFFUSER_INSIGHTFACE_SOURCE"  # --insightface-source set once, as HF_ENDPOINT names a hub mirror
 
 
