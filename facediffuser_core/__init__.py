@@ -6,7 +6,10 @@ One concept per module:
   pndm             the official run's PNDM (PLMS) sampler and timestep grid, in sigma space
   saliency_view    pictures of a run's SNF decisions
   markers          the prompt's <|image|> subject markers and the token rows they mark
+  regions          per-subject regions: each subject's token scoped to its region in the SDM's cross-attention,
+                   and where fusion may choose the SDM
   region_layouts   the Region Layout node's layouts (halves, thirds, boxes) as pixel boxes, without torch
+  auto_regions     person regions from the face boxes found at the end of scene construction
   postfuse         the fusion MLP that writes a face embedding into a prompt token
   face_crop        where to crop a reference photo, and the official preprocessing for the vision tower
   insightface_packs  the insightface model packs, their files and where to download them

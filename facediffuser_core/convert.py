@@ -10,7 +10,7 @@ Memory: the input is memory-mapped and the output written one tensor at a time (
 a JSON header followed by the raw tensor bytes), so at most one converted tensor is held at once besides
 the input's mapped pages (file-backed, which the kernel can drop); the verification rereads the output
 through a bounded window. Peak resident memory is about the input's size plus 64 MiB plus the largest
-tensor (scripts/measure_convert_memory.py measures it). The output is written to a temporary file next to the target, verified
+tensor (dev/measure_convert_memory.py measures it). The output is written to a temporary file next to the target, verified
 (keys, shapes, dtypes and values, reread with safetensors) and only then renamed into place.
 """
 

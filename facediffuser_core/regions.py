@@ -14,8 +14,15 @@ without help every latent pixel attends to all of them: both people get one face
   computes exactly the text branch's attention, the SDM's guidance response is zero, and the scene the
   TDM laid out stays as it is. The plain rows are appended to the keys (`extend_context`) and a mask picks,
   per query, either the fused row or the plain one, so one UNet evaluation per branch still does it all.
-- Fusion (`restrict_fusion`): what SNF does outside every region, either the paper's per-pixel choice
+- Fusion (`FusionArea`): what SNF does outside every region, either the paper's per-pixel choice
   (`OUTSIDE_SNF`) or the TDM alone (`OUTSIDE_TDM`); inside a region the saliency choice is as always.
+
+The SDM's cross-attention sees a batch of chunks, one per conditioning entry it evaluates (ComfyUI batches
+the augmented and text branches, and any further entries, together). A chunk that carries the subjects is
+described by a `PromptChunk`: how many rows its prompt has (the Subject Prompt's, plus what a
+ConditioningConcat appended after them) and which part of the latent it sees (an area conditioning's crop,
+else the whole latent). Any other chunk (the text branch, a prompt combined beside the augmented one) sees
+its own prompt alone, never the appended rows.
 
 Masks of any size are accepted if they have the latent's aspect ratio (within one latent pixel); each is
 reduced to a cell grid by area, and a cell belongs to the region when at least half of it is covered (a
@@ -29,8 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# The layouts' names stay readable here, where the Region Layout node reads them.
-from .region_layouts import BOXES_EXAMPLE, LAYOUT_HALVES, LAYOUTS, layout_boxes  # noqa: F401
+from .region_layouts import layout_boxes
 
 # Where the Subject Prompt leaves the marked rows in the augmented conditioning's options.
 SUBJECTS_KEY = "facediffuser_subjects"
@@ -54,6 +60,19 @@ class SubjectTokens:
     def __post_init__(self):
         if self.plain.dim() != 2 or self.plain.shape[0] != len(self.rows):
             raise ValueError(f"expected one plain row per subject ({len(self.rows)}), got shape {tuple(self.plain.shape)}")
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """A chunk of the cross-attention's batch that carries the subjects: its prompt's row count (the subject
+    rows lie among the first `SubjectTokens.prompt_rows`, where the Subject Prompt put them) and the latent
+    rows and columns it sees (an area conditioning's crop, or the whole latent)."""
+
+    rows: int
+    top: int
+    left: int
+    height: int
+    width: int
 
 
 def check_masks(masks: torch.Tensor, subjects: int) -> torch.Tensor:
@@ -112,20 +131,21 @@ class FusionArea:
         return sdm_chosen & inside
 
 
-def restrict_fusion(sdm_chosen: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """SNF's choice (B, H, W) with the SDM chosen nowhere outside every region."""
-    return FusionArea(masks).restrict(sdm_chosen)
-
-
 @dataclass
 class RegionAttention:
     """The SDM's token-scoped cross-attention: `extend_context` appends the plain rows to the keys,
-    `bias(...)` is the additive mask (0 or -inf) the attention then takes. `node` names the node in errors
-    raised during sampling (where the masks meet the latent's size)."""
+    `bias(...)` is the additive mask (0 or -inf) the attention then takes, `groups(...)` the same attention
+    for one that takes no mask. `node` names the node in errors raised during sampling.
+
+    What a call needs is made at its first call and kept per shape, device and dtype: the plain rows per
+    device and dtype (`to` puts them on the device the model is loaded to), the masks and groups per
+    attention shape, so that evaluations after the first copy nothing to the device and read nothing back."""
 
     masks: torch.Tensor  # (K, H, W) float32, checked
     tokens: SubjectTokens
     node: str
+    _latent: tuple[int, int] | None = field(default=None, repr=False)  # the run's latent (height, width), see `start`
+    _plain: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -135,94 +155,123 @@ class RegionAttention:
     def subjects(self) -> int:
         return len(self.tokens.rows)
 
+    def plain_rows(self, device, dtype) -> torch.Tensor:
+        """The plain rows (K, D) on a device in a dtype, made once."""
+        key = (torch.device(device), dtype)
+        plain = self._plain.get(key)
+        if plain is None:
+            plain = self._plain[key] = self.tokens.plain.to(device=key[0], dtype=dtype)
+        return plain
+
     def extend_context(self, context: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T + K, D): every batch item gets the K plain rows after its own."""
-        plain = self.tokens.plain.to(device=context.device, dtype=context.dtype)
+        plain = self.plain_rows(context.device, context.dtype)
         return torch.cat([context, plain.unsqueeze(0).expand(context.shape[0], -1, -1)], dim=1)
 
-    def bias(self, latent_shape, attention_shape, cond_or_uncond, batch: int, keys: int, dtype, device) -> torch.Tensor:
+    def bias(self, chunks, attention_shape, batch: int, keys: int, dtype, device) -> torch.Tensor:
         """The additive mask (batch, queries, keys) for one attention call.
 
-        latent_shape: the UNet input's (B, C, H, W); attention_shape: the attended activations' (B, C, h, w);
-        cond_or_uncond: per chunk of the batch, 0 for the augmented branch (the SDM's positive) and 1 for its
-        text branch, which never sees the appended rows; keys: T + K, after `extend_context`.
+        chunks: per chunk of the batch, its PromptChunk, or None for a chunk that sees its prompt alone (the
+        text branch); attention_shape: the attended activations' (B, C, h, w), the crop's at this block;
+        keys: T + K, after `extend_context`.
         """
-        return self._cached("bias", self._bias, latent_shape, attention_shape, cond_or_uncond, batch, keys, dtype, device)
+        return self._cached("bias", self._bias, chunks, attention_shape, batch, keys, dtype, device)
 
-    def groups(self, latent_shape, attention_shape, cond_or_uncond, batch: int, keys: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same attention for a cross-attention that takes no mask (another node's replacement of it): the
-        queries fall into groups that lie in the same regions, and within a group every query sees the same
-        keys. Per group: which of the T + K extended keys stand at the prompt's T places, (batch, T) indices, and
-        which queries belong to it, (batch, queries, 1) bool; every query belongs to exactly one group. Same
-        arguments as `bias`."""
-        return self._cached("groups", self._groups, latent_shape, attention_shape, cond_or_uncond, batch, keys, None, device)
+    def groups(self, chunks, attention_shape, batch: int, keys: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same attention for a cross-attention that takes no mask (an attention backend that ignores one,
+        another node's replacement): the queries fall into groups that lie in the same regions, and within a
+        group every query sees the same keys. Per group: which of the T + K extended keys stand at the prompt's
+        T places, (batch, T) indices, and which queries belong to it, (batch, queries, 1) bool; every query
+        belongs to exactly one group. Same arguments as `bias`."""
+        return self._cached("groups", self._groups, chunks, attention_shape, batch, keys, None, device)
 
-    def _cached(self, kind, make, latent_shape, attention_shape, cond_or_uncond, batch, keys, dtype, device):
-        height, width = (int(side) for side in attention_shape[-2:])
-        key = (kind, tuple(latent_shape[-2:]), height, width, tuple(cond_or_uncond), batch, keys, dtype, str(device))
-        cached = self._cache.get(key)
-        if cached is None:
-            cached = self._cache[key] = make(self._layout(latent_shape, height, width, keys, device), cond_or_uncond, batch, keys, dtype, device)
-        return cached
-
-    def _layout(self, latent_shape, height, width, keys, device) -> tuple[torch.Tensor, int]:
-        """Each subject's region at this attention resolution, (K, queries) bool, and the prompt's key count."""
+    def start(self, height: int, width: int) -> None:
+        """A run's latent (height, width): the masks must show its picture; raises naming the node."""
         try:
-            check_aspect(self.masks, int(latent_shape[-2]), int(latent_shape[-1]))
+            check_aspect(self.masks, height, width)
         except ValueError as error:
             raise ValueError(f"{self.node}: the 'regions' input: {error}") from error
-        prompt_keys = keys - self.subjects
-        if prompt_keys <= 0 or prompt_keys % self.tokens.prompt_rows:
-            raise ValueError(
-                f"{self.node}: the SDM's cross-attention has {keys} keys, which is not the augmented prompt's "
-                f"{self.tokens.prompt_rows} rows (or a multiple) plus {self.subjects} subject rows: another patch changed the "
-                "conditioning's length, which regions cannot follow"
-            )
-        return cells(self.masks, height, width).flatten(1).to(device), prompt_keys
+        self._latent = (height, width)
 
-    def _subject_rows(self, prompt_keys: int, subject: int) -> list[int]:
+    def _cached(self, kind, make, chunks, attention_shape, batch, keys, dtype, device):
+        height, width = (int(side) for side in attention_shape[-2:])
+        key = (kind, self._latent, tuple(chunks), height, width, batch, keys, dtype, str(device))
+        cached = self._cache.get(key)
+        if cached is None:
+            prompt_keys = keys - self.subjects
+            for chunk in chunks:
+                if chunk is not None and (prompt_keys <= 0 or prompt_keys % chunk.rows):
+                    raise ValueError(
+                        f"{self.node}: the SDM's cross-attention has {keys} keys, which is not the augmented prompt's "
+                        f"{chunk.rows} rows (or a multiple) plus {self.subjects} subject rows: another patch changed the "
+                        "conditioning's length, which regions cannot follow"
+                    )
+            inside = {chunk: self._inside(chunk, height, width, device) for chunk in set(chunks) if chunk is not None}
+            cached = self._cache[key] = make(chunks, inside, height * width, prompt_keys, batch, keys, dtype, device)
+        return cached
+
+    def _inside(self, chunk: PromptChunk, height: int, width: int, device) -> torch.Tensor:
+        """Each subject's region within the chunk's crop at this attention resolution, (K, queries) bool."""
+        mask_height, mask_width = self.masks.shape[-2:]
+        latent_height, latent_width = self._latent
+        top, bottom = (round(row * mask_height / latent_height) for row in (chunk.top, chunk.top + chunk.height))
+        left, right = (round(column * mask_width / latent_width) for column in (chunk.left, chunk.left + chunk.width))
+        return cells(self.masks[:, top:bottom, left:right], height, width).flatten(1).to(device)
+
+    def _subject_rows(self, chunk: PromptChunk, prompt_keys: int, subject: int) -> list[int]:
         # ComfyUI repeats a shorter prompt to the batch's longest (a multiple of it): each copy has the token.
-        row, prompt_rows = self.tokens.rows[subject], self.tokens.prompt_rows
-        return [copy * prompt_rows + row for copy in range(prompt_keys // prompt_rows)]
+        row = self.tokens.rows[subject]
+        return [copy * chunk.rows + row for copy in range(prompt_keys // chunk.rows)]
 
     @staticmethod
-    def _augmented(cond_or_uncond, batch, device) -> torch.Tensor:
-        """(batch,) bool: the batch entries of the augmented branch."""
-        per_chunk = batch // len(cond_or_uncond)
-        return torch.tensor([kind == 0 for kind in cond_or_uncond], device=device).repeat_interleave(per_chunk)
+    def _per_entry(per_chunk: list[torch.Tensor], batch: int) -> torch.Tensor:
+        """One tensor per chunk -> one per batch entry (a chunk holds batch / chunks entries)."""
+        return torch.stack(per_chunk).repeat_interleave(batch // len(per_chunk), dim=0)
 
-    def _bias(self, layout, cond_or_uncond, batch, keys, dtype, device):
-        inside, prompt_keys = layout
-        allowed = torch.ones(2, inside.shape[1], keys, dtype=torch.bool, device=device)
-        for subject in range(self.subjects):
-            allowed[0, :, self._subject_rows(prompt_keys, subject)] = inside[subject].unsqueeze(-1)
-            allowed[0, :, prompt_keys + subject] = ~inside[subject]
-        allowed[1, :, prompt_keys:] = False
-        chosen = (~self._augmented(cond_or_uncond, batch, device)).long()
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-        return bias[chosen]
+    def _bias(self, chunks, inside, queries, prompt_keys, batch, keys, dtype, device):
+        allowed = []
+        for chunk in chunks:
+            seen = torch.ones(queries, keys, dtype=torch.bool, device=device)
+            if chunk is None:
+                seen[:, prompt_keys:] = False
+            else:
+                for subject in range(self.subjects):
+                    seen[:, self._subject_rows(chunk, prompt_keys, subject)] = inside[chunk][subject].unsqueeze(-1)
+                    seen[:, prompt_keys + subject] = ~inside[chunk][subject]
+            allowed.append(seen)
+        allowed = self._per_entry(allowed, batch)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
-    def _groups(self, layout, cond_or_uncond, batch, keys, dtype, device):
-        inside, prompt_keys = layout
-        membership = sum(inside[subject].long() << subject for subject in range(self.subjects))  # (queries,)
-        augmented = self._augmented(cond_or_uncond, batch, device).unsqueeze(-1)
+    def _groups(self, chunks, inside, queries, prompt_keys, batch, keys, dtype, device):
         prompt = torch.arange(prompt_keys, device=device)
+        membership = {chunk: sum(inside[chunk][subject].long() << subject for subject in range(self.subjects)) for chunk in inside}
+        # One host read per shape (cached): which groups there are.
+        found = set()
+        for member_of in membership.values():
+            found.update(member_of.unique().tolist())
         groups = []
-        for position, member_of in enumerate(membership.unique().tolist()):  # one host read per shape: cached
-            columns = prompt.clone()
-            for subject in range(self.subjects):
-                if not member_of >> subject & 1:
-                    columns[self._subject_rows(prompt_keys, subject)] = prompt_keys + subject
-            here = membership == member_of
-            # The text branch sees the prompt alone wherever its queries are: its first group computes it.
-            queries = torch.where(augmented, here.unsqueeze(0), torch.full_like(here, position == 0).unsqueeze(0))
-            groups.append((torch.where(augmented, columns.unsqueeze(0), prompt.unsqueeze(0)), queries.unsqueeze(-1)))
+        for position, member_of in enumerate(sorted(found) or [0]):
+            columns, members = [], []
+            for chunk in chunks:
+                if chunk is None:
+                    # A chunk that sees its prompt alone does so wherever its queries are: the first group computes it.
+                    columns.append(prompt)
+                    members.append(torch.full((queries,), position == 0, dtype=torch.bool, device=device))
+                    continue
+                seen = prompt.clone()
+                for subject in range(self.subjects):
+                    if not member_of >> subject & 1:
+                        seen[self._subject_rows(chunk, prompt_keys, subject)] = prompt_keys + subject
+                columns.append(seen)
+                members.append(membership[chunk] == member_of)
+            groups.append((self._per_entry(columns, batch), self._per_entry(members, batch).unsqueeze(-1)))
         return groups
 
 
 def layout_masks(layout: str, subjects: int, width: int, height: int, boxes: str = "") -> torch.Tensor:
-    """Masks (subjects, height, width) for a layout: left/right halves, thirds, or normalised boxes
-    "x0 y0 x1 y1; ..." (fractions of the width and height, left to right in marker order)."""
+    """Masks (subjects, height, width) for a Region Layout node's layout (facediffuser_core.region_layouts):
+    left/right halves, thirds, or normalised boxes "x0 y0 x1 y1; ..." (fractions of the width and height, left to
+    right in marker order)."""
     boxes_px = layout_boxes(layout, subjects, width, height, boxes)
     masks = torch.zeros(len(boxes_px), height, width)
     for mask, (x0, y0, x1, y1) in zip(masks, boxes_px):

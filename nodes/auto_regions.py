@@ -1,11 +1,11 @@
 """Face-diffuser Auto Regions: the people's regions found in the picture at the end of scene construction.
 
-The node only gathers what finding them needs (the VAE, the insightface analysis, the expansion); the SNF
-Sampler, the Guider and the Stage Sweep take it as `auto_regions`, and their guider decides the regions in each
+The node only gathers what finding them needs (the VAE, the insightface pack's detector, the expansion); the SNF
+Sampler, the Guider and the Stage Sweep take it as `auto_regions`, and their guider's regions decide them in each
 run (`AutoRegionsRun`) at its first evaluation after scene construction: the TDM's last denoised prediction is
-decoded, the faces found, and the regions (facediffuser_core.auto_regions) go to the SDM's attention patch
-(nodes.regions.patched_sdm), which until then, and where too few faces were found, computes what ComfyUI would
-without it.
+decoded, the faces found, and the regions (facediffuser_core.auto_regions) go to the guider's regions
+(nodes.regions.SamplingRegions), which the SDM's attention patch reads: until then, and where too few faces were
+found, it computes what ComfyUI would without it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core import auto_regions as core
-from ..facediffuser_core import regions as region_core
 from .reference_faces import detect_face_boxes
 from .types import AutoRegions
 
@@ -41,24 +41,35 @@ class AutoRegionsSetup:
 
 
 class AutoRegionsRun:
-    """A guider's auto regions, decided anew in every sampling run. `attention` and `fusion` are what the SDM's
-    patch and SNF read; None until decided, and after a fallback."""
+    """A guider's regions finder (nodes.regions.SamplingRegions.finder): decides the regions anew in every sampling
+    run, at its first evaluation after scene construction; until then, and after a fallback, there are none."""
 
-    def __init__(self, node: str, setup: AutoRegionsSetup, tokens: region_core.SubjectTokens, outside: str):
-        self.node, self.setup, self.tokens, self.outside = node, setup, tokens, outside
+    def __init__(self, setup: AutoRegionsSetup, regions):
+        self.setup, self.regions = setup, regions
         self.reset()
 
+    @property
+    def node(self) -> str:
+        return self.regions.node
+
     def reset(self) -> None:
-        self.attention: region_core.RegionAttention | None = None
-        self.fusion: region_core.FusionArea | None = None
+        """A run begins: each run finds its own people."""
+        self.regions.use(None)
         self.found: core.AutoRegions | None = None
-        self.scene_prediction: torch.Tensor | None = None  # the TDM's latest denoised prediction, model space
         self.decided = False
+
+    def decide_from_scene(self, prediction: torch.Tensor | None, model, needed_models: list) -> torch.Tensor | None:
+        """The regions from the TDM's last denoised prediction (model space; None: the run had no scene construction
+        step) through `model`'s latent format, with the models sampling needs (`needed_models`) on the device again
+        after the VAE's decode. Returns the masks the regions now use, or None."""
+        self.decide(None if prediction is None else model.process_latent_out(prediction.float()))
+        reload_pushed_off(needed_models)
+        return None if self.regions.attention is None else self.found.masks
 
     def decide(self, latent: torch.Tensor | None) -> None:
         """Regions from the scene's predicted picture (a latent for the VAE), or the fallback when there is none."""
         self.decided = True
-        subjects = len(self.tokens.rows)
+        subjects = len(self.regions.tokens.rows)
         if latent is None:
             logging.warning("%s: auto_regions: this run has no scene construction step before fusion (alpha is 0, or the "
                             "sampler got a later part of the schedule), so there is no scene to find %d people in: "
@@ -75,9 +86,18 @@ class AutoRegionsRun:
             logging.warning("%s: auto_regions %s", self.node, self.found.describe())
             return
         logging.info("%s: auto_regions %s", self.node, self.found.describe())
-        self.attention = region_core.RegionAttention(self.found.masks, self.tokens, self.node)
-        if self.outside == region_core.OUTSIDE_TDM:
-            self.fusion = region_core.FusionArea(self.found.masks)
+        self.regions.use(self.found.masks)
+
+
+def reload_pushed_off(needed_models: list) -> None:
+    """Loads again the models that loading the VAE pushed off the device, and only them: a model still loaded
+    would be patched again. Should making room for them push another off, all are asked for at once, as when
+    sampling began."""
+    pushed_off = [model for model in needed_models if model not in comfy.model_management.loaded_models()]
+    if pushed_off:
+        comfy.model_management.load_models_gpu(pushed_off)
+        if any(model not in comfy.model_management.loaded_models() for model in needed_models):
+            comfy.model_management.load_models_gpu(needed_models)
 
 
 class FaceDiffuserAutoRegions(io.ComfyNode):
@@ -90,7 +110,7 @@ class FaceDiffuserAutoRegions(io.ComfyNode):
             description=(
                 "Finds the people's regions instead of taking them from a layout: connect it to 'auto_regions' of the SNF "
                 "Sampler, the Guider or the Stage Sweep. At the end of scene construction the TDM's predicted picture is "
-                "decoded with this VAE, the faces are found with the insightface analysis, each face is widened to a person "
+                "decoded with this VAE, the faces are found with the insightface pack's detector, each face is widened to a person "
                 "region (by 'expansion' face sizes sideways and upwards, down to the picture's bottom; overlaps split between "
                 "the faces), and the regions go to the <|image|> markers left to right. With fewer faces than markers, or no "
                 "scene construction step, the sampling goes on without regions and the log says so. The Saliency Preview "
@@ -108,7 +128,7 @@ class FaceDiffuserAutoRegions(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, face_analysis, expansion: float) -> io.NodeOutput:
-        if not hasattr(face_analysis, "get"):
+        if not hasattr(getattr(face_analysis, "det_model", None), "detect"):
             raise ValueError(f"{NODE_NAME}: face_analysis must be an insightface FaceAnalysis, such as the Face-diffuser "
                              f"InsightFace Loader gives; got {type(face_analysis).__name__}")
         if expansion < 0:

@@ -1,27 +1,20 @@
 """Loaders for the official Face-diffuser checkpoints (and FastComposer's, which has the SDM layout).
 
-The files are read and classified by facediffuser_core; the networks' sizes come from their tensor
-shapes, so ComfyUI's fixed-architecture detection is not involved and fine-tunes of any SD1.5-family
-size load. Each part of the state dict is released as soon as its ComfyUI object holds the weights.
+The files are read and classified by facediffuser_core; the networks are built from their parts by
+nodes.networks, sized from their tensor shapes. Each part of the state dict is released as soon as its ComfyUI
+object holds the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import tempfile
 
 import torch
 
-import comfy.clip_vision
-import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
-import comfy.sd1_clip
-import comfy.supported_models
-import comfy.supported_models_base
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -31,14 +24,13 @@ from ..facediffuser_core.checkpoint import CheckpointKind, ModelParts
 from ..facediffuser_core.checkpoint_file import CheckpointFileError, read_state_dict
 from ..facediffuser_core.postfuse import PostfuseModule
 from ..facediffuser_core.sd15_keys import sd15_to_parts
+from . import networks
 from .subject_encoder import SubjectEncoder
 from .types import SubjectEncoder as SubjectEncoderType
 
 MODEL_FOLDER = "facediffuser"
 MODEL_EXTENSIONS = {".bin", ".safetensors"}
 WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# CLIP weights ComfyUI's SD1.5 text model has and the official text encoder lacks; both are unused for SD1.5.
-OPTIONAL_CLIP_KEYS = ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")
 ALL_KINDS = (CheckpointKind.SDM, CheckpointKind.TDM, CheckpointKind.SD15)
 
 
@@ -109,97 +101,6 @@ def accepted_hint(kind: CheckpointKind) -> str:
     return "Choose the official Face-diffuser SDM/TDM file (or FastComposer's, as an SDM)."
 
 
-def patcher_class(disable_dynamic: bool) -> type:
-    """ComfyUI's default patcher (the dynamic-VRAM one on NVIDIA, which main.py installs as CoreModelPatcher,
-    so it is read at call time), or the classic one when a non-dynamic copy is asked for."""
-    return comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
-
-
-def build_model(unet: dict[str, torch.Tensor], dtype: torch.dtype | None, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """An SD1.5-family MODEL from a diffusers-layout UNet state dict (emptied as its weights are taken)."""
-    unet_config = checkpoint.unet_config(unet)
-    model_config = comfy.supported_models.SD15(unet_config)
-    parameters = comfy.utils.calculate_parameters(unet)
-    load_device = comfy.model_management.get_torch_device()
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(
-            model_params=parameters,
-            supported_dtypes=list(model_config.supported_inference_dtypes),
-            weight_dtype=comfy.utils.weight_dtype(unet),
-        )
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
-
-    ldm = {}
-    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model_config.unet_config).items():
-        if diffusers_key in unet:
-            ldm[ldm_key] = unet.pop(diffusers_key)
-    if unet:
-        raise ValueError(f"the UNet has {len(unet)} weights outside the SD1.5 structure read from its shapes, e.g. {sorted(unet)[:3]}")
-
-    model = model_config.get_model(ldm, "", device=comfy.model_management.unet_inital_load_device(parameters, dtype))
-    missing = set(model.diffusion_model.state_dict()) - set(ldm)
-    if missing:
-        raise ValueError(f"the UNet lacks {len(missing)} weights its structure needs, e.g. {sorted(missing)[:3]}: the file is incomplete")
-    patcher = patcher_class(disable_dynamic)(model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
-    model.load_model_weights(ldm, "", assign=patcher.is_dynamic())
-    return patcher
-
-
-def build_clip(text_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None, disable_dynamic: bool = False) -> comfy.sd.CLIP:
-    """ComfyUI's SD1.5 CLIP (bundled tokenizer) sized from a `text_model.*` state dict."""
-    config = checkpoint.clip_text_config(text_encoder)
-    if config["vocab_size"] != checkpoint.SD15_VOCAB_SIZE:
-        raise ValueError(f"the text encoder has a vocabulary of {config['vocab_size']}, SD1.5's tokenizer needs {checkpoint.SD15_VOCAB_SIZE}")
-    clip_sd = {"clip_l.transformer." + key: text_encoder.pop(key) for key in list(text_encoder)}
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    options = {"clip_l_model_config": config}
-    if dtype is not None:
-        options["dtype"] = dtype
-    clip = comfy.sd.CLIP(
-        target,
-        embedding_directory=folder_paths.get_folder_paths("embeddings"),
-        parameters=comfy.utils.calculate_parameters(clip_sd),
-        model_options=options,
-        disable_dynamic=disable_dynamic,
-    )
-    missing, unexpected = clip.load_sd(clip_sd, full_model=True)
-    missing = [key for key in missing if key not in OPTIONAL_CLIP_KEYS]
-    if missing or unexpected:
-        raise ValueError(f"the text encoder does not fit CLIP: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
-    return clip
-
-
-def build_vae(vae: dict[str, torch.Tensor]) -> comfy.sd.VAE:
-    """ComfyUI's VAE from a diffusers-layout AutoencoderKL state dict, its size read from the shapes."""
-    config = checkpoint.vae_config(vae)
-    levels = len(config["ddconfig"]["ch_mult"])
-    if levels != 4:
-        raise ValueError(f"the VAE has {levels} levels; SD1.5's latent space needs 4 (a downscale of 8)")
-    return comfy.sd.VAE(sd=vae, config={"params": config})
-
-
-def build_clip_vision(image_encoder: dict[str, torch.Tensor], dtype: torch.dtype | None) -> comfy.clip_vision.ClipVisionModel:
-    """ComfyUI's CLIP vision model (with projection) sized from the image_encoder state dict."""
-    config = checkpoint.clip_vision_config(image_encoder)
-    # ClipVisionModel only takes its configuration as a JSON file.
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(config, handle)
-    try:
-        clip_vision = comfy.clip_vision.ClipVisionModel(handle.name)
-    finally:
-        os.unlink(handle.name)
-    if dtype is not None:
-        # ClipVisionModel always builds in ComfyUI's text-encoder dtype; its ops cast weights per call.
-        clip_vision.model.to(dtype)
-        clip_vision.dtype = dtype
-    missing, unexpected = clip_vision.load_sd(image_encoder)
-    if missing or unexpected:
-        raise ValueError(f"the image encoder does not fit CLIP ViT: missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
-    image_encoder.clear()
-    return clip_vision
-
-
 def describe(name: str, kind: str, model, clip, vae_present: bool) -> str:
     return (
         f"{name}: {kind}; UNet {model.model.get_dtype()} {comfy.utils.calculate_parameters(model.model.diffusion_model.state_dict()) / 1e6:.0f}M params, "
@@ -222,15 +123,15 @@ def building(node: str, ckpt_name: str):
 
 def load_common(node: str, path: str, parts: ModelParts, weight_dtype: str):
     dtype = WEIGHT_DTYPES[weight_dtype]
-    model = build_model(parts.unet, dtype)
-    clip = build_clip(parts.text_encoder, dtype)
+    model = networks.build_model(parts.unet, dtype)
+    clip = networks.build_clip(parts.text_encoder, dtype)
     # As core's loaders do: a dynamic-VRAM patcher (ComfyUI's default on NVIDIA) is rebuilt from the file as a
     # classic one when something needs a non-dynamic copy (TorchCompileModel, Set CLIP Hooks, hooked
     # conditionings, MultiGPU clones).
     model.cached_patcher_init = (rebuild_patcher, (node, path, "unet", weight_dtype))
     clip.patcher.cached_patcher_init = (rebuild_patcher, (node, path, "text_encoder", weight_dtype))
     if parts.vae:
-        vae = build_vae(parts.vae)
+        vae = networks.build_vae(parts.vae)
         vae.patcher.cached_patcher_init = (rebuild_patcher, (node, path, "vae", weight_dtype))
     else:
         vae = comfy.sd.VAE(sd={})
@@ -245,11 +146,11 @@ def rebuild_patcher(node: str, path: str, part: str, weight_dtype: str, disable_
     dtype = WEIGHT_DTYPES[weight_dtype]
     with building(node, os.path.basename(path)):
         if part == "unet":
-            return build_model(parts.unet, dtype, disable_dynamic)
+            return networks.build_model(parts.unet, dtype, disable_dynamic)
         if part == "text_encoder":
-            return build_clip(parts.text_encoder, dtype, disable_dynamic).patcher
+            return networks.build_clip(parts.text_encoder, dtype, disable_dynamic).patcher
         # Core rebuilds a VAE with its default patcher whatever is asked (comfy.sd.load_vae_patcher); so do we.
-        return build_vae(parts.vae).patcher
+        return networks.build_vae(parts.vae).patcher
 
 
 CKPT_TOOLTIP = ("A file in models/facediffuser: the official pytorch_model.bin (renamed) or its .safetensors conversion. "
@@ -306,7 +207,7 @@ class FaceDiffuserSDMLoader(CheckpointLoader):
         dtype = WEIGHT_DTYPES[weight_dtype]
         with building(cls.DISPLAY, ckpt_name):
             model, clip, vae = load_common(cls.DISPLAY, path, parts, weight_dtype)
-            encoder = SubjectEncoder(clip_vision=build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
+            encoder = SubjectEncoder(clip_vision=networks.build_clip_vision(parts.image_encoder, dtype), postfuse=PostfuseModule.from_state_dict(parts.postfuse))
         parts.postfuse = {}
         logging.info("Face-diffuser: loaded %s", describe(ckpt_name, found, model, clip, vae.first_stage_model is not None))
         return io.NodeOutput(model, clip, vae, encoder)

@@ -28,11 +28,12 @@ DEFAULT_MARGIN = 0.3
 
 
 def detect_face_boxes(face_analysis, image: torch.Tensor) -> list[tuple[float, float, float, float]]:
-    """Face boxes (x1, y1, x2, y2) in pixels of one ComfyUI image (H, W, 3), via insightface's FaceAnalysis.get,
-    which wants a BGR uint8 array."""
+    """Face boxes (x1, y1, x2, y2) in pixels of one ComfyUI image (H, W, 3), from the detector of insightface's
+    FaceAnalysis alone: the boxes its `get` would give, without running the pack's other models (landmarks,
+    age and gender, recognition) on every face. It wants a BGR uint8 array."""
     bgr = to_uint8_array(image)[:, :, ::-1]
-    faces = face_analysis.get(np.ascontiguousarray(bgr))
-    return [tuple(float(v) for v in face.bbox[:4]) for face in faces]
+    boxes, _ = face_analysis.det_model.detect(np.ascontiguousarray(bgr), max_num=0, metric="default")
+    return [tuple(float(v) for v in box[:4]) for box in boxes]
 
 
 def crop_reference_face(face_analysis, image: torch.Tensor, batch_index: int, face: str, face_index: int, margin: float) -> torch.Tensor:

@@ -1,25 +1,28 @@
-"""Per-subject regions in ComfyUI: the optional inputs the sampling nodes share, the SDM's attention patch,
-and the Face-diffuser Region Layout node. The masks and the attention mask are facediffuser_core.regions.
+"""Per-subject regions in ComfyUI: the optional inputs the sampling nodes share, the guider's regions
+(`SamplingRegions`, which the SDM's attention patch in nodes.region_patch reads), how the regions find the
+subject rows in the conditioning a graph wires to 'augmented', and the Face-diffuser Region Layout node. The
+masks and the attention maths are facediffuser_core.regions.
 
-The patch goes on a clone of the SDM through ComfyUI's attention seams: an attn2 patch appends the plain
-rows to the cross-attention context, and an attn2 replace patch on every transformer block calls ComfyUI's
-optimized attention (whichever backend it selected, and any attention override) with the mask. Other
-attention patches of the SDM (attn1, attn2 and output patches) keep working; an attn2 replace patch
-already on a block (IPAdapter-style nodes) takes no mask, so it runs once per group of queries that lie in
-the same regions, on the keys they see (RegionAttention.groups).
+Prompt wiring: the Subject Prompt records the subject rows in its 'augmented' options. Nodes that keep the
+options keep the rows (ControlNet, ConditioningSetTimestepRange, ConditioningSetArea); ConditioningConcat keeps
+those of its 'conditioning_to' and appends the other prompt after the subject rows, which stay where they
+were; ConditioningCombine puts entries side by side, and an entry without the rows sees its own prompt alone.
+Each entry carries a uuid into the attention call's transformer options, so that every chunk of a batch is
+read as what it is; an area entry's regions are the part of the masks its crop shows.
 """
 
 from __future__ import annotations
 
-import comfy.ldm.modules.attention
 import torch
 from comfy_api.latest import io
 
+from ..facediffuser_core import region_layouts
 from ..facediffuser_core import regions as core
+from . import region_patch
+from .auto_regions import AutoRegionsRun
 from .types import AutoRegions
 
 LAYOUT_NAME = "Face-diffuser Region Layout"
-BLOCK_KINDS = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
 
 def inputs() -> list:
@@ -47,96 +50,124 @@ def inputs() -> list:
 
 
 def subject_tokens(node: str, augmented: list, input_name: str = "regions") -> core.SubjectTokens:
-    """The marked rows the Subject Prompt recorded in the augmented conditioning."""
-    found = [options.get(core.SUBJECTS_KEY) for _, options in augmented]
-    if not found or any(tokens is None for tokens in found):
+    """The marked rows the Subject Prompt recorded in the augmented conditioning. Entries without them (a prompt
+    ConditioningCombine put beside it) see their own prompt alone."""
+    found = [options[core.SUBJECTS_KEY] for _, options in augmented if core.SUBJECTS_KEY in options]
+    if not found:
         raise ValueError(
             f"{node}: '{input_name}' is connected but the 'augmented' conditioning carries no subject markers: connect the "
-            "'augmented' output of the Face-diffuser Subject Prompt (directly, or through nodes that keep its options)"
+            "'augmented' output of the Face-diffuser Subject Prompt (directly, or through nodes that keep its options: "
+            "ConditioningConcat keeps those of its 'conditioning_to', so connect the Subject Prompt there)"
         )
     if any(tokens.rows != found[0].rows for tokens in found):
         raise ValueError(f"{node}: the 'augmented' conditioning combines prompts with different subject markers; regions "
                          "need one Face-diffuser Subject Prompt")
+    for tensor, options in augmented:
+        tokens = options.get(core.SUBJECTS_KEY)
+        if tokens is not None and tensor.shape[1] < tokens.prompt_rows:
+            raise ValueError(
+                f"{node}: the 'augmented' conditioning has {tensor.shape[1]} token rows, fewer than the {tokens.prompt_rows} the "
+                "Face-diffuser Subject Prompt made: a node between them cut the prompt, so its subject rows cannot be found; "
+                "connect the Subject Prompt's 'augmented' output (ConditioningConcat may append a prompt after it)"
+            )
     return found[0]
 
 
-def _attention_blocks(diffusion_model) -> list[tuple[str, int]]:
-    """ComfyUI's block keys ("input", 1), ("middle", 0), ("output", 3)... of the UNet's spatial transformers."""
-    blocks = []
-    for name, module in diffusion_model.named_modules():
-        parts = name.split(".")
-        if hasattr(module, "transformer_blocks") and parts[0] in BLOCK_KINDS:
-            blocks.append((BLOCK_KINDS[parts[0]], 0 if parts[0] == "middle_block" else int(parts[1])))
-    return blocks
+class SamplingRegions:
+    """A guider's regions, the one object the SDM's attention patch (nodes.region_patch) and SNF's fusion read:
+    the region attention and fusion area of the current run (None: none, as without regions), and what the
+    patch needs to read a batch: which conditioning entries carry the subjects and which part of the latent
+    each sees. Given regions are set once (`use`); with auto regions, `finder` (nodes.auto_regions.AutoRegionsRun)
+    clears them at each run's start and sets the ones it finds mid-run."""
+
+    UNDECIDED = object()
+
+    def __init__(self, node: str, tokens: core.SubjectTokens, outside: str, auto_setup=None):
+        self.node, self.tokens, self.outside = node, tokens, outside
+        self.attention: core.RegionAttention | None = None
+        self.fusion: core.FusionArea | None = None
+        self._latent: tuple[int, int] | None = None
+        self._chunks: dict = {}  # conditioning entry's uuid -> its PromptChunk, in this run
+        self._masking = self.UNDECIDED
+        self._placement: tuple | None = None  # the latest (device, dtype) ComfyUI moved the patches to
+        self.finder = None if auto_setup is None else AutoRegionsRun(auto_setup, self)
+
+    def use(self, masks) -> None:
+        """Regions for the SDM's attention and for fusion (with outside_regions 'tdm'); None: none."""
+        if masks is None:
+            self.attention = self.fusion = None
+            return
+        try:
+            attention = core.RegionAttention(masks, self.tokens, self.node)
+        except ValueError as error:
+            raise ValueError(f"{self.node}: the 'regions' input: {error}") from error
+        if self._latent is not None:
+            attention.start(*self._latent)
+        if self._placement and self._placement[1] is not None:
+            attention.plain_rows(*self._placement)
+        self.attention = attention
+        self.fusion = core.FusionArea(attention.masks) if self.outside == core.OUTSIDE_TDM else None
+
+    def start_run(self, latent_shape, positive: list) -> None:
+        """At a run's start, after ComfyUI processed the SDM's positive conditioning entries (`positive`): the
+        latent they crop and which of them carry the subjects. The backend is chosen anew at the run's first call."""
+        height, width = (int(side) for side in latent_shape[-2:])
+        self._latent = (height, width)
+        self._chunks = {}
+        for entry in positive:
+            if core.SUBJECTS_KEY not in entry:
+                continue
+            rows = entry["cross_attn"].shape[1]
+            if "area" in entry:  # ComfyUI crops the latent as calc_cond_batch does: (height, width, top, left)
+                size_h, size_w, top, left = entry["area"][:4]
+                self._chunks[entry["uuid"]] = core.PromptChunk(rows, top, left, min(height - top, size_h), min(width - left, size_w))
+            else:
+                self._chunks[entry["uuid"]] = core.PromptChunk(rows, 0, 0, height, width)
+        self._masking = self.UNDECIDED
+        if self.finder is not None:
+            self.finder.reset()
+        if self.attention is not None:
+            self.attention.start(height, width)
+
+    def chunks(self, transformer_options: dict) -> tuple:
+        """Per chunk of an attention call's batch, the PromptChunk of a conditioning entry with the subjects, or None."""
+        uuids = transformer_options.get("uuids")
+        if uuids is None:
+            raise RuntimeError(f"{self.node}: this ComfyUI gives the cross-attention no 'uuids' in its transformer options, "
+                               "so regions cannot tell the conditioning entries of a batch apart: disconnect 'regions' and "
+                               "'auto_regions', or report this ComfyUI version as an issue of the Face-diffuser node pack")
+        return tuple(self._chunks.get(uuid) for uuid in uuids)
+
+    def masking_attention(self, transformer_options: dict):
+        """The backend function that takes the mask in this run, or None for the per-group path; chosen once."""
+        if self._masking is self.UNDECIDED:
+            self._masking = region_patch.masking_attention(transformer_options)
+        return self._masking
+
+    def to(self, device_or_dtype) -> None:
+        """ComfyUI moves the patches with the model when it loads it: to the device, then to the model's dtype;
+        the plain rows are made there, once per device and dtype."""
+        if isinstance(device_or_dtype, torch.dtype):
+            self._placement = (self._placement[0], device_or_dtype) if self._placement else None
+        else:
+            self._placement = (torch.device(device_or_dtype), None)
+        if self.attention is not None and self._placement and self._placement[1] is not None:
+            self.attention.plain_rows(*self._placement)
 
 
-def scoped_sdm(node: str, sdm, augmented: list, masks: torch.Tensor):
-    """A clone of the SDM whose augmented branch attends to each subject's token only in its region."""
-    tokens = subject_tokens(node, augmented)
-    try:
-        attention = core.RegionAttention(masks, tokens, node)
-    except ValueError as error:
-        raise ValueError(f"{node}: the 'regions' input: {error}") from error
-    return patched_sdm(sdm, lambda: attention)
+def sampling_regions(node: str, augmented: list, masks, outside: str, auto_setup) -> SamplingRegions | None:
+    """The guider's regions from the sampling node's region inputs, None when neither is connected."""
+    _check_inputs(node, masks, outside, auto_setup is not None)
+    if masks is None and auto_setup is None:
+        return None
+    tokens = subject_tokens(node, augmented, "regions" if masks is not None else "auto_regions")
+    regions = SamplingRegions(node, tokens, outside, auto_setup)
+    regions.use(masks)
+    return regions
 
 
-def patched_sdm(sdm, current):
-    """A clone of the SDM with the region attention `current()` returns at each call; where it returns None
-    (auto regions not decided yet, or fallen back), the patches compute exactly what ComfyUI would without them."""
-    blocks = set(_attention_blocks(sdm.model.diffusion_model))
-    replaced = sdm.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    patched = sdm.clone()
-
-    def extend(n, context, value, extra_options):
-        attention = current()
-        if attention is None:
-            return n, context, value
-        return n, attention.extend_context(context), attention.extend_context(value)
-
-    def shapes(q, k, extra_options):
-        return (extra_options["original_shape"], extra_options["activations_shape"], extra_options["cond_or_uncond"], q.shape[0], k.shape[1])
-
-    def attend(q, k, v, extra_options):
-        # The backend is looked up at call time: ComfyUI picks it at start-up and nodes may swap it.
-        attention = current()
-        if attention is None:  # what CrossAttention calls without a mask
-            return comfy.ldm.modules.attention.optimized_attention(
-                q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
-        bias = attention.bias(*shapes(q, k, extra_options), q.dtype, q.device)
-        return comfy.ldm.modules.attention.optimized_attention_masked(
-            q, k, v, extra_options["n_heads"], bias, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
-
-    def attend_through(existing):
-        """Another node's replacement (IPAdapter-style) takes no mask: it runs once per group of queries that lie in
-        the same regions, on the keys those queries see, and each query keeps its group's result."""
-        def attend_groups(q, k, v, extra_options):
-            attention = current()
-            if attention is None:
-                return existing(q, k, v, extra_options)
-            out = None
-            for columns, queries in attention.groups(*shapes(q, k, extra_options), q.device):
-                result = existing(q, _take(k, columns), _take(v, columns), extra_options)
-                out = result if out is None else torch.where(queries, result, out)
-            return out
-        return attend_groups
-
-    patched.set_model_attn2_patch(extend)
-    for kind, number in sorted(blocks):
-        patched.set_model_attn2_replace(attend, kind, number)
-    # ComfyUI prefers a replacement keyed with the transformer index over one keyed by the block alone.
-    for key, existing in replaced.items():
-        if key[:2] in blocks:
-            patched.set_model_attn2_replace(attend_through(existing), *key)
-    return patched
-
-
-def _take(keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """(batch, T + K, dim) keys or values -> (batch, T, dim), the given rows of each batch entry."""
-    return keys.gather(1, columns.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-
-
-def fusion_masks(node: str, masks, outside: str, auto: bool = False):
-    """The masks SNF keeps the SDM inside of, or None for the paper's choice everywhere (or auto regions' choice)."""
+def _check_inputs(node: str, masks, outside: str, auto: bool) -> None:
+    """'regions', 'outside_regions' and 'auto_regions' together."""
     if outside not in core.OUTSIDE_CHOICES:
         raise ValueError(f"{node}: outside_regions is '{outside}'; it is one of {', '.join(core.OUTSIDE_CHOICES)}")
     if masks is not None and auto:
@@ -146,7 +177,6 @@ def fusion_masks(node: str, masks, outside: str, auto: bool = False):
         raise ValueError(f"{node}: outside_regions is '{core.OUTSIDE_TDM}' but 'regions' is not connected: connect the regions "
                          f"(Face-diffuser Region Layout, or Face-diffuser Auto Regions to 'auto_regions') or set outside_regions "
                          f"to '{core.OUTSIDE_SNF}'")
-    return masks if outside == core.OUTSIDE_TDM else None
 
 
 class FaceDiffuserRegionLayout(io.ComfyNode):
@@ -159,15 +189,15 @@ class FaceDiffuserRegionLayout(io.ComfyNode):
             description=(
                 "Makes the 'regions' masks of the SNF Sampler, the Guider or the Stage Sweep from a layout: one region per "
                 "<|image|> marker, in marker order, left to right. 'halves' for two people, 'thirds' for three, 'boxes' "
-                f"for any placement given as fractions of the picture, e.g. '{core.BOXES_EXAMPLE}'."
+                f"for any placement given as fractions of the picture, e.g. '{region_layouts.BOXES_EXAMPLE}'."
             ),
             inputs=[
-                io.Combo.Input("layout", options=list(core.LAYOUTS), default=core.LAYOUT_HALVES,
+                io.Combo.Input("layout", options=list(region_layouts.LAYOUTS), default=region_layouts.LAYOUT_HALVES,
                                tooltip="'halves': left and right; 'thirds': left, middle, right; 'boxes': the boxes below."),
                 io.Int.Input("subjects", default=2, min=1, max=16, tooltip="How many <|image|> markers the prompt has."),
                 io.Int.Input("width", default=512, min=8, max=16384, step=8, tooltip="The picture's width in pixels (the latent's times 8)."),
                 io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="The picture's height in pixels (the latent's times 8)."),
-                io.String.Input("boxes", default=core.BOXES_EXAMPLE, multiline=False,
+                io.String.Input("boxes", default=region_layouts.BOXES_EXAMPLE, multiline=False,
                                 tooltip="For 'boxes': 'x0 y0 x1 y1' per subject, fractions of the width and height, separated "
                                         "by ';', in marker order."),
             ],

@@ -9,12 +9,10 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from ..facediffuser_core import regions as region_core
 from ..facediffuser_core import snf
 from ..facediffuser_core.schedule import denoise_schedule
 from . import official_run
 from . import regions as region_inputs
-from .auto_regions import AutoRegionsRun
 from .snf_guider import SNFGuider
 from .types import Saliency
 
@@ -82,20 +80,12 @@ def _stage_inputs() -> list:
 
 def _build_guider(node: str, tdm, sdm, augmented, text, null, cfg, alpha, beta, schedule=None, masks=None,
                   outside_regions: str = "snf", auto_regions=None) -> SNFGuider:
-    fusion_masks = region_inputs.fusion_masks(node, masks, outside_regions, auto=auto_regions is not None)
-    auto = None
-    if masks is not None:
-        sdm = region_inputs.scoped_sdm(node, sdm, augmented, masks)
-    elif auto_regions is not None:
-        auto = AutoRegionsRun(node, auto_regions, region_inputs.subject_tokens(node, augmented, "auto_regions"), outside_regions)
-        sdm = region_inputs.patched_sdm(sdm, lambda: auto.attention)
+    regions = region_inputs.sampling_regions(node, augmented, masks, outside_regions, auto_regions)
     try:
-        guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node)
+        guider = SNFGuider(sdm, tdm, cfg, alpha, beta, schedule=schedule, node=node, regions=regions)
         guider.set_conds(augmented, text, null)
     except ValueError as error:
         raise ValueError(f"{node}: {error}") from error
-    guider.fusion_regions = None if fusion_masks is None else region_core.FusionArea(fusion_masks)
-    guider.auto_regions = auto
     return guider
 
 

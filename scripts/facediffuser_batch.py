@@ -7,12 +7,13 @@ One job per line of the jobs file (JSON Lines, example: workflows/jobs_example.j
 photos in marker order, the prompt, the seeds (or a count of them) and any of the runner's overrides. Each
 seed of a job is one ComfyUI prompt, a "run". Runs go to the server with the shortest queue (ComfyUI's
 /queue), at most --max-in-flight per server; each photo is uploaded once per server. The run directory
-holds manifest.json, every run's state rewritten atomically after each change (pending; running on which
-server as which prompt id; done with its files; failed with the error), and the pictures under
-outputs/<job>/<run>/. Running the same command again skips what is done, re-attaches to runs still on a
-server (by prompt id, through /history), and queues again what a vanished server lost. ComfyUI's validation
-errors fail that job, node by node; a server that stops answering, a lost or interrupted run is retried on
-another server after a back-off, at most --max-attempts times.
+holds the manifest, every run's state (pending; running on which server as which prompt id; done with its
+files; failed with the error): manifest.sqlite, one transaction per change, and manifest.json, its readable
+copy written whenever the batch stops; and the pictures under outputs/<job>/<run>/. Running the same command
+again skips what is done, re-attaches to runs still on a server (by prompt id, through /history), and
+queues again what a vanished server lost. ComfyUI's validation errors fail that job, node by node; a server
+that stops answering, a lost or interrupted run is retried on another server after a back-off; a run is sent
+at most --max-attempts times.
 
 With a Face-diffuser Identity Score node in a job's workflow, every picture's per-subject scores go into
 the manifest beside its files. Best-of-N ("keep_best" in a job, or --keep-best for all): once every run of
@@ -20,7 +21,8 @@ the job is done, its best pictures across its seeds are copied to outputs/<job>/
 manifest; that decision is made once and kept by later invocations.
 
 With --ray instead of --server it runs on a Ray cluster: one worker per GPU, each starting and owning a ComfyUI on
-its node (scripts/facediffuser_client/ray_workers.py); the manifest, outputs and resume are the same.
+its node (scripts/facediffuser_client/ray_workers.py), a lost or broken worker replaced
+(scripts/facediffuser_client/worker_pool.py); the manifest, outputs and resume are the same.
 
 Like the runner it needs only Python's standard library (and Ray for --ray); both are command lines over
 scripts/facediffuser_client/.
@@ -32,11 +34,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from facediffuser_client.executor import Executor, ExecutorSettings
 from facediffuser_client.http_api import DEFAULT_SERVER, RunError
 from facediffuser_client.jobs import JobsFileError, load_jobs
 from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest
 from facediffuser_client.own_comfyui import attach_command_line_values
-from facediffuser_client.scheduler import Batch, GiveUp, summary
+from facediffuser_client.scheduler import GiveUp, Scheduler, summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +88,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def make_executor(args: argparse.Namespace, scheduler: Scheduler) -> Executor:
+    """The executor the command line asks for, reporting to `scheduler`."""
+    settings = ExecutorSettings(max_in_flight=args.max_in_flight, job_timeout=args.job_timeout, poll=args.poll,
+                                give_up_after=args.give_up_after)
+    if args.ray is None:
+        from facediffuser_client.servers import ServerExecutor
+
+        return ServerExecutor(scheduler, settings, args.server)
+    from facediffuser_client.ray_workers import RayBackend, RayOptions  # imports Ray: only with --ray
+    from facediffuser_client.worker_pool import WorkerPool
+
+    backend = RayBackend(RayOptions(args.ray, args.ray_cpus_per_worker, args.ray_workers, args.comfyui, args.comfyui_args,
+                                    args.max_in_flight))
+    try:
+        return WorkerPool(scheduler, settings, backend)
+    except BaseException:
+        backend.close()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = args.run_dir or args.jobs.with_name(f"{args.jobs.stem}_run")
@@ -96,32 +119,44 @@ def main(argv: list[str] | None = None) -> int:
     except JobsFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    scheduler = Scheduler(jobs, manifest, run_dir, max_attempts=args.max_attempts, poll=args.poll,
+                          give_up_after=args.give_up_after, progress_every=args.progress_every)
+    counts = manifest.counts()
+    executor = None
     try:
-        batch = Batch(args, jobs, manifest, run_dir)
+        if counts[PENDING] or counts[RUNNING]:  # a batch with nothing left to run starts no server and no cluster
+            executor = make_executor(args, scheduler)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
+        manifest.export_json()
         return 1
     except KeyboardInterrupt:
         print("\nstopped while starting the workers; nothing ran", file=sys.stderr)
+        manifest.export_json()
         return 130
-    counts = batch.counts()
     print(f"{len(jobs)} job(s), {sum(counts.values())} run(s): {counts[DONE]} done, {counts[FAILED]} failed, "
-          f"{counts[RUNNING]} running, {counts[PENDING]} pending; {batch.executor.describe()}; run directory: {run_dir}")
+          f"{counts[RUNNING]} running, {counts[PENDING]} pending; {executor.describe() if executor else 'nothing to run'}; "
+          f"run directory: {run_dir}")
     try:
-        batch.run_all()
+        if executor is None:
+            scheduler.decide_all_best()
+        else:
+            scheduler.run(executor)
     except KeyboardInterrupt:
-        print(f"\nstopped. {manifest.path} is up to date: run the same command again to resume ({batch.executor.resume_note}).",
-              file=sys.stderr)
-        print(summary(batch))
+        print(f"\nstopped. {manifest.database_path} is up to date: run the same command again to resume "
+              f"({executor.resume_note}).", file=sys.stderr)
+        print(summary(scheduler, executor))
         return 130
     except GiveUp as error:
         print(f"stopped: {error}. Run the same command again to resume.", file=sys.stderr)
-        print(summary(batch))
+        print(summary(scheduler, executor))
         return 3
     finally:
-        batch.close()
-    print(summary(batch))
-    return 1 if batch.counts()[FAILED] else 0
+        if executor is not None:
+            executor.close()
+        manifest.export_json()
+    print(summary(scheduler, executor))
+    return 1 if manifest.counts()[FAILED] else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 import pytest
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 
 @pytest.fixture(scope="session")
@@ -13,8 +13,8 @@ def comfyui():
 
 @pytest.fixture(scope="session")
 def tdm():
-    """Reference modules of a tiny TDM in the official layout (facediffuser_devkit.official_checkpoints)."""
-    from facediffuser_devkit import official_checkpoints
+    """Reference modules of a tiny TDM in the official layout (dev.devkit.official_checkpoints)."""
+    from dev.devkit import official_checkpoints
 
     return official_checkpoints.build_tdm(seed=0)
 
@@ -23,15 +23,15 @@ def tdm():
 def sdm():
     """Reference modules of a tiny SDM in the official layout. Test modules that need a loaded SDM
     instead define their own `sdm` fixture, which takes precedence there."""
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     return official_checkpoints.build_sdm(seed=1)
 
 
 @pytest.fixture(scope="module")
 def models(comfyui):
-    """A tiny random TDM and SDM (facediffuser_devkit.tiny_comfy): (tdm, sdm), fresh for each test module."""
-    from facediffuser_devkit import tiny_comfy
+    """A tiny random TDM and SDM (dev.devkit.tiny_comfy): (tdm, sdm), fresh for each test module."""
+    from dev.devkit import tiny_comfy
 
     return tiny_comfy.model_pair()
 
@@ -39,6 +39,6 @@ def models(comfyui):
 @pytest.fixture(scope="module")
 def conds(comfyui):
     """Random augmented, text and null conditionings for the tiny models, by input name."""
-    from facediffuser_devkit import tiny_comfy
+    from dev.devkit import tiny_comfy
 
     return tiny_comfy.three_conditionings()

@@ -29,7 +29,7 @@ import comfy_server
 import pack_scripts
 import workflow_builder
 from face_photos import comfy_image
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 DOCS = comfy_harness.REPO_ROOT / "docs"
 SUBJECT_COLOURS = (torch.tensor([1.0, 0.55, 0.1]), torch.tensor([0.2, 0.5, 1.0]))
@@ -79,7 +79,7 @@ def regions_picture(comfyui) -> Image.Image:
     """Masks and the SDM's share of the fusion steps per latent pixel, each panel labelled."""
     from PIL import ImageDraw
 
-    from facediffuser_devkit import tiny_comfy
+    from dev.devkit import tiny_comfy
     from test_regions_comfyui import HEIGHT, WIDTH, sample, subject_conds
 
     tdm, sdm = tiny_comfy.model_pair()

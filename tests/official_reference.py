@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 comfy_harness.register_cpu_torchvision_ops()  # diffusers imports torchvision
 

@@ -80,7 +80,7 @@ if __name__ == "__main__":
     import sys
 
     import standalone  # noqa: F401  (the dev kit's path, as pytest.ini gives the tests)
-    from facediffuser_devkit import comfy_harness
+    from dev.devkit import comfy_harness
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else LOCK_FILE  # another file: for the test of this command
     target.write_text(render(pack_schemas(comfy_harness.start().nodes.NODE_CLASS_MAPPINGS)))

@@ -1,7 +1,7 @@
 """For the files of this folder that also run as commands (schema_lock.py, workflow_builder.py, docs_pictures.py,
 stage_pictures.py, compat/freeze.py, and comfy_server.py as the test servers' entry point): what
-tests/pytest.ini's pythonpath gives the tests, the pack's root (facediffuser_core) and scripts/
-(facediffuser_devkit, facediffuser_client). Such a command imports this module before those packages; under
+tests/pytest.ini's pythonpath gives the tests, the repository's root (facediffuser_core, dev.devkit) and
+scripts/ (facediffuser_client). Such a command imports this module before those packages; under
 pytest it changes nothing."""
 
 import sys

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from facediffuser_devkit import official_checkpoints
+from dev.devkit import official_checkpoints
 
 
 @dataclass

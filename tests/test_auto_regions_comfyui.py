@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 from test_regions_comfyui import HEIGHT, WIDTH, sample, sample_with_guider, subject_conds, sweep, with_replacements
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 
@@ -20,7 +20,7 @@ SD15_SCALE = 0.18215
 
 class StandInVAE:
     """Decodes a latent to a picture of its size x 8 and keeps what it was given; with `unload`, it first unloads
-    every model, as loading a real VAE into a full GPU does."""
+    every model, as loading a real VAE into a full GPU does, or those `unload(patcher)` picks."""
 
     def __init__(self, unload=False):
         self.latents = []
@@ -28,30 +28,43 @@ class StandInVAE:
 
     def decode(self, latent):
         self.latents.append(latent.clone())
-        if self.unload:
+        if self.unload is True:
             import comfy.model_management
 
             comfy.model_management.unload_all_models()
+        elif self.unload:
+            import comfy.model_management
+
+            loaded = comfy.model_management.current_loaded_models
+            for index in reversed(range(len(loaded))):
+                if self.unload(loaded[index].model):
+                    loaded.pop(index).model_unload()
         picture = torch.sigmoid(latent[:, :3]).repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1)
         return picture.movedim(1, -1)
 
 
-class Face:
-    def __init__(self, box):
-        self.bbox = np.asarray(box, dtype=np.float32)
-
-
-class StandInAnalysis:
-    """insightface's FaceAnalysis.get with fixed answers, one list of boxes per call (the last one repeats)."""
+class StandInDetector:
+    """insightface's detection model with fixed answers, one list of boxes per call (the last one repeats)."""
 
     def __init__(self, *answers):
         self.answers = list(answers)
         self.pictures = []
 
-    def get(self, bgr):
-        self.pictures.append(bgr)
+    def detect(self, img, max_num=0, metric="default"):
+        self.pictures.append(img)
         boxes = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return [Face(box) for box in boxes]
+        return np.asarray([[*box, 0.9] for box in boxes], dtype=np.float32).reshape(-1, 5), None
+
+
+class StandInAnalysis:
+    """insightface's FaceAnalysis as far as finding faces needs it: its detection model."""
+
+    def __init__(self, *answers):
+        self.det_model = StandInDetector(*answers)
+
+    @property
+    def pictures(self):
+        return self.det_model.pictures
 
 
 def setup(comfyui, *answers, expansion=1.0, unload=False):
@@ -123,6 +136,62 @@ def test_models_the_vae_pushed_off_the_device_are_loaded_again(comfyui, models, 
     monkeypatch.undo()
     given, _ = sample(comfyui, tdm, sdm, conds, steps=10, regions=expected_masks(comfyui))
     assert torch.equal(found["samples"], given["samples"])
+
+
+def test_only_the_models_the_vae_pushed_off_are_loaded_again(comfyui, models, monkeypatch):
+    """The VAE's load pushes the TDM off the device; loading it again must leave the SDM, still loaded, as it is
+    (a model passed to load_models_gpu again is patched again)."""
+    import comfy.model_management
+
+    tdm, sdm = models
+    conds = subject_conds(comfyui)
+    vae = StandInVAE(unload=lambda patcher: patcher.model is tdm.model)
+    (auto,) = comfyui.run("FaceDiffuserAutoRegions", vae=vae, face_analysis=StandInAnalysis(FACES), expansion=1.0)
+    loads = []
+    model_load = comfy.model_management.LoadedModel.model_load
+
+    def counted(loaded, *args, **kwargs):
+        if vae.latents:  # after the decode
+            loads.append("tdm" if loaded.model.model is tdm.model else "sdm" if loaded.model.model is sdm.model else "other")
+        return model_load(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load", counted)
+    found, _ = sample(comfyui, tdm, sdm, conds, steps=10, auto_regions=auto)
+    assert vae.latents and loads == ["tdm"]
+    monkeypatch.undo()
+    given, _ = sample(comfyui, tdm, sdm, conds, steps=10, regions=expected_masks(comfyui))
+    assert torch.equal(found["samples"], given["samples"])
+
+
+def test_faces_are_found_by_the_detector_alone(comfyui, models, tmp_path):
+    """insightface's FaceAnalysis.get runs every model of the pack on every face (landmarks, age and gender,
+    recognition); finding the regions needs the boxes, which its detection model gives alone."""
+    pytest.importorskip("insightface")
+    from insightface.app import FaceAnalysis
+
+    from insightface_test_pack import write_detector_pack
+
+    analysis = FaceAnalysis(name=str(write_detector_pack(tmp_path / "detector")), providers=["CPUExecutionProvider"])
+    analysis.prepare(ctx_id=-1, det_size=(640, 640))
+    ran = []
+
+    class Counted:
+        def __init__(self, taskname):
+            self.taskname = taskname
+
+        def get(self, img, face):
+            ran.append(self.taskname)
+
+    analysis.det_model = analysis.models["detection"] = StandInDetector(FACES)
+    for task in ("landmark_2d_106", "genderage", "recognition"):
+        analysis.models[task] = Counted(task)
+    assert len(analysis.get(np.zeros((64, 96, 3), np.uint8))) == 2 and len(ran) == 6  # what the whole analysis runs
+    ran.clear()
+    tdm, sdm = models
+    (auto,) = comfyui.run("FaceDiffuserAutoRegions", vae=StandInVAE(), face_analysis=analysis, expansion=1.0)
+    found, saliency = sample(comfyui, tdm, sdm, subject_conds(comfyui), steps=10, auto_regions=auto)
+    assert len(analysis.det_model.pictures) == 2 and not ran  # the check above, and the run's one detection
+    assert torch.equal(saliency.regions, expected_masks(comfyui))
 
 
 def test_too_few_faces_are_exactly_no_regions_and_say_so(comfyui, models, caplog):

@@ -21,12 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
-from facediffuser_client import api_workflow, http_api, scheduler
+from facediffuser_client import api_workflow, http_api
+from facediffuser_client.executor import ExecutorSettings
 from facediffuser_client.jobs import JobsFileError, load_jobs
-from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest
+from facediffuser_client.manifest import DONE, FAILED, PENDING, RUNNING, Manifest, read_manifest
+from facediffuser_client.scheduler import Scheduler
+from facediffuser_client.servers import ServerExecutor
 
 batch = pack_scripts.load("facediffuser_batch")
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_batch.py"
@@ -139,15 +142,16 @@ def test_a_broken_jobs_file_is_refused_whole(tmp_path):
         load_jobs(path)
 
 
-def test_the_manifest_is_replaced_whole_and_failed_runs_come_back_on_request(tmp_path):
+def test_the_manifest_keeps_every_change_and_failed_runs_come_back_on_request(tmp_path):
     (tmp_path / "a.png").write_bytes(b"a")
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "faces": ["a.png"], "seeds": [1, 2]}])
     jobs = load_jobs(jobs_file)
     manifest = Manifest(tmp_path, jobs_file)
     manifest.add_jobs(jobs, retry_failed=False)
-    manifest.run("a", "seed-1").update(state=FAILED, error="boom", attempts=3)
-    manifest.save()
+    manifest.move("a", "seed-1", FAILED, error="boom", attempts=3)
+    manifest.export_json()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    assert json.loads((tmp_path / "manifest.json").read_text())["jobs"] == read_manifest(tmp_path)["jobs"]
     reread = Manifest(tmp_path, jobs_file)
     reread.add_jobs(jobs, retry_failed=False)
     assert reread.run("a", "seed-1")["state"] == FAILED
@@ -184,7 +188,7 @@ def test_best_of_n_without_an_identity_score_node_fails_the_job_with_the_fix(tmp
 
 def scored_run(batch_index_scores: list[float], key: str) -> dict:
     """A done run as the manifest keeps it, with its pictures' scores (one subject each)."""
-    return {"state": DONE, "files": [f"outputs/j/{key}/p{i}.png" for i in range(len(batch_index_scores))],
+    return {"files": [f"outputs/j/{key}/p{i}.png" for i in range(len(batch_index_scores))],
             "scores": [{"batch_index": i, "score": score, "node": "101", "file": f"outputs/j/{key}/p{i}.png",
                         "subjects": [{"subject": 0, "similarity": score}]} for i, score in enumerate(batch_index_scores)]}
 
@@ -199,7 +203,8 @@ def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwr
     manifest.add_jobs(jobs, retry_failed=False)
     scores = {"seed-9": [0.5, 0.8], "seed-3": [0.8, 0.9], "seed-5": [-1.0, 0.8]}
     for key, run_scores in scores.items():
-        manifest.run("j", key).update(scored_run(run_scores, key))
+        manifest.move("j", key, RUNNING)
+        manifest.move("j", key, DONE, **scored_run(run_scores, key))
         for index, file in enumerate(manifest.run("j", key)["files"]):
             (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / file).write_bytes(f"{key} picture {index}".encode())
@@ -208,9 +213,9 @@ def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwr
     (best / "best01_seed-3_1.png").write_bytes(b"seed-3 picture 1")  # the same picture: a copy from a stopped invocation
     (best / "best02_seed-9_1.png").write_bytes(b"the user's own file")
     said = []
-    the_batch = scheduler.Batch(batch.parse_args([str(jobs_file)]), jobs, manifest, tmp_path, say=said.append)
+    the_batch = Scheduler(jobs, manifest, tmp_path, say=said.append)
     the_batch.decide_best("j")
-    decided = manifest.data["jobs"]["j"]["best"]
+    decided = manifest.best("j")
     # 0.9 first; then the three 0.8s in the order the job lists its seeds (9, 3, 5), whatever their numbers
     assert [(k["rank"], k["run"], k["seed"], k["batch_index"], k["score"]) for k in decided["pictures"]] == [
         (1, "seed-3", 3, 1, 0.9), (2, "seed-9", 9, 1, 0.8), (3, "seed-3", 3, 0, 0.8)]
@@ -221,10 +226,10 @@ def test_best_of_n_ranks_across_seeds_breaks_ties_by_seed_order_and_never_overwr
         picture = manifest.run("j", kept["run"])["scores"][kept["batch_index"]]
         assert picture["kept_as"] == kept["kept_as"]
     assert sum("kept_as" in p for run in scores for p in manifest.run("j", run)["scores"]) == 3
-    assert Manifest(tmp_path, jobs_file).data["jobs"]["j"]["best"] == decided  # saved
+    assert Manifest(tmp_path, jobs_file).best("j") == decided  # saved
     assert said == ["best    j: best01_seed-3_1.png (0.900), best02_seed-9_1-1.png (0.800), best03_seed-3_0.png (0.800)"]
     the_batch.decide_best("j")  # decided once
-    assert manifest.data["jobs"]["j"]["best"] == decided and len(list(best.iterdir())) == 4
+    assert manifest.best("j") == decided and len(list(best.iterdir())) == 4
 
 
 def test_which_failures_another_server_may_not_have():
@@ -335,12 +340,28 @@ def scripted_batch(tmp_path: Path, job_ids: list[str], ports: list[int], *option
     manifest = Manifest(tmp_path, jobs_file)
     manifest.add_jobs(jobs, retry_failed=False)
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    the_batch = scheduler.Batch(batch.parse_args([str(jobs_file), *(a for url in urls for a in ("--server", url)), *options]),
-                                jobs, manifest, tmp_path, say=lambda text: None)
+    args = batch.parse_args([str(jobs_file), *(a for url in urls for a in ("--server", url)), *options])
+    the_batch = Scheduler(jobs, manifest, tmp_path, max_attempts=args.max_attempts, say=lambda text: None, clock=ManualClock())
+    executor = ServerExecutor(the_batch, ExecutorSettings(args.max_in_flight, args.job_timeout, args.poll), urls)
     scripted = [ScriptedServer(url) for url in urls]
     for server in scripted:
-        the_batch.executor.servers[server.server].client = server
+        executor.servers[server.server].client = server
+    the_batch.start(executor)
     return the_batch, scripted
+
+
+class ManualClock:
+    """The scheduler's clock in the scripted tests: back-offs end when the test says so."""
+
+    def __init__(self):
+        self.time = 0.0
+
+    def now(self) -> float:
+        return self.time
+
+
+def back_offs_over(the_batch) -> None:
+    the_batch.clock.time += 3600
 
 
 def run_of(the_batch, job_id: str) -> dict:
@@ -352,7 +373,7 @@ def test_a_server_that_misses_one_poll_costs_each_of_its_runs_one_attempt(tmp_pa
     the_batch.dispatch()
     assert len(server.submitted) == 3
     server.history_misses = 1  # the first run's /history times out; the server answers again right after
-    the_batch.poll()
+    the_batch.executor.poll()
     assert [run_of(the_batch, job)["attempts"] for job in ("j1", "j2", "j3")] == [1, 1, 1]
 
 
@@ -362,11 +383,11 @@ def test_runs_requeued_from_a_server_that_comes_back_are_cancelled_there_or_reat
     the_batch.dispatch()
     first, second = slow.submitted
     slow.history_misses = 1  # busy past the client's timeout: both runs go back to pending, yet keep running there
-    the_batch.poll()
+    the_batch.executor.poll()
     assert {run_of(the_batch, job)["state"] for job in ("j1", "j2")} == {PENDING}
     spare.down = False
-    the_batch.not_before.clear()
-    the_batch.executor.submit("j1", "seed-workflow", the_batch.executor.servers[spare.server])  # j1 goes elsewhere, j2 still waits
+    the_batch.executor.servers[spare.server].retry_at = 0
+    the_batch.executor.submit(the_batch.order("j1", "seed-workflow"))  # j1 goes elsewhere (the slow one is down), j2 still waits
     the_batch.executor.read_queue(the_batch.executor.servers[slow.server])  # the slow server answers again
     assert slow.cancelled == [first]  # j1's copy there would be duplicate work
     assert run_of(the_batch, "j2")["state"] == RUNNING and run_of(the_batch, "j2")["prompt_id"] == second  # j2 picked up again
@@ -378,8 +399,8 @@ def test_a_server_answering_again_during_dispatch_takes_its_runs_back_without_a_
     the_batch, (slow,) = scripted_batch(tmp_path, ["j1", "j2"], [1], "--max-in-flight", "3", "--poll", "0")
     the_batch.dispatch()
     slow.history_misses = 1
-    the_batch.poll()
-    the_batch.not_before.clear()
+    the_batch.executor.poll()
+    back_offs_over(the_batch)
     the_batch.executor.servers[slow.server].retry_at = 0
     the_batch.dispatch()
     assert slow.submitted == ["1-0", "1-1"] and slow.cancelled == []
@@ -390,15 +411,16 @@ def test_the_job_timeout_counts_from_the_start_of_the_run_not_its_time_in_the_qu
     the_batch, (server,) = scripted_batch(tmp_path, ["j1"], [1], "--job-timeout", "0.05")
     the_batch.dispatch()
     run_of(the_batch, "j1")["submitted"] = time.time() - 3600  # queued behind other users, or before a resume
-    the_batch.poll()
+    the_batch.executor.poll()
     time.sleep(0.1)
-    the_batch.poll()
-    assert server.cancelled == [] and run_of(the_batch, "j1")["attempts"] == 0
+    the_batch.executor.poll()
+    assert server.cancelled == [] and run_of(the_batch, "j1")["state"] == RUNNING
     server.start(server.submitted[0])
-    the_batch.poll()
+    the_batch.executor.poll()
     time.sleep(0.1)  # past --job-timeout since it started
-    the_batch.poll()
-    assert server.cancelled == server.submitted and run_of(the_batch, "j1")["attempts"] == 1
+    the_batch.executor.poll()
+    assert server.cancelled == server.submitted and run_of(the_batch, "j1")["state"] == PENDING
+    assert run_of(the_batch, "j1")["errors"] == [f"{server.server}: no result within --job-timeout 0.05 s"]
 
 
 # --- against two real ComfyUI servers ----------------------------------------------------------------------
@@ -449,7 +471,15 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, s
 
 
 def manifest_of(jobs_file: Path) -> dict:
-    return json.loads((jobs_file.with_name(f"{jobs_file.stem}_run") / "manifest.json").read_text())
+    """The live manifest of the batch of `jobs_file` (also while it runs)."""
+    return read_manifest(jobs_file.with_name(f"{jobs_file.stem}_run"))
+
+
+def rewrite_manifest(run_dir: Path, data: dict) -> None:
+    """The run directory as if an earlier invocation had left `data` as its manifest (imported at the next start)."""
+    for name in ("manifest.sqlite", "manifest.sqlite-wal", "manifest.sqlite-shm"):
+        (run_dir / name).unlink(missing_ok=True)
+    (run_dir / "manifest.json").write_text(json.dumps(data))
 
 
 def all_runs(manifest: dict) -> dict:
@@ -637,13 +667,13 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
         assert f"best    {job_id}: best01_" in out
 
     # Again, even with another --keep-best and no server: nothing is queued or recomputed, the decisions stay.
-    listing = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json")
+    listing = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if not p.name.startswith("manifest."))
     closed = f"http://127.0.0.1:{comfy_server.free_port()}"
     code, out, err = finish(start_batch(jobs_file, [closed], "--keep-best", "3"), timeout=60)
     assert code == 0, out + err
     again = manifest_of(jobs_file)
     assert again["jobs"] == manifest["jobs"]
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if not p.name.startswith("manifest.")) == listing
     assert "note    job one-best: its best 1 picture(s) were chosen by an earlier invocation and are kept" in out
     assert "\n0 run(s) ended in" in out and "best    " not in out
 
@@ -654,14 +684,14 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
         for run in job["runs"].values():
             for picture in run["scores"]:
                 picture.pop("kept_as", None)
-    (run_dir / "manifest.json").write_text(json.dumps(again))
+    rewrite_manifest(run_dir, again)
     code, out, err = finish(start_batch(jobs_file, [closed], "--keep-best", "1"), timeout=60)
     assert code == 0, out + err
     redecided = manifest_of(jobs_file)
     for job_id in ("two-best", "one-best"):
         assert redecided["jobs"][job_id]["best"]["pictures"] == manifest["jobs"][job_id]["best"]["pictures"]
         assert redecided["jobs"][job_id]["runs"] == manifest["jobs"][job_id]["runs"]
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if not p.name.startswith("manifest.")) == listing
 
     # Stopped after saving a run's pictures but before writing the manifest (so before the job's decision):
     # re-attached by prompt id, its folder saved again whole, its scores naming the same files, the same best.
@@ -674,7 +704,7 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
         del run[name]
     for picture in job["runs"]["seed-4"]["scores"]:
         picture.pop("kept_as", None)
-    (run_dir / "manifest.json").write_text(json.dumps(stopped))
+    rewrite_manifest(run_dir, stopped)
     code, out, err = finish(start_batch(jobs_file, urls, "--keep-best", "1"))
     assert code == 0, out + err
     assert f"attach  one-best seed-8: prompt {run['prompt_id']}" in out and "done    one-best seed-8" in out
@@ -683,7 +713,7 @@ def test_scores_go_into_the_manifest_and_best_of_n_keeps_each_jobs_best_once(two
         for name in ("state", "files", "scores", "prompt_id"):
             assert resaved["runs"][key][name] == manifest["jobs"]["one-best"]["runs"][key][name]
     assert resaved["best"]["pictures"] == manifest["jobs"]["one-best"]["best"]["pictures"]
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != "manifest.json") == listing
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if not p.name.startswith("manifest.")) == listing
 
 
 def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path):
@@ -711,10 +741,10 @@ def test_the_readmes_server_batch_commands_run_as_printed(two_servers, tmp_path)
 def test_a_ray_head_that_does_not_answer_is_an_error_at_once(tmp_path):
     """Ray itself retries a wrong head address for minutes; the batch says at once that nothing answers there."""
     pytest.importorskip("ray", reason="--ray needs Ray (requirements-test.txt)")
-    shutil.copy(EXAMPLE, tmp_path / EXAMPLE.name)
-    shutil.copytree(EXAMPLE.parent / "api", tmp_path / "api")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_WORKFLOW))
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a", "workflow": "tiny.json"}])
     port = comfy_server.free_port()
-    command = [sys.executable, str(SCRIPT), str(tmp_path / EXAMPLE.name), "--ray", f"127.0.0.1:{port}"]
+    command = [sys.executable, str(SCRIPT), str(jobs_file), "--ray", f"127.0.0.1:{port}"]
     code, out, err = finish(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), timeout=90)
     assert code == 1, out + err
     assert f"error: --ray 127.0.0.1:{port}: no Ray head answers there (Connection refused): start one with `ray start --head --port={port}`" in err

@@ -149,12 +149,12 @@ def test_host_reads_per_run(bench, sampler):
     extra = {place: count for place, count in extra.items() if count}
     if sampler == "heun":
         assert snf["evaluations"] == ksampler["evaluations"] == 2 * STEPS - 1
-        assert extra == {"sampling snf_guider.py:_stage_of": snf["evaluations"]}
+        assert extra == {"sampling stage_clock.py:stage_of": snf["evaluations"]}
     else:
         assert snf["evaluations"] == ksampler["evaluations"] == STEPS
-        assert extra == {"sampling snf_guider.py:_check_counted": 1}
+        assert extra == {"sampling stage_clock.py:check": 1}
     assert snf["sampling"] == ksampler["sampling"] + sum(extra.values())
-    assert snf["set-up"] == ksampler["set-up"] + 2 and snf["places"]["set-up snf_guider.py:_place_evaluations"] == 2
+    assert snf["set-up"] == ksampler["set-up"] + 2 and snf["places"]["set-up stage_clock.py:place"] == 2
 
 
 def test_regions_evaluate_the_same_rows_and_report_the_ratio(bench):

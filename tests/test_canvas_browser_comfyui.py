@@ -15,7 +15,7 @@ import pytest
 
 import comfy_server
 import stage_pictures
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No GPU, no sandbox (CI runs as root), and nothing that reaches beyond loopback.

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from facediffuser_devkit import official_checkpoints as oc
+from dev.devkit import official_checkpoints as oc
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from facediffuser_core import checkpoint, convert, sd15_keys
 from facediffuser_core.checkpoint import CheckpointKind

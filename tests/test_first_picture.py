@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import comfy_server
 import hub_stand_in
 from facediffuser_client import http_api
@@ -54,7 +54,7 @@ def quick_start_blocks() -> tuple[list[str], list[str]]:
 def official_bin(refs) -> bytes:
     import torch
 
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     buffer = io.BytesIO()
     torch.save(official_checkpoints.official_state_dict(refs), buffer)
@@ -153,7 +153,7 @@ def validate_templates(comfyui: Path, env: dict) -> None:
 def test_the_readmes_quick_start_as_printed_reaches_a_picture_on_a_cpu_only_machine(tmp_path):
     import torch
 
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     shared = comfy_harness.comfyui_path()
     if shared is None:

@@ -15,7 +15,7 @@ import pytest
 
 from dev import child_process
 from dev.gpu_kit import image, plan, prepare, report
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 from test_readme_commands import commands_of
 
 pytestmark = pytest.mark.skipif(comfy_harness.comfyui_path() is None, reason=comfy_harness.SKIP_REASON)

@@ -13,8 +13,8 @@ import re
 import pytest
 import torch
 
-from facediffuser_devkit import official_checkpoints as oc
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import official_checkpoints as oc
+from dev.devkit import tiny_comfy
 
 SEED = 5
 SETTINGS = dict(steps=6, cfg=5.0, sampler_name="euler", scheduler="normal", alpha=0.34, beta=0.67, denoise=1.0)
@@ -273,10 +273,28 @@ def test_torch_compile_set_clip_hooks_and_hooked_prompts_with_the_packs_dynamic_
     assert compile_spy.calls == len(tdm_calls.calls) == 2  # the compiled UNet ran the TDM's evaluations, and only those
 
 
-def test_hooked_prompts_rebuild_each_dynamic_model_once_across_runs_and_a_sweep(comfyui, dynamic_loaded, lora_hooks, monkeypatch):
+def region_inputs(comfyui, prompts: dict, regions: str | None) -> tuple[dict, dict]:
+    """The prompts with two subjects recorded in 'augmented' (at rows 2 and 4), and the sampling nodes' inputs for
+    given regions (two halves) or auto regions (two faces found); without regions, both as they are."""
+    if regions is None:
+        return prompts, {}
+    from test_auto_regions_comfyui import setup
+
+    core = comfyui.pack("facediffuser_core.regions")
+    augmented, options = prompts["augmented"][0]
+    rows = (2, 4)
+    subjects = core.SubjectTokens(rows, augmented.shape[1], prompts["text"][0][0][0, list(rows)].clone())
+    prompts = dict(prompts, augmented=[[augmented, {**options, core.SUBJECTS_KEY: subjects}]])
+    if regions == "auto":
+        return prompts, {"auto_regions": setup(comfyui, [(40.0, 8.0, 56.0, 24.0), (8.0, 8.0, 24.0, 24.0)])[0]}
+    return prompts, {"regions": comfyui.run("FaceDiffuserRegionLayout", layout="halves", subjects=2, width=64, height=64, boxes="")[0]}
+
+
+@pytest.mark.parametrize("regions", [None, "given", "auto"])
+def test_hooked_prompts_rebuild_each_dynamic_model_once_across_runs_and_a_sweep(comfyui, dynamic_loaded, lora_hooks, monkeypatch, regions):
     """Core keeps a dynamic model's non-dynamic delegate on the node's patcher (the loader's output), so a
     KSampler with hooked prompts reads the file once while ComfyUI holds the model; so must every SNF Sampler run
-    and every Stage Sweep cell."""
+    and every Stage Sweep cell, with regions too (the SDM side patches its own copy, never the node's patcher)."""
     loaders = comfyui.pack("nodes.loaders")
     reads = []
     read_parts = loaders.read_parts
@@ -284,12 +302,13 @@ def test_hooked_prompts_rebuild_each_dynamic_model_once_across_runs_and_a_sweep(
     (tdm, clip, _), (sdm, *_) = dynamic_loaded["tdm"], dynamic_loaded["sdm"]
     prompts = {name: hooked(comfyui, comfyui.run("CLIPTextEncode", clip=clip, text=text)[0], lora_hooks)
                for name, text in (("augmented", "a photo of a man"), ("text", "a photo of a man"), ("null", ""))}
-    snf(comfyui, tdm, sdm, prompts, steps=3)
+    prompts, inputs = region_inputs(comfyui, prompts, regions)
+    snf(comfyui, tdm, sdm, prompts, steps=3, **inputs)
     first_run = list(reads)  # the delegates built now, unless an earlier test of this module's models built them
-    snf(comfyui, tdm, sdm, prompts, steps=3)
+    snf(comfyui, tdm, sdm, prompts, steps=3, **inputs)
     comfyui.run("FaceDiffuserStageSweep", tdm=tdm, sdm=sdm, latent_image=tiny_comfy.empty_latent(), seed=SEED, alphas="0.34",
                 betas="0.34, 0.67", **{key: value for key, value in SETTINGS.items() if key not in ("alpha", "beta", "steps")},
-                steps=3, **prompts)
+                steps=3, **prompts, **inputs)
     assert reads == first_run and len(set(reads)) == len(reads)
     assert set(reads) <= {tdm.cached_patcher_init[1][1], sdm.cached_patcher_init[1][1]}
 

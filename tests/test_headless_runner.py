@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import comfy_server
 import pack_scripts
 from facediffuser_client import api_workflow, best_of_n, headless, http_api, own_comfyui
@@ -128,10 +128,11 @@ def test_three_faces_without_a_workflow_ask_for_one():
         api_workflow.shipped_workflow(3)
 
 
-class ObjectInfo:
+class ObjectInfo(http_api.ComfyClient):
     """A client whose server offers these files to the Face-diffuser loaders."""
 
     def __init__(self, files):
+        super().__init__("http://127.0.0.1:1")  # never asked: get_json answers
         self.files = files
 
     def get_json(self, path):

@@ -73,7 +73,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
 
 def tiny_clip(folder):
     """A tiny random CLIP with ComfyUI's bundled SD1 tokenizer files, saved as transformers saves one."""
-    from facediffuser_devkit import comfy_harness
+    from dev.devkit import comfy_harness
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)

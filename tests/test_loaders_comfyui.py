@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facediffuser_devkit import official_checkpoints as oc
+from dev.devkit import official_checkpoints as oc
 from facediffuser_core import checkpoint, convert, sd15_keys
 
 TOLERANCE = 1e-4
@@ -172,7 +172,7 @@ def test_converted_tdm_has_the_names_comfyui_checkpoints_use(comfyui, tdm):
 
     clip_sd = model_config.process_clip_state_dict(dict(single_file))
     parts = sd15_keys.sd15_to_parts(dict(single_file))
-    clip = comfyui.pack("nodes.loaders").build_clip(parts.text_encoder, torch.float32)
+    clip = comfyui.pack("nodes.networks").build_clip(parts.text_encoder, torch.float32)
     expected_clip_keys = set(clip.cond_stage_model.state_dict()) - {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}
     assert set(clip_sd) == expected_clip_keys
 

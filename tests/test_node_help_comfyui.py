@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import schema_lock
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 HELP = comfy_harness.REPO_ROOT / "web" / "docs"
 

@@ -26,7 +26,7 @@ def photos() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def pack_outputs(comfyui, tmp_path_factory):
     import folder_paths
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     folder = tmp_path_factory.mktemp("facediffuser")
     references = {"tdm": official_checkpoints.build_tdm(seed=0), "sdm": official_checkpoints.build_sdm(seed=1)}

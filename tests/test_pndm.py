@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 
 comfy_harness.register_cpu_torchvision_ops()  # diffusers imports torchvision
 

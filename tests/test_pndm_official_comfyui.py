@@ -23,14 +23,14 @@ def strengthen_cross_attention(unet: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def official_models(comfyui):
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     return official_checkpoints.loaded_unets(comfyui, strengthen_cross_attention)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(1, 77, official_checkpoints.HIDDEN, generator=generator) for _ in range(3)]

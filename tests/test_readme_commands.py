@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from dev.benchmarks import cli as benchmarks_cli
-from facediffuser_devkit import comfy_harness
+from dev.devkit import comfy_harness
 import pack_scripts
 from test_first_run_check import fake_comfyui
 
@@ -149,6 +149,11 @@ def block_after(marker: str, document: Path = README) -> list[str]:
     return [without_comment(line) for _, line in block]
 
 
+def cluster_commands() -> list[str]:
+    """docs/batches.md's recipe for several machines: make a token, start the head, join a node, run the batch."""
+    return block_after("**Several machines.**", comfy_harness.REPO_ROOT / "docs" / "batches.md")
+
+
 def install_commands() -> list[str]:
     """The install section's by-hand block, its CPU face-detection line, and the optional packages' pip lines."""
     return (block_after("**By hand.**") + block_after("Without a GPU, or on macOS")
@@ -205,6 +210,9 @@ RUN = {  # test that runs them as printed: the commands it runs
     "test_readme_commands.py::test_the_convert_commands_run_as_printed": convert_commands,
     "test_readme_commands.py::test_the_python_one_liners_run_as_printed": plain_python_commands,
     "test_batch.py::test_the_readmes_server_batch_commands_run_as_printed": batch_server_commands,
+    # with 127.0.0.1 for <head address>, --num-cpus 1 on each node and the CPU options for the batch
+    "test_batch_ray_comfyui.py::test_a_two_node_cluster_started_as_the_docs_print_survives_every_fault_and_server_gives_the_same_pictures":
+        cluster_commands,
     "test_headless_runner.py::test_the_readmes_runner_commands_with_a_workflow_run_as_printed": runner_workflow_commands,
     "test_headless_runner.py::test_the_readmes_small_first_picture_for_a_cpu_runs_as_printed": runner_small_picture_commands,
     "test_runner_regions.py::test_the_readmes_regions_commands_run_as_printed": runner_regions_commands,
@@ -231,11 +239,7 @@ EXEMPT = {  # command -> (why it cannot run here, what the README says beside it
     "python main.py": ("ComfyUI's own start on its fixed port without --cpu: an NVIDIA GPU (tests start it with --cpu on free ports)",
                        "not tested here"),
     "python main.py --port 8188 --cuda-device 0": ("NVIDIA GPUs", "not tested here"),
-    "ray start": ("a multi-machine Ray cluster", "several machines are not tested here"),
-    "ray start --head --port 6379": ("a multi-machine Ray cluster", "several machines are not tested here"),
-    "ray start --address <its address>:6379": ("a multi-machine Ray cluster", "several machines are not tested here"),
     "python scripts/facediffuser_batch.py portraits.jsonl --ray": ("GPU workers", "GPU workers"),
-    "python scripts/facediffuser_batch.py portraits.jsonl --ray auto": ("a Ray cluster that `ray start` made", "several machines are not tested here"),
     "scripts/run_tests.sh": ("it is the suite itself, and builds its virtual environment from the internet", "CI (`.ci/run`) runs"),
     "scripts/run_tests.sh test_snf_core.py -k ties": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
     "COMFYUI_PATH=~/ComfyUI scripts/run_tests.sh": ("the suite's own runner (see above)", "CI (`.ci/run`) runs"),
@@ -257,7 +261,10 @@ PARSED_ONLY = {  # command -> why it is only parsed (by its script's parser, as 
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --device cuda": "an NVIDIA GPU",
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --null-unet": MEASURES,
     "COMFYUI_PATH=~/ComfyUI PYTHONPATH=scripts python -m dev.benchmarks --regions --latent 64": MEASURES,
-    "python scripts/benchmark_batch.py jobs.jsonl --workers 2": "benchmark runs: a Ray cluster and servers, minutes",
+    'PYTHONPATH=scripts python -m dev.benchmark_batch jobs.jsonl --workers 2 --ray-cpus-per-worker 1 --comfyui-args "--cpu" --repeat 5':
+        "benchmark runs: a Ray cluster and servers, minutes; test_batch_ray_comfyui.py runs it with one worker on 3 runs",
+    "PYTHONPATH=scripts python -m dev.benchmark_fleet --jobs 100000 --workers 256":
+        "minutes; test_batch_fleet_simulation.py runs it on 2,000 jobs",
     "python scripts/identity_benchmark.py --face man.png --face woman.png --seeds 8 --output scores.json":
         "72 pictures at 512 px: test_identity_benchmark.py::test_a_run_on_tiny_models_prints_the_table runs it on tiny models",
 }
@@ -302,8 +309,8 @@ def test_every_script_command_of_the_readme_parses(command):
     PARSERS[script](arguments(command))
 
 
-def test_the_benchmark_batch_commands_parse():
-    for command in commands_of("python scripts/benchmark_batch.py"):
+def test_the_benchmark_batch_and_fleet_commands_parse():
+    for command in commands_of("PYTHONPATH=scripts python -m dev.benchmark_batch") + commands_of("PYTHONPATH=scripts python -m dev.benchmark_fleet"):
         # No parse function of its own: argparse reads every word before --help, then prints the help.
         done = run_typed(command + " --help", comfy_harness.REPO_ROOT, {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr
@@ -366,7 +373,7 @@ def test_the_convert_commands_run_as_printed(tmp_path):
     from safetensors import safe_open
 
     import hub_stand_in
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
     from test_first_picture import official_bin
     from test_setup import serve_everything
 

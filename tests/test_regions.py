@@ -49,9 +49,21 @@ def test_cells_take_half_covered_cells_and_keep_thin_regions():
     assert regions.cells(thin, 2, 2)[0].tolist() == [[True, False], [True, False]]
 
 
+def started(masks, width=4, height=2):
+    """A RegionAttention over a width x height latent, with tokens() as the subjects."""
+    attention = regions.RegionAttention(masks, tokens(), "Node")
+    attention.start(height, width)
+    return attention
+
+
+def whole(rows=8, width=4, height=2):
+    """A chunk with the subjects over the whole latent."""
+    return regions.PromptChunk(rows, 0, 0, height, width)
+
+
 def test_bias_scopes_each_subject_token_and_its_plain_row():
-    attention = regions.RegionAttention(regions.layout_masks("halves", 2, 16, 8), tokens(), "Node")
-    bias = attention.bias((1, 4, 2, 4), (1, 32, 2, 4), [0, 1], 2, 8 + 2, torch.float32, "cpu")
+    attention = started(regions.layout_masks("halves", 2, 16, 8))
+    bias = attention.bias((whole(), None), (1, 32, 2, 4), 2, 8 + 2, torch.float32, "cpu")
     assert bias.shape == (2, 8, 10)
     left = torch.tensor([True, True, False, False] * 2)
     augmented, text = bias[0] == 0, bias[1] == 0
@@ -59,17 +71,17 @@ def test_bias_scopes_each_subject_token_and_its_plain_row():
     assert torch.equal(augmented[:, 5], ~left) and torch.equal(augmented[:, 9], left)
     assert augmented[:, [0, 1, 3, 4, 6, 7]].all() and text[:, :8].all() and not text[:, 8:].any()
     # A prompt repeated to a longer batch-mate's length: every copy of the token is scoped.
-    repeated = attention.bias((1, 4, 2, 4), (1, 32, 2, 4), [0], 1, 16 + 2, torch.float32, "cpu")[0] == 0
+    repeated = attention.bias((whole(),), (1, 32, 2, 4), 1, 16 + 2, torch.float32, "cpu")[0] == 0
     assert torch.equal(repeated[:, 10], left) and torch.equal(repeated[:, 13], ~left)
     with pytest.raises(ValueError, match="Node: the SDM's cross-attention has 11 keys"):
-        attention.bias((1, 4, 2, 4), (1, 32, 2, 4), [0], 1, 11, torch.float32, "cpu")
+        attention.bias((whole(),), (1, 32, 2, 4), 1, 11, torch.float32, "cpu")
     with pytest.raises(ValueError, match="Node: the 'regions' input: the masks are 16x8 but the latent is 64x64"):
-        attention.bias((1, 4, 8, 8), (1, 32, 8, 8), [0], 1, 10, torch.float32, "cpu")
+        attention.start(8, 8)
 
 
 def test_masked_softmax_gives_exactly_zero_weight_outside():
-    attention = regions.RegionAttention(regions.layout_masks("halves", 2, 16, 8), tokens(), "Node")
-    bias = attention.bias((1, 4, 2, 4), (1, 32, 2, 4), [0], 1, 10, torch.float32, "cpu")
+    attention = started(regions.layout_masks("halves", 2, 16, 8))
+    bias = attention.bias((whole(),), (1, 32, 2, 4), 1, 10, torch.float32, "cpu")
     weights = (torch.randn(1, 8, 10, generator=torch.Generator().manual_seed(0)) * 3 + bias).softmax(-1)
     left = torch.tensor([True, True, False, False] * 2)
     assert (weights[0, ~left, 2] == 0).all() and (weights[0, left, 2] > 0).all()
@@ -87,5 +99,5 @@ def test_restrict_fusion():
     chosen = torch.ones(2, 4, 8, dtype=torch.bool)
     masks = torch.zeros(1, 32, 64)
     masks[0, :, :16] = 1
-    restricted = regions.restrict_fusion(chosen, masks)
+    restricted = regions.FusionArea(masks).restrict(chosen)
     assert restricted[:, :, :2].all() and not restricted[:, :, 2:].any()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 from test_snf_sampler_comfyui import SEED, EvaluationLog
 
 ROWS = (5, 9)  # the two subjects' token rows in the tiny prompts
@@ -63,6 +65,7 @@ def test_no_token_of_a_subject_reaches_queries_outside_its_region(comfyui, model
     real = attention.optimized_attention_masked
     probes = []
 
+    @functools.wraps(real)  # the backend it probes, which takes the mask
     def probe(q, k, v, heads, mask=None, **kwargs):
         out = real(q, k, v, heads, mask, **kwargs)
         prompt_keys = k.shape[1] - len(ROWS)
@@ -229,7 +232,7 @@ def test_bad_regions_name_the_node_the_input_and_the_fix(comfyui, models):
 def with_replacements(comfyui, sdm, replacement):
     """The SDM with another node's attn2 replacement (IPAdapter-style) on every transformer block, keyed by the
     block on the first and by block and transformer index on the others (ComfyUI prefers the latter)."""
-    blocks = comfyui.pack("nodes.regions")._attention_blocks(sdm.model.diffusion_model)
+    blocks = comfyui.pack("nodes.region_patch").attention_blocks(sdm.model.diffusion_model)
     replaced = sdm.clone()
     replaced.set_model_attn2_replace(replacement, *blocks[0])
     for kind, number in blocks[1:]:
@@ -252,23 +255,30 @@ def test_a_replacement_already_on_the_sdm_runs_per_region_group(comfyui, models)
         key_counts.append(k.shape[1])
         return attention.optimized_attention(q, k, v, extra["n_heads"]) + 0.5 * q.tanh()
 
-    patched = comfyui.pack("nodes.regions").scoped_sdm("test", with_replacements(comfyui, sdm, ip_adapter_like), conds["augmented"], masks)
-    replacements = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     regions = comfyui.pack("facediffuser_core.regions")
-    scoped = regions.RegionAttention(masks, conds["augmented"][0][1][regions.SUBJECTS_KEY], "test")
+    tokens = conds["augmented"][0][1][regions.SUBJECTS_KEY]
+    sampling_regions = comfyui.pack("nodes.regions").SamplingRegions("test", tokens, "snf")
+    sampling_regions.use(masks)
+    augmented_entry = {"uuid": "augmented", "cross_attn": conds["augmented"][0][0], regions.SUBJECTS_KEY: tokens}
+    sampling_regions.start_run((2, 4, HEIGHT, WIDTH), [augmented_entry])
+    patched = with_replacements(comfyui, sdm, ip_adapter_like).clone()
+    comfyui.pack("nodes.region_patch").patch(patched, sampling_regions)
+    replacements = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    scoped = sampling_regions.attention
     generator = torch.Generator().manual_seed(3)
     heads, width = 2, 16
     q = torch.randn(2, HEIGHT * WIDTH, width, generator=generator)
     k, v = (torch.randn(2, 77 + len(ROWS), width, generator=generator) for _ in range(2))
-    extra = {"n_heads": heads, "original_shape": [2, 4, HEIGHT, WIDTH], "activations_shape": [2, width, HEIGHT, WIDTH], "cond_or_uncond": [0, 1]}
-    bias = scoped.bias(extra["original_shape"], extra["activations_shape"], [0, 1], 2, k.shape[1], q.dtype, q.device)
+    extra = {"n_heads": heads, "original_shape": [2, 4, HEIGHT, WIDTH], "activations_shape": [2, width, HEIGHT, WIDTH], "cond_or_uncond": [0, 1],
+             "uuids": ["augmented", "text"]}
+    bias = scoped.bias(sampling_regions.chunks(extra), extra["activations_shape"], 2, k.shape[1], q.dtype, q.device)
     expected = attention.optimized_attention_masked(q, k, v, heads, bias) + 0.5 * q.tanh()
     keyed = [key for key in replacements if len(key) == 3] + [key for key in replacements if len(key) == 2][:1]
     for key in keyed:
         key_counts.clear()
         torch.testing.assert_close(replacements[key](q, k, v, extra), expected, rtol=0, atol=1e-5)
         assert key_counts == [77, 77]  # one call per group (left half, right half), with the prompt's keys
-    assert len(keyed) == len(comfyui.pack("nodes.regions")._attention_blocks(sdm.model.diffusion_model))
+    assert len(keyed) == len(comfyui.pack("nodes.region_patch").attention_blocks(sdm.model.diffusion_model))
 
 
 def test_sampling_through_a_replacement_on_the_sdm_equals_the_masked_attention(comfyui, models):

@@ -1,5 +1,5 @@
 """Regions in ComfyUI against masked cross-attention written again as diffusers attention processors, on the
-tiny official-layout UNets with the same weights (facediffuser_devkit.official_checkpoints, tests/official_reference.py)."""
+tiny official-layout UNets with the same weights (dev.devkit.official_checkpoints, tests/official_reference.py)."""
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ def strong_cross_attention(unet):
 
 @pytest.fixture(scope="module")
 def official_models(comfyui):
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     return official_checkpoints.loaded_unets(comfyui, prepare=strong_cross_attention)
 
@@ -87,7 +87,7 @@ class RegionUNet:
 
 def test_regions_match_masked_attention_written_on_diffusers(comfyui, official_models):
     import comfy.sample
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
     import official_reference
 
     regions = comfyui.pack("facediffuser_core.regions")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 
 SETTINGS = dict(seed=3, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", alpha=0.34, beta=0.67)
 

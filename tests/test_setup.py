@@ -376,7 +376,7 @@ def test_a_zip_that_is_not_the_pack_installs_nothing(hub, tmp_path):
 
 
 def test_convert_writes_fp16_safetensors_with_the_packs_converter(hub, tmp_path):
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
     from safetensors import safe_open
 
     def official_bytes(refs) -> bytes:

@@ -8,7 +8,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def official_models(comfyui):
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     return official_checkpoints.loaded_unets(comfyui)
 
@@ -16,7 +16,7 @@ def official_models(comfyui):
 @pytest.mark.parametrize("batch, height, width", [(1, 8, 8), (2, 8, 12)])
 def test_three_stage_run_matches_the_official_loop(comfyui, official_models, batch, height, width):
     import comfy.sample
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
     import official_reference
 
     (tdm_unet, sdm_unet), (tdm, sdm) = official_models

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 
 SEED = 3
 
@@ -235,6 +235,6 @@ def test_bad_inputs_name_the_node_the_input_and_the_fix(comfyui, models, conds):
 def test_a_miscounted_sampler_is_an_error_not_a_misplaced_stage(comfyui, models, conds, monkeypatch):
     """The guider counts the evaluations of one-evaluation-per-step samplers instead of reading their
     sigmas; the one read after the run catches a sampler listed wrongly (heun evaluates twice per step)."""
-    monkeypatch.setitem(comfyui.pack("nodes.snf_guider").ONE_EVALUATION_PER_STEP, "heun", {})
+    monkeypatch.setitem(comfyui.pack("nodes.stage_clock").ONE_EVALUATION_PER_STEP, "heun", {})
     with pytest.raises(RuntimeError, match=r"the sampler \(sample_heun\) evaluated the model at sigma .* choose another sampler"):
         snf_sample(comfyui, *models, conds, tiny_comfy.empty_latent(), sampler="heun", scheduler="normal")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facediffuser_devkit import tiny_comfy
+from dev.devkit import tiny_comfy
 
 SETTINGS = dict(seed=11, steps=6, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
 

@@ -8,7 +8,7 @@ tokenizer's tokens of the marked word for where the rows are.
 import pytest
 import torch
 
-from facediffuser_devkit.official_checkpoints import HIDDEN
+from dev.devkit.official_checkpoints import HIDDEN
 from subject_fixtures import TinySDM, loaded_tiny_sdm
 from spec_postfuse import spec_postfuse
 

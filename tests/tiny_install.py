@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 import insightface_test_pack
-from facediffuser_devkit import official_checkpoints
+from dev.devkit import official_checkpoints
 import workflow_builder
 
 

@@ -411,7 +411,7 @@ def render_all(mappings: dict) -> dict[Path, str]:
 
 if __name__ == "__main__":
     import standalone  # noqa: F401  (the dev kit's path, as pytest.ini gives the tests)
-    from facediffuser_devkit import comfy_harness
+    from dev.devkit import comfy_harness
 
     if comfy_harness.comfyui_path() is None:
         sys.exit(comfy_harness.SKIP_REASON)

@@ -39,7 +39,7 @@ memory is the kernel's high-water mark of the resident set (VmHWM, reset before 
 torch.cuda.max_memory_allocated, each in a fresh process holding only the models its sampler needs.
 
 Run from the repository's root (PYTHONPATH=scripts finds the dev kit there). ComfyUI runs in this process,
-started as the test suite starts it, by facediffuser_devkit.comfy_harness (COMFYUI_PATH names the ComfyUI
+started as the test suite starts it, by dev.devkit.comfy_harness (COMFYUI_PATH names the ComfyUI
 checkout). One module per measurement: overhead (1-3, 5, 6), memory (4), regions (7); bench runs the samplers
 under the instruments, report writes the tables, cli is the command line.
 """

@@ -67,7 +67,7 @@ class Bench:
     @contextmanager
     def _watching_snf_maths(self):
         """Times the guider's SNF maths in the run: both guidance responses, the saliency choice, the fusion."""
-        core, guider = self.comfyui.pack("facediffuser_core.snf"), self.comfyui.pack("nodes.snf_guider")
+        core, guider = self.comfyui.pack("facediffuser_core.snf"), self.comfyui.pack("nodes.model_side")
         targets = [(core, "decide"), (core, "fuse"), (guider.Predictions, "guidance")]
         originals = [getattr(owner, name) for owner, name in targets]
         meter = self.meter

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from facediffuser_client.pack import core
-from facediffuser_devkit import comfy_harness, tiny_comfy
+from dev.devkit import comfy_harness, tiny_comfy
 
 _schedule = core("schedule")
 OFFICIAL_DEMO_ALPHA, OFFICIAL_DEMO_BETA = _schedule.OFFICIAL_DEMO_ALPHA, _schedule.OFFICIAL_DEMO_BETA

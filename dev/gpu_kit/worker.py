@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dev.gpu_kit.measurements import Context
     from dev.gpu_kit.plan import MEASUREMENTS
-    from facediffuser_devkit import comfy_harness
+    from dev.devkit import comfy_harness
 
     names = args.measurements.split(",")
     comfyui = comfy_harness.start(cpu=args.device == "cpu", arguments=args.comfyui_argument)

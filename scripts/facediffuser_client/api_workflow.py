@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -57,10 +56,10 @@ def load_api_workflow(path: Path) -> dict:
     return workflow
 
 
-def set_override(workflow: dict, option: str, value) -> list[str]:
-    """Set `value` on every node that `option` targets; return the ids of the nodes changed."""
+def override_targets(workflow: dict, option: str) -> list[str]:
+    """The ids of the nodes `option` sets a value on; an error naming the fix when the workflow cannot take it."""
     targets = OVERRIDE_TARGETS[option]
-    changed = []
+    found = []
     for node_id, node in workflow.items():
         for class_type, input_name in targets:
             if node["class_type"] != class_type:
@@ -77,12 +76,34 @@ def set_override(workflow: dict, option: str, value) -> list[str]:
                     f"to node {source} ({workflow.get(source, {}).get('class_type', '?')}); set the value there "
                     f"in the workflow or unwire it"
                 )
-            node["inputs"][input_name] = value
-            changed.append(node_id)
-    if not changed:
+            found.append(node_id)
+    if not found:
         wanted = " or ".join(f"{class_type}.{input_name}" for class_type, input_name in targets)
         raise RunError(f"--{option.replace('_', '-')}: the workflow has no {wanted} node to set it on")
+    return found
+
+
+def override_input(workflow: dict, node_id: str, option: str) -> str:
+    """The input of node `node_id` that `option` sets."""
+    return next(name for class_type, name in OVERRIDE_TARGETS[option] if workflow[node_id]["class_type"] == class_type)
+
+
+def set_override(workflow: dict, option: str, value) -> list[str]:
+    """Set `value` on every node that `option` targets; return the ids of the nodes changed."""
+    changed = override_targets(workflow, option)
+    for node_id in changed:
+        workflow[node_id]["inputs"][override_input(workflow, node_id, option)] = value
     return changed
+
+
+def with_inputs(workflow: dict, changes: dict[str, dict]) -> dict:
+    """A copy of `workflow` with `changes` ({node id: {input: value}}) set, sharing every node it leaves alone: a
+    batch of a hundred thousand runs builds one per run, where a deep copy would cost a millisecond each."""
+    copied = dict(workflow)
+    for node_id, inputs in changes.items():
+        node = workflow[node_id]
+        copied[node_id] = {**node, "inputs": {**node["inputs"], **inputs}}
+    return copied
 
 
 def current_value(workflow: dict, option: str):
@@ -140,31 +161,38 @@ def combo_options(spec: list) -> list:
     return spec[1].get("options", []) if len(spec) > 1 and isinstance(spec[1], dict) else []
 
 
-def use_installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -> None:
+def installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -> dict[str, dict]:
     """A Face-diffuser loader naming a file the server lacks takes the same model in the other format, when the
     server has that: the shipped workflows name the converted .safetensors, the set-up leaves the .bin unless it
-    converts, and either is the same model."""
+    converts, and either is the same model. Returns the changes ({node id: {"ckpt_name": file}}) for with_inputs."""
+    changes = {}
     for node_id, node in workflow.items():
         name = node["inputs"].get("ckpt_name")
         if node["class_type"] not in CHECKPOINT_LOADERS or not isinstance(name, str):
             continue
-        spec = client.get_json(f"/object_info/{node['class_type']}").get(node["class_type"], {})
-        offered = combo_options(spec.get("input", {}).get("required", {}).get("ckpt_name", []))
+        offered = combo_options(client.input_spec(node["class_type"], "ckpt_name"))
         if name in offered:
             continue
         same_model = [Path(name).stem + suffix for suffix in CHECKPOINT_FORMATS if Path(name).stem + suffix in offered]
         if same_model:
-            node["inputs"]["ckpt_name"] = same_model[0]
+            changes[node_id] = {"ckpt_name": same_model[0]}
             report(f"node {node_id} ({node['class_type']}): the server has no {name}; using {same_model[0]}")
+    return changes
+
+
+def use_installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -> None:
+    """installed_checkpoints, set on `workflow` itself."""
+    for node_id, inputs in installed_checkpoints(workflow, client, report).items():
+        workflow[node_id]["inputs"].update(inputs)
 
 
 def fill_run(workflow: dict, loaders: list[str], face_names: list[str], seed: int | None, client, report=print) -> dict:
-    """A copy of a job's workflow for one run on `client`'s server: the faces under their names there, the run's seed
-    (None keeps the workflow's), the checkpoint files that server has."""
-    workflow = copy.deepcopy(workflow)
-    for node_id, name in zip(loaders, face_names):
-        workflow[node_id]["inputs"]["image"] = name
+    """A copy of a job's workflow for one run on `client`'s server (`workflow` itself is left as it is): the faces
+    under their names there, the run's seed (None keeps the workflow's), the checkpoint files that server has."""
+    changes: dict[str, dict] = {node_id: {"image": name} for node_id, name in zip(loaders, face_names)}
     if seed is not None:
-        set_override(workflow, "seed", seed)
-    use_installed_checkpoints(workflow, client, report=report)
-    return workflow
+        for node_id in override_targets(workflow, "seed"):
+            changes.setdefault(node_id, {})[override_input(workflow, node_id, "seed")] = seed
+    for node_id, inputs in installed_checkpoints(workflow, client, report).items():
+        changes.setdefault(node_id, {}).update(inputs)
+    return with_inputs(workflow, changes)

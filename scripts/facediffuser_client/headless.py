@@ -112,21 +112,25 @@ def run(args: argparse.Namespace, client: ComfyClient) -> int:
     client_id = uuid.uuid4().hex
     listener = JobLog(client.server, client_id)  # before the job: its progress and log go to this client id
     display = ProgressDisplay(workflow, sys.stdout)
+    submitted = []
+
+    def on_submitted(prompt_id: str) -> None:
+        submitted.append(prompt_id)
+        print(f"submitted to {client.server} as job {prompt_id}")
+        say_if_unavailable(listener)
+
+    def tick() -> None:  # called while waiting, so once the job was submitted
+        display.step(listener.progress(submitted[0]))
+        server_log.show(listener.take(submitted[0]), display.state)
+
     try:
-        prompt_id = client.submit(workflow, client_id=client_id)
-
-        def tick() -> None:
-            display.step(listener.progress(prompt_id))
-            server_log.show(listener.take(prompt_id), display.state)
-
         try:
-            print(f"submitted to {client.server} as job {prompt_id}")
-            say_if_unavailable(listener)
-            entry = client.wait(prompt_id, args.timeout, report=display.state, tick=tick)
+            prompt_id, entry = client.run_job(workflow, client_id, args.timeout, on_submitted=on_submitted, report=display.state,
+                                              tick=tick)
         except KeyboardInterrupt:
-            display.close()
-            cancel(client, [prompt_id])
-            raise JobCancelled() from None
+            if not submitted:
+                raise
+            raise JobCancelled() from None  # run_job took the job off the server
         listener.wait_for_end(prompt_id)
         server_log.show(listener.take(prompt_id), display.state)
     finally:

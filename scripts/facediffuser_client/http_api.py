@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import mimetypes
@@ -37,11 +38,16 @@ class WorkflowRejected(RunError):
     """ComfyUI refused the workflow (/prompt answered 400, its validation errors): every server would."""
 
 
+class RunTimedOut(RunError):
+    """A job still unfinished after its time, on a server that still answers (and may hang on every later job)."""
+
+
 class ComfyClient:
     """ComfyUI's HTTP API, as its own frontend uses it."""
 
     def __init__(self, server: str):
         self.server = server.rstrip("/")
+        self.node_types: dict[str, dict] = {}  # /object_info of the node types asked about, read once
 
     def _request(self, path: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
         request = urllib.request.Request(self.server + path, data=data, headers=headers or {})
@@ -101,9 +107,33 @@ class ComfyClient:
         self.post_json("/queue", {"delete": [prompt_id]})
         self.post_json("/interrupt", {"prompt_id": prompt_id})
 
-    def wait(self, prompt_id: str, timeout_s: float, poll_s: float = 0.5, report=print, tick=None) -> dict:
-        """Poll until the job leaves the queue; report its place in the queue when it changes, call `tick` at each poll."""
-        deadline = time.monotonic() + timeout_s
+    def input_spec(self, class_type: str, input_name: str) -> list:
+        """A required input of a node type as the server's /object_info describes it (read once per node type: a
+        batch asks before every run)."""
+        if class_type not in self.node_types:
+            self.node_types[class_type] = self.get_json(f"/object_info/{class_type}").get(class_type, {})
+        return self.node_types[class_type].get("input", {}).get("required", {}).get(input_name, [])
+
+    def run_job(self, workflow: dict, client_id: str, timeout_s: float, on_submitted=None, **wait_options) -> tuple[str, dict]:
+        """Submit `workflow` and wait for its end (wait_options: those of wait): its prompt id and history entry.
+        `on_submitted(prompt_id)` is called as soon as the server has it. Interrupted here (Ctrl-C), the job is
+        cancelled on the server, where it would otherwise hold the GPU for nobody."""
+        prompt_id = self.submit(workflow, client_id)
+        if on_submitted is not None:
+            on_submitted(prompt_id)
+        try:
+            return prompt_id, self.wait(prompt_id, timeout_s, **wait_options)
+        except KeyboardInterrupt:
+            with contextlib.suppress(RunError, OSError):  # a server that went away has dropped it anyway
+                self.cancel(prompt_id)
+            raise
+
+    def wait(self, prompt_id: str, timeout_s: float, poll_s: float = 0.5, report=print, tick=None,
+             timeout_option: str = "--timeout", from_start: bool = False) -> dict:
+        """Poll until the job leaves the queue; report its place in the queue when it changes, call `tick` at each poll.
+        The time counts from now, or with `from_start` from the job's start (time queued behind other jobs is no
+        sign of a hang); past it, RunTimedOut names `timeout_option`."""
+        started = None if from_start else time.monotonic()
         last_state = None
         while True:
             if tick is not None:
@@ -115,10 +145,12 @@ class ComfyClient:
             if state != last_state:
                 report(state)
                 last_state = state
-            if time.monotonic() > deadline:
-                raise RunError(
+            if started is None and not state.startswith("queued"):
+                started = time.monotonic()
+            if started is not None and time.monotonic() - started > timeout_s:
+                raise RunTimedOut(
                     f"gave up after {timeout_s:g} s: job {prompt_id} is still {state} on {self.server} "
-                    f"(raise --timeout, or cancel it in ComfyUI's queue)"
+                    f"(raise {timeout_option}, or cancel it in ComfyUI's queue)"
                 )
             time.sleep(poll_s)
 

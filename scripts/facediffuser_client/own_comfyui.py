@@ -62,24 +62,33 @@ def free_loopback_port() -> int:
 
 
 class OwnComfyUI:
-    """The ComfyUI in `root`, started by the runner with `python` (default: this Python), headless on 127.0.0.1 and
-    a free port, in a process group of its own so that stopping it ends everything it started."""
+    """The ComfyUI in `root`, started with `python` (default: this Python), headless on 127.0.0.1 and a free port, in
+    a process group of its own so that stopping it ends everything it started: the runner's own server, each Ray
+    worker's, and the tests' (which start it through `entry`, a script that sets their CPU shims up and then runs
+    main.py). Its output goes to `log` (default: a temporary file). With die_with_parent (Linux) it is killed when
+    the process that started it dies, even by SIGKILL: a lost Ray worker leaves no ComfyUI behind."""
 
-    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False, python: Path | None = None):
+    def __init__(self, root: Path, extra_args: list[str], report=print, die_with_parent: bool = False, python: Path | None = None,
+                 log: Path | None = None, entry: Path | None = None):
         self.root = root
         self.extra_args = extra_args
         self.report = report
         self.python = python or Path(sys.executable)
         self.url = f"http://127.0.0.1:{free_loopback_port()}"
-        handle, log = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
-        self.log = Path(log)
-        command = [str(self.python), str(root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+        if log is None:
+            handle, name = tempfile.mkstemp(prefix="facediffuser-comfyui-", suffix=".log")
+            os.close(handle)
+            log = Path(name)
+        self.log = log
+        command = [str(entry or root / "main.py"), "--listen", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
                    "--disable-auto-launch", *extra_args]
-        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         if die_with_parent and sys.platform == "linux":
-            group["preexec_fn"] = end_with_parent
-        with os.fdopen(handle, "wb") as log_file:
-            self.process = subprocess.Popen(command, cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
+            # The launcher asks the kernel for the signal, then becomes ComfyUI: no Python runs between fork and exec
+            # (in a multithreaded Ray worker that may deadlock).
+            command = [str(Path(__file__).with_name("end_with_parent.py")), str(os.getpid()), *command]
+        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        with open(log, "wb") as log_file:
+            self.process = subprocess.Popen([str(self.python), *command], cwd=root, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, **group)
         report(f"started ComfyUI from {root} (pid {self.process.pid}) at {self.url}; its log: {self.log}")
 
@@ -143,14 +152,6 @@ def private_folders(scratch: Path) -> list[str]:
     """ComfyUI's options that give it input, output and temp folders of its own under `scratch`: ComfyUIs started
     from one folder would otherwise number their pictures from the same files and overwrite each other's."""
     return [option for name in ("input", "output", "temp") for option in (f"--{name}-directory", str(scratch / name))]
-
-
-def end_with_parent() -> None:
-    """In the child, before ComfyUI starts: the kernel sends it SIGTERM when its parent dies, so that a Ray worker
-    killed outright (SIGKILL, no chance to stop it) leaves no ComfyUI behind."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 # Options whose value is itself a command line: argparse takes `--comfyui-args "--cpu"` for two options.

@@ -10,10 +10,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from .api_workflow import fill_run
+from .executor import ExecutorSettings, Ledger, RunOrder, backoff, interrupts_held
 from .http_api import ComfyClient, RunError, ServerUnreachable, WorkflowRejected
-from .jobs import Job
 from .manifest import DONE, PENDING, RUNNING
-from .scheduler import backoff, interrupts_held
 
 
 @dataclass
@@ -37,20 +36,30 @@ class Server:
 
 
 class ServerExecutor:
-    resume_note = "runs still on a server are picked up there"
+    """The executor for ComfyUI servers a user runs (executor.Executor)."""
 
-    def __init__(self, scheduler, urls: list[str]):
-        self.scheduler = scheduler
-        self.args = scheduler.args
+    resume_note = "runs still on a server are picked up there"
+    unusable = "no server has answered"
+
+    def __init__(self, ledger: Ledger, settings: ExecutorSettings, urls: list[str]):
+        self.ledger = ledger
+        self.settings = settings
         self.client_id = uuid.uuid4().hex
         self.servers = {url.rstrip("/"): Server(url.rstrip("/"), ComfyClient(url)) for url in urls}
         self.running_since: dict[tuple[str, str], float] = {}  # first seen running on its server, in this invocation
+        self.abandoned: dict[str, list[tuple[str, str, str]]] = {}  # server -> (job id, run key, prompt id) left there
 
     def describe(self) -> str:
         return "servers: " + ", ".join(self.servers)
 
     def close(self) -> None:
         pass
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def stuck(self) -> str | None:
+        return None  # servers that stopped answering may answer again: unusable_for() tells how long none has
 
     def ended(self, server: Server, job_id: str, key: str) -> None:
         server.in_flight.discard((job_id, key))
@@ -59,7 +68,7 @@ class ServerExecutor:
     def retry(self, server: Server, job_id: str, key: str, message: str, **fields) -> None:
         self.ended(server, job_id, key)
         server.retries += 1
-        self.scheduler.retry(job_id, key, server.url, message, **fields)
+        self.ledger.retry(job_id, key, server.url, message, **fields)
 
     # -- servers --
 
@@ -67,19 +76,20 @@ class ServerExecutor:
         now = time.monotonic()
         if server.up:
             server.down_since = now
-            self.scheduler.say(f"server  {server.url} stopped answering ({why})")
+            self.ledger.say(f"server  {server.url} stopped answering ({why})")
         server.failures += 1
         server.retry_at = now + backoff(server.failures)
         server.settled = False
         for job_id, key in sorted(server.in_flight):
             # A server that only missed a timeout still runs it: remembered, to be cancelled or taken back there.
-            run = self.scheduler.manifest.run(job_id, key)
+            run = self.ledger.record(job_id, key)
+            self.abandoned.setdefault(server.url, []).append((job_id, key, run["prompt_id"]))
             self.retry(server, job_id, key, f"the server stopped answering ({why})",
                        abandoned=[*run.get("abandoned", []), [server.url, run["prompt_id"]]])
 
     def server_up(self, server: Server) -> None:
         if not server.up:
-            self.scheduler.say(f"server  {server.url} answers again")
+            self.ledger.say(f"server  {server.url} answers again")
         server.down_since, server.failures = None, 0
 
     def read_queue(self, server: Server) -> dict | None:
@@ -98,104 +108,101 @@ class ServerExecutor:
     def settle_abandoned(self, server: Server, queued: set) -> None:
         """The prompts left on `server` when it stopped answering (in this invocation or an earlier one): taken back
         where their run still waits for a server, cancelled where the run went elsewhere (no duplicate work)."""
-        manifest, changed = self.scheduler.manifest, False
-        for job_id, key, run in list(self.scheduler.runs()):
-            for left in [left for left in run.get("abandoned", []) if left[0] == server.url]:
-                prompt_id = left[1]
-                try:
-                    finished = prompt_id not in queued and prompt_id in server.client.get_json(f"/history/{prompt_id}")
-                except ServerUnreachable as error:
-                    self.server_down(server, error.reason)
-                    return
-                run["abandoned"].remove(left)
-                changed = True
-                if run["state"] == PENDING and (prompt_id in queued or finished):
-                    manifest.move(job_id, key, RUNNING, save=False, server=server.url, prompt_id=prompt_id)
-                    server.in_flight.add((job_id, key))
-                    self.scheduler.not_before.pop((job_id, key), None)
-                    self.scheduler.say(f"attach  {job_id} {key}: prompt {prompt_id} on {server.url}, which answers again")
-                elif prompt_id in queued:
-                    with contextlib.suppress(RunError):
-                        server.client.cancel(prompt_id)
-                    self.scheduler.say(f"cancel  {job_id} {key}: prompt {prompt_id} on {server.url}, run elsewhere meanwhile")
-            if not run.get("abandoned", True):
-                del run["abandoned"]
+        for job_id, key, prompt_id in list(self.abandoned.get(server.url, [])):
+            try:
+                finished = prompt_id not in queued and prompt_id in server.client.get_json(f"/history/{prompt_id}")
+            except ServerUnreachable as error:
+                self.server_down(server, error.reason)
+                return
+            self.abandoned[server.url].remove((job_id, key, prompt_id))
+            run = self.ledger.record(job_id, key)
+            self.ledger.annotate(job_id, key, abandoned=[left for left in run["abandoned"] if left != [server.url, prompt_id]] or None)
+            if run["state"] == PENDING and (prompt_id in queued or finished):
+                self.ledger.reattach(job_id, key, server.url, prompt_id)
+                server.in_flight.add((job_id, key))
+            elif prompt_id in queued:
+                with contextlib.suppress(RunError):
+                    server.client.cancel(prompt_id)
+                self.ledger.say(f"cancel  {job_id} {key}: prompt {prompt_id} on {server.url}, run elsewhere meanwhile")
         server.settled = True
-        if changed:
-            manifest.save()
 
-    def unreachable_for(self) -> float:
+    def unusable_for(self) -> float:
         """How long no server has answered (0 while one does)."""
         downs = [s.down_since for s in self.servers.values()]
         return 0.0 if any(d is None for d in downs) else time.monotonic() - max(downs)
 
     # -- dispatching --
 
-    def choose_server(self, job_id: str, key: str) -> Server | None:
+    def refresh_queues(self) -> None:
+        """Read the queues of the servers with room (at most once per --poll), and try again those down whose
+        back-off is over."""
         now = time.monotonic()
         for server in self.servers.values():
-            if len(server.in_flight) < self.args.max_in_flight and (server.up or now >= server.retry_at) \
-                    and now - server.queue_read > self.args.poll:
+            if len(server.in_flight) < self.settings.max_in_flight and (server.up or now >= server.retry_at) \
+                    and now - server.queue_read > self.settings.poll:
                 self.read_queue(server)
-        free = [s for s in self.servers.values() if s.up and len(s.in_flight) < self.args.max_in_flight]
+
+    def free_slots(self) -> int:
+        self.refresh_queues()
+        return sum(self.settings.max_in_flight - len(s.in_flight) for s in self.servers.values()
+                   if s.up and len(s.in_flight) < self.settings.max_in_flight)
+
+    def choose_server(self, order: RunOrder) -> Server | None:
+        self.refresh_queues()
+        free = [s for s in self.servers.values() if s.up and len(s.in_flight) < self.settings.max_in_flight]
         if not free:
             return None
-        others = [s for s in free if s.url != self.scheduler.avoid.get((job_id, key))]
+        others = [s for s in free if s.url != order.avoid]
         return min(others or free, key=lambda s: (s.queue_length, len(s.in_flight), s.url))
 
-    def upload(self, server: Server, job: Job) -> list[str]:
+    def upload(self, server: Server, order: RunOrder) -> list[str]:
         names = []
-        for face, digest in zip(job.faces, job.face_hashes):
-            if digest not in server.uploads:
-                server.uploads[digest] = server.client.upload_image(face)
-                self.scheduler.say(f"upload  {face} to {server.url} as {server.uploads[digest]}")
-            names.append(server.uploads[digest])
+        for face in order.faces:
+            if face.digest not in server.uploads:
+                server.uploads[face.digest] = server.client.upload_image(face.path)
+                self.ledger.say(f"upload  {face.path} to {server.url} as {server.uploads[face.digest]}")
+            names.append(server.uploads[face.digest])
         return names
 
-    def submit(self, job_id: str, key: str, server: Server) -> None:
-        job = self.scheduler.jobs[job_id]
-        run = self.scheduler.manifest.run(job_id, key)
+    def submit(self, order: RunOrder) -> bool:
+        server = self.choose_server(order)
+        if server is None:
+            return False
+        job_id, key = order.job_id, order.key
         try:
-            workflow = fill_run(job.workflow, job.loaders, self.upload(server, job), run["seed"], server.client,
-                                report=lambda text: self.scheduler.note_once(f"{server.url}: {text}"))
+            workflow = fill_run(order.workflow, order.loaders, self.upload(server, order), order.seed, server.client,
+                                report=lambda text: self.ledger.note_once(f"{server.url}: {text}"))
             with interrupts_held():
                 prompt_id = server.client.submit(workflow, self.client_id)
                 server.in_flight.add((job_id, key))
                 server.queue_length += 1
-                self.scheduler.started(job_id, key, server.url, prompt_id)
+                self.ledger.started(job_id, key, server.url, prompt_id)
         except ServerUnreachable as error:
-            self.server_down(server, error.reason)
-            return  # nothing ran: the run stays pending, for the next free server
+            self.server_down(server, error.reason)  # nothing ran: the run stays pending, for the next free server
         except WorkflowRejected as error:
-            self.scheduler.fail(job_id, key, str(error))
-            return
+            self.ledger.started(job_id, key, server.url, None)
+            self.ledger.fail(job_id, key, str(error))
         except RunError as error:
+            self.ledger.started(job_id, key, server.url, None)
             self.retry(server, job_id, key, str(error))
-            return
-
-    def dispatch(self) -> bool:
-        submitted = False
-        for job_id, key in list(self.scheduler.ready_runs()):
-            server = self.choose_server(job_id, key)
-            if server is None:
-                break
-            if self.scheduler.manifest.run(job_id, key)["state"] != PENDING:
-                continue  # taken back by a server that answered again while choose_server read its queue
-            self.submit(job_id, key, server)
-            submitted = True
-        return submitted
+        return True
 
     # -- following the runs on their servers --
 
     def adopt_running(self) -> None:
-        """Runs a previous invocation left running: re-attached where their server is still in the list."""
-        for job_id, key, run in list(self.scheduler.runs(RUNNING)):
+        """Runs a previous invocation left running: re-attached where their server is still in the list. Prompts it
+        left on servers that stopped answering are settled when those answer (settle_abandoned)."""
+        for job_id, key in self.ledger.runs_in(RUNNING):
+            run = self.ledger.record(job_id, key)
             server = self.servers.get(run.get("server") or "")
             if server is None:
-                self.scheduler.requeue(job_id, key, f"its server {run.get('server')} is not among --server")
+                self.ledger.requeue(job_id, key, f"its server {run.get('server')} is not among --server")
             else:
                 server.in_flight.add((job_id, key))
-                self.scheduler.say(f"attach  {job_id} {key}: prompt {run['prompt_id']} on {server.url}")
+                self.ledger.say(f"attach  {job_id} {key}: prompt {run['prompt_id']} on {server.url}")
+        for job_id, key in self.ledger.runs_with("abandoned"):
+            for url, prompt_id in self.ledger.record(job_id, key)["abandoned"]:
+                self.abandoned.setdefault(url, []).append((job_id, key, prompt_id))
 
     def poll(self) -> bool:
         """Check every run in flight; True when one ended."""
@@ -214,7 +221,7 @@ class ServerExecutor:
         return ended
 
     def check_run(self, server: Server, job_id: str, key: str, waiting: set, running: set) -> bool:
-        prompt_id = self.scheduler.manifest.run(job_id, key)["prompt_id"]
+        prompt_id = self.ledger.record(job_id, key)["prompt_id"]
         if prompt_id in running:
             self.running_since.setdefault((job_id, key), time.monotonic())
         try:
@@ -225,7 +232,7 @@ class ServerExecutor:
         if entry is not None and entry.get("status", {}).get("completed") is not None:
             self.ended(server, job_id, key)
             try:
-                state = self.scheduler.finish(job_id, key, server.url, entry, server.client.download)
+                state = self.ledger.finished(job_id, key, server.url, entry, server.client.download)
             except ServerUnreachable as error:
                 server.in_flight.add((job_id, key))  # its pictures are still there: retried with the server's other runs
                 self.server_down(server, error.reason)
@@ -237,10 +244,10 @@ class ServerExecutor:
             self.retry(server, job_id, key, f"prompt {prompt_id} is gone from the server (it restarted?)")
             return True
         # From its start: time queued behind other users' prompts, or while this client was stopped, is no sign of a hang.
-        if time.monotonic() - self.running_since.get((job_id, key), float("inf")) > self.args.job_timeout:
+        if time.monotonic() - self.running_since.get((job_id, key), float("inf")) > self.settings.job_timeout:
             with contextlib.suppress(RunError):  # gone or refusing: either way the run is tried again
                 server.client.cancel(prompt_id)
-            self.retry(server, job_id, key, f"no result within --job-timeout {self.args.job_timeout:g} s")
+            self.retry(server, job_id, key, f"no result within --job-timeout {self.settings.job_timeout:g} s")
             return True
         return False
 

@@ -64,7 +64,7 @@ def freeze_workflows() -> None:
 
 def freeze_schemas() -> None:
     import schema_lock
-    from facediffuser_devkit import comfy_harness
+    from dev.devkit import comfy_harness
 
     comfyui = comfy_harness.start()
     mappings = comfyui.nodes.NODE_CLASS_MAPPINGS

@@ -12,7 +12,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Context:
-    comfyui: object  # facediffuser_devkit.comfy_harness.ComfyUI
+    comfyui: object  # dev.devkit.comfy_harness.ComfyUI
     device: str      # "cuda" or "cpu"
     tiny: bool       # the CPU rehearsal's sizes
     scratch: Path    # a folder of this measurement's own

@@ -54,7 +54,7 @@ def _prompts(comfyui, clip, hooks, control, side: int) -> tuple[dict, torch.Tens
 def measure(context: Context) -> Result:
     import comfy.model_management
     import comfy.model_patcher
-    from facediffuser_devkit import official_checkpoints, tiny_comfy
+    from dev.devkit import official_checkpoints, tiny_comfy
 
     comfyui = context.comfyui
     side = 8 if context.tiny else 64

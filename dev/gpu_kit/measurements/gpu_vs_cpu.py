@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", type=Path, required=True, help="where to save the sampled latent (torch.save)")
     parser.add_argument("--tiny", action="store_true", help="the rehearsal's sizes")
     args = parser.parse_args(argv)
-    from facediffuser_devkit import comfy_harness
+    from dev.devkit import comfy_harness
 
     comfyui = comfy_harness.start(cpu=True)
     torch.save(three_stage(comfyui, TINY if args.tiny else FULL, torch.float32, "cpu"), args.reference)

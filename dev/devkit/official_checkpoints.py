@@ -221,12 +221,12 @@ def loaded_unets(comfyui, prepare=lambda unet: unet):
     loader code into ComfyUI patchers: ([tdm_unet, sdm_unet], [tdm_patcher, sdm_patcher])."""
     from facediffuser_core import checkpoint
 
-    loaders = comfyui.pack("nodes.loaders")
+    networks = comfyui.pack("nodes.networks")
     references, patchers = [], []
     for build in (build_tdm, build_sdm):
         refs = build()
         prepare(refs.unet)
         parts = checkpoint.split_official(official_state_dict(refs))
         references.append(refs.unet)
-        patchers.append(loaders.build_model(parts.unet, torch.float32))
+        patchers.append(networks.build_model(parts.unet, torch.float32))
     return references, patchers

@@ -1,6 +1,6 @@
 """Peak memory of `python -m facediffuser_core.convert` on a fake TDM of a few hundred MB.
 
-    .venv/bin/python scripts/measure_convert_memory.py [--megabytes 300]
+    PYTHONPATH=scripts .venv/bin/python -m dev.measure_convert_memory [--megabytes 300]
 
 The fake is the tests' tiny TDM with every tensor enlarged to an equal share of the requested size
 (the converter only renames and casts, so shapes do not matter to it; the real files' largest tensor,
@@ -36,7 +36,7 @@ print(f"{before:.0f} {status('VmHWM'):.0f} {status('RssAnon'):.0f} {status('RssF
 def make_fake(path: Path, megabytes: int) -> None:
     import torch
 
-    from facediffuser_devkit import official_checkpoints
+    from dev.devkit import official_checkpoints
 
     state = official_checkpoints.official_state_dict(official_checkpoints.build_tdm(), with_position_ids=False)
     share = megabytes * 2**20 // (4 * len(state))
