@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..facediffuser_core import snf
 from ..facediffuser_core.schedule import denoise_schedule
-from . import official_run
+from . import legacy_inputs, official_run
 from . import regions as region_inputs
 from .snf_guider import SNFGuider
 from .types import Saliency
@@ -53,7 +53,7 @@ def noise_and_denoise_inputs(denoise_tooltip: str) -> list:
     """The last two inputs of the SNF Sampler and the Stage Sweep. Optional: workflows saved before `noise` existed
     lack it and must keep running as they did. Both optional and in this order, because the frontend fills a saved
     UI workflow's widgets by position, required ones first: the widget order stays the one shipped since `noise`
-    was added (official_run.legacy_noise_and_denoise reads the older order)."""
+    was added (legacy_inputs.legacy_noise_and_denoise reads the older order)."""
     return [
         io.Combo.Input("noise", options=list(official_run.NOISE_CHOICES), default="comfyui", optional=True,
                        tooltip=official_run.NOISE_TOOLTIP),
@@ -124,12 +124,12 @@ class FaceDiffuserSNFSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, noise="comfyui") -> bool | str:
-        return official_run.check_noise(noise)
+        return legacy_inputs.check_noise(noise)
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler, alpha, beta,
                 noise="comfyui", denoise=1.0, regions=None, outside_regions="snf", auto_regions=None) -> io.NodeOutput:
-        noise, denoise = official_run.legacy_noise_and_denoise(cls.DISPLAY, noise, denoise)
+        noise, denoise = legacy_inputs.legacy_noise_and_denoise(cls.DISPLAY, noise, denoise)
         return io.NodeOutput(*snf_sample(cls.DISPLAY, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg,
                                          sampler_name, scheduler, alpha, beta, denoise, noise_kind=noise,
                                          masks=regions, outside_regions=outside_regions, auto_regions=auto_regions))

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..facediffuser_core.face_crop import to_uint8_array
 from ..facediffuser_core.stage_sweep import StageGrid, grid_picture
-from . import official_run
+from . import legacy_inputs
 from . import regions as region_inputs
 from .sampling import model_and_conditioning_inputs, noise_and_denoise_inputs, schedule_inputs, snf_sample
 from .types import Identity, StageSweep
@@ -60,12 +60,12 @@ class FaceDiffuserStageSweep(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, noise="comfyui") -> bool | str:
-        return official_run.check_noise(noise)
+        return legacy_inputs.check_noise(noise)
 
     @classmethod
     def execute(cls, tdm, sdm, augmented, text, null, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 alphas, betas, noise="comfyui", denoise=1.0, regions=None, outside_regions="snf", auto_regions=None) -> io.NodeOutput:
-        noise, denoise = official_run.legacy_noise_and_denoise(SWEEP_NAME, noise, denoise)
+        noise, denoise = legacy_inputs.legacy_noise_and_denoise(SWEEP_NAME, noise, denoise)
         try:
             grid = StageGrid.parse(alphas, betas)
         except ValueError as error:

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from facediffuser_client import comfyui_python
-from facediffuser_client.check import model_folders, render, run_checks, to_do
+from facediffuser_client.check.findings import to_do
+from facediffuser_client.check.report import model_folders, render, run_checks
 
 
 def main(argv: list[str] | None = None) -> int:

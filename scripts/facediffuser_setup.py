@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 from facediffuser_client import comfyui_python
-from facediffuser_client.setup import SOURCE_VARIABLE, model_folders, packs, set_up
+from facediffuser_client.setup.flow import model_folders, set_up
+from facediffuser_client.setup.insightface_steps import SOURCE_VARIABLE, packs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

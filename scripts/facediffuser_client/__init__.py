@@ -22,6 +22,7 @@ and conversion (torch), and what the check checks, each imported when it is need
     servers      the batch's executor for ComfyUI servers a user runs (--server)
     worker_pool  the batch's executor over workers that own a ComfyUI: replacing the lost, broken and hung
     ray_workers  those workers on a Ray cluster (--ray), the only module that imports Ray
-    check        the first-run check: what is installed and in place, and the fix for what is not
-    setup        the set-up: the models and an insightface pack downloaded, verified and put in place
+    check/       the first-run check: what is installed and in place, and the fix for what is not (its modules: check/__init__.py)
+    setup/       the set-up: the models and an insightface pack downloaded, verified and put in place (its modules: setup/__init__.py)
+    verified_records  the model files whose content the set-up compared with the hub's hash, read by the check too
 """

@@ -34,7 +34,9 @@ from dev.devkit import comfy_harness
 import comfy_server
 import hub_stand_in
 from newcomer import newcomer_environment, official_bin, quick_start_blocks
-from facediffuser_client import http_api, setup
+from facediffuser_client import http_api
+from facediffuser_client.setup.downloads import HUB_REPOSITORY
+from facediffuser_client.setup.insightface_steps import SOURCE_VARIABLE
 
 STARTUP_SHIMS = comfy_server.STARTUP_SHIMS
 
@@ -129,12 +131,12 @@ def test_the_readmes_quick_start_as_printed_reaches_a_picture_on_a_cpu_only_mach
     with hub_stand_in.running() as hub:
         # The shipped workflows run at 512 px, 50 steps: tiny models with no attention at full size keep that quick.
         sdm, tdm = (build(attention_at_full_size=False) for build in (official_checkpoints.build_sdm, official_checkpoints.build_tdm))
-        hub.add_hub_file(setup.HUB_REPOSITORY, "SDM/pytorch_model.bin", official_bin(sdm))
-        hub.add_hub_file(setup.HUB_REPOSITORY, "TDM/pytorch_model.bin", official_bin(tdm))
+        hub.add_hub_file(HUB_REPOSITORY, "SDM/pytorch_model.bin", official_bin(sdm))
+        hub.add_hub_file(HUB_REPOSITORY, "TDM/pytorch_model.bin", official_bin(tdm))
         zip_url = hub.add_file("/buffalo_l.zip", zipped_pack(tmp_path))
         # The shims also reach the check's probe of what ComfyUI imports at start, as they reach the ComfyUI started below.
         setup_env = {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                     setup.SOURCE_VARIABLE: zip_url, "PYTHONPATH": str(STARTUP_SHIMS)}
+                     SOURCE_VARIABLE: zip_url, "PYTHONPATH": str(STARTUP_SHIMS)}
         configured = typed(setup_command, pack, setup_env, timeout=300)
     assert configured.returncode == 0, configured.stdout + configured.stderr
     assert "All set. Every shipped workflow can run" in configured.stdout

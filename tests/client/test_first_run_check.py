@@ -14,7 +14,11 @@ from safetensors.torch import save_file
 
 from fake_installs import SDM_KEYS, TDM_KEYS, complete_install, fake_comfyui, tensors
 import pack_scripts
-from facediffuser_client import check
+from facediffuser_client.check import insightface_onnxruntime
+from facediffuser_client.check.environment import check_comfyui
+from facediffuser_client.check.findings import INFO, MISSING, OK, PROBLEM
+from facediffuser_client.check.model_files import check_insightface_pack, checkpoint_keys, packs
+from facediffuser_client.check.report import model_folders, run_checks
 
 cli = pack_scripts.load("facediffuser_check")
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_check.py"
@@ -70,16 +74,16 @@ def test_missing_models_name_the_exact_path_and_the_source(tmp_path):
     comfyui = fake_comfyui(tmp_path / "ComfyUI")
     (comfyui / "models" / "facediffuser").mkdir(parents=True)
     (comfyui / "models" / "facediffuser" / "pytorch_model.bin").write_bytes(b"")
-    findings = by_subject(check.run_checks(comfyui, None))
+    findings = by_subject(run_checks(comfyui, None))
     folder = comfyui / "models" / "facediffuser"
     sdm = findings["SDM model"]
-    assert sdm.status == check.MISSING
+    assert sdm.status == MISSING
     assert f"save it as {folder / 'facediffuser_sdm.bin'}" in sdm.fix
     assert "huggingface.co/CodeGoat24/Face-diffuser/tree/main/SDM" in sdm.fix and "fastcomposer" in sdm.fix
     assert "The folder holds pytorch_model.bin: rename the SDM file" in sdm.fix
     assert "huggingface.co/CodeGoat24/Face-diffuser/tree/main/TDM" in findings["TDM model"].fix
     insight = findings["insightface models"]
-    assert insight.status == check.MISSING
+    assert insight.status == MISSING
     assert "releases/download/v0.7/buffalo_l.zip" in insight.fix and "antelopev2.zip" not in insight.fix
     assert str(comfyui / "models" / "insightface" / "models" / "buffalo_l" / "det_10g.onnx") in insight.fix
     assert "python scripts/facediffuser_setup.py" in insight.fix and "python scripts/facediffuser_setup.py" in sdm.fix
@@ -88,8 +92,8 @@ def test_missing_models_name_the_exact_path_and_the_source(tmp_path):
 def test_a_file_of_the_wrong_kind_is_a_problem(tmp_path):
     comfyui, models = complete_install(tmp_path)
     save_file(tensors(TDM_KEYS[:-1]), models / "facediffuser" / "facediffuser_sdm.safetensors")
-    sdm = by_subject(check.run_checks(comfyui, None))["SDM model"]
-    assert sdm.status == check.PROBLEM
+    sdm = by_subject(run_checks(comfyui, None))["SDM model"]
+    assert sdm.status == PROBLEM
     assert "is a TDM (no image_encoder/postfuse_module weights)" in sdm.detail and "not the SDM" in sdm.detail
 
 
@@ -100,24 +104,24 @@ def test_a_truncated_file_is_a_problem(tmp_path, name, role, kept, why):
     comfyui, models = complete_install(tmp_path)
     path = models / "facediffuser" / name
     path.write_bytes(path.read_bytes()[:kept])
-    finding = by_subject(check.run_checks(comfyui, None))[f"{role} model"]
-    assert finding.status == check.PROBLEM and why in finding.detail and "download it again" in finding.fix
+    finding = by_subject(run_checks(comfyui, None))[f"{role} model"]
+    assert finding.status == PROBLEM and why in finding.detail and "download it again" in finding.fix
 
 
 def test_keys_are_read_from_a_torch_zip_without_loading_it(tmp_path):
     state = tensors(SDM_KEYS)
     torch.save(state, tmp_path / "model.bin")
-    assert sorted(check.checkpoint_keys(tmp_path / "model.bin")) == sorted(state)
+    assert sorted(checkpoint_keys(tmp_path / "model.bin")) == sorted(state)
     save_file(state, tmp_path / "model.safetensors")
-    assert sorted(check.checkpoint_keys(tmp_path / "model.safetensors")) == sorted(state)
+    assert sorted(checkpoint_keys(tmp_path / "model.safetensors")) == sorted(state)
 
 
 def test_an_old_style_pickle_is_accepted_unchecked(tmp_path):
     comfyui, models = complete_install(tmp_path)
     path = models / "facediffuser" / "facediffuser_tdm.bin"
     torch.save(tensors(TDM_KEYS), path, _use_new_zipfile_serialization=False)
-    tdm = by_subject(check.run_checks(comfyui, None))["TDM model"]
-    assert tdm.status == check.OK and "kind not checked: an old-style torch pickle" in tdm.detail
+    tdm = by_subject(run_checks(comfyui, None))["TDM model"]
+    assert tdm.status == OK and "kind not checked: an old-style torch pickle" in tdm.detail
 
 
 def test_insightface_pack_layout_mistakes(tmp_path):
@@ -125,34 +129,34 @@ def test_insightface_pack_layout_mistakes(tmp_path):
     root = models / "insightface" / "models"
     nested = root / "antelopev2" / "antelopev2"
     nested.mkdir(parents=True)
-    for name in check.packs.KNOWN_PACK_FILES["antelopev2"]:
+    for name in packs.KNOWN_PACK_FILES["antelopev2"]:
         (nested / name).write_bytes(b"onnx")
-    finding = check.check_insightface_pack([models / "insightface"])
-    assert finding.status == check.PROBLEM and "nested one level too deep" in finding.detail
+    finding = check_insightface_pack([models / "insightface"])
+    assert finding.status == PROBLEM and "nested one level too deep" in finding.detail
     assert f"move the files of {nested} up into {root / 'antelopev2'}" in finding.fix
 
-    for name in check.packs.KNOWN_PACK_FILES["antelopev2"][:2]:
+    for name in packs.KNOWN_PACK_FILES["antelopev2"][:2]:
         (nested / name).rename(root / "antelopev2" / name)
     (root / "buffalo_l.zip").write_bytes(b"zip")
-    finding = check.check_insightface_pack([models / "insightface"])
-    assert finding.status == check.MISSING
+    finding = check_insightface_pack([models / "insightface"])
+    assert finding.status == MISSING
     assert f"{root / 'antelopev2'} lacks its face detector scrfd_10g_bnkps.onnx" in finding.detail
     assert f"unzip {root / 'buffalo_l.zip'}" in finding.fix
 
     buffalo = root / "buffalo_l"
     buffalo.mkdir()
     (buffalo / "det_10g.onnx").write_bytes(b"onnx")  # the detector is all the reference-face node needs
-    assert check.check_insightface_pack([models / "insightface"]).status == check.OK
+    assert check_insightface_pack([models / "insightface"]).status == OK
 
 
 def test_old_comfyui_is_a_problem(tmp_path):
     root = fake_comfyui(tmp_path / "ComfyUI", "0.3.40")
-    finding = check.check_comfyui(check.model_folders.find_comfyui(root), root)
-    assert finding.status == check.PROBLEM and "version 0.3.40" in finding.detail and "update ComfyUI" in finding.fix
+    finding = check_comfyui(model_folders.find_comfyui(root), root)
+    assert finding.status == PROBLEM and "version 0.3.40" in finding.detail and "update ComfyUI" in finding.fix
 
 
 def test_the_probe_model_runs_on_the_cpu_provider():
-    providers = check.working_providers(onnxruntime)
+    providers = insightface_onnxruntime.working_providers(onnxruntime)
     assert providers["CPUExecutionProvider"] == ""
     assert set(providers) == set(onnxruntime.get_available_providers())
 
@@ -174,16 +178,16 @@ def test_onnxruntime_and_onnxruntime_gpu_installed_together_are_detected(tmp_pat
 @pytest.mark.parametrize("cuda_gpu, keep", [(False, "onnxruntime"), (True, "onnxruntime-gpu")])
 def test_the_onnxruntime_build_to_keep_is_the_one_for_this_machine(monkeypatch, cuda_gpu, keep):
     versions = {"onnxruntime": "1.20.1", "onnxruntime-gpu": "1.19.2"}
-    monkeypatch.setattr(check, "installed_version", versions.get)
-    conflict = check.onnxruntime_conflict(cuda_gpu)
+    monkeypatch.setattr(insightface_onnxruntime, "installed_version", versions.get)
+    conflict = insightface_onnxruntime.onnxruntime_conflict(cuda_gpu)
     assert conflict.fix.endswith(f"-m pip install {keep}")
-    assert ("onnxruntime-gpu" in check.insightface_install_command(cuda_gpu)) == cuda_gpu
+    assert ("onnxruntime-gpu" in insightface_onnxruntime.insightface_install_command(cuda_gpu)) == cuda_gpu
 
 
 def test_the_gpu_build_on_a_machine_without_cuda_is_named_with_the_swap(monkeypatch):
-    monkeypatch.setattr(check, "installed_version", {"onnxruntime-gpu": "1.19.2"}.get)
-    (finding,) = check.check_onnxruntime(cuda_gpu=False)
-    assert finding.status == check.INFO and "the GPU build, on a machine where torch sees no CUDA GPU" in finding.detail
+    monkeypatch.setattr(insightface_onnxruntime, "installed_version", {"onnxruntime-gpu": "1.19.2"}.get)
+    (finding,) = insightface_onnxruntime.check_onnxruntime(cuda_gpu=False)
+    assert finding.status == INFO and "the GPU build, on a machine where torch sees no CUDA GPU" in finding.detail
     assert "pip uninstall -y onnxruntime-gpu" in finding.fix and finding.fix.endswith("-m pip install onnxruntime")
 
 

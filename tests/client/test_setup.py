@@ -18,7 +18,8 @@ import torch
 import comfy_server
 import hub_stand_in
 import pack_scripts
-from facediffuser_client import setup
+from facediffuser_client.setup.download_progress import DownloadProgress
+from facediffuser_client.setup.downloads import partial_path
 from fake_installs import BUFFALO_FILES, REPOSITORY, SDM_BYTES, SDM_KEYS, TDM_BYTES, checkpoint_bytes, fake_comfyui, pack_zip, serve_everything
 
 SCRIPT = pack_scripts.SCRIPTS_DIR / "facediffuser_setup.py"
@@ -74,7 +75,7 @@ def test_a_dropped_connection_resumes_and_a_rerun_resumes_an_interrupted_downloa
     # What an interrupted earlier run left: the first 3 MB of the TDM under its hidden name.
     tdm_target = comfyui / "models" / "facediffuser" / "facediffuser_tdm.bin"
     tdm_target.parent.mkdir(parents=True)
-    setup.partial_path(tdm_target, hashlib.sha256(TDM_BYTES).hexdigest()[:16]).write_bytes(TDM_BYTES[:1000])
+    partial_path(tdm_target, hashlib.sha256(TDM_BYTES).hexdigest()[:16]).write_bytes(TDM_BYTES[:1000])
     result = run_setup(hub.url, tmp_path, *install_args(comfyui, zip_url))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (comfyui / "models" / "facediffuser" / "facediffuser_sdm.bin").read_bytes() == sdm
@@ -445,7 +446,7 @@ def test_download_progress_is_lines_when_piped(hub, tmp_path):
 def test_download_progress_lines_piped_each_tenth_and_the_last_state():
     now = [0.0]
     stream = io.StringIO()
-    progress = setup.DownloadProgress("model.bin", 100 * 10**6, 20 * 10**6, stream, clock=lambda: now[0])
+    progress = DownloadProgress("model.bin", 100 * 10**6, 20 * 10**6, stream, clock=lambda: now[0])
     for have in range(25, 101, 5):  # 5 MB a second, from the 20 MB kept by an earlier run
         now[0] += 1.0
         progress.show(have * 10**6)
@@ -456,7 +457,7 @@ def test_download_progress_lines_piped_each_tenth_and_the_last_state():
     assert len(lines) == 9  # 20 % was there already: a line per tenth from 20 % to 100 %
 
     stream = io.StringIO()
-    unsized = setup.DownloadProgress("pack.zip", None, 0, stream, clock=lambda: now[0])
+    unsized = DownloadProgress("pack.zip", None, 0, stream, clock=lambda: now[0])
     for have in (30, 60, 90, 120, 150):
         unsized.show(have * 10**6)
     unsized.end()

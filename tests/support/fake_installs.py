@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from facediffuser_client import check, setup
+from facediffuser_client.check.model_files import packs
+from facediffuser_client.setup.downloads import HUB_REPOSITORY
 
 
 SDM_KEYS = ["unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight",
@@ -39,12 +40,12 @@ def complete_install(tmp_path: Path) -> tuple[Path, Path]:
     torch.save(tensors(TDM_KEYS), models / "facediffuser" / "facediffuser_tdm.bin")
     pack = models / "insightface" / "models" / "antelopev2"
     pack.mkdir(parents=True)
-    for name in check.packs.KNOWN_PACK_FILES["antelopev2"]:
+    for name in packs.KNOWN_PACK_FILES["antelopev2"]:
         (pack / name).write_bytes(b"onnx")
     return comfyui, models
 
 
-REPOSITORY = setup.HUB_REPOSITORY
+REPOSITORY = HUB_REPOSITORY
 BUFFALO_FILES = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "w600k_r50.onnx", "det_10g.onnx")
 
 
