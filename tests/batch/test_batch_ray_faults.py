@@ -28,7 +28,6 @@ import pack_scripts
 from facediffuser_client.manifest import read_manifest
 from batch_runs import SCRIPT, finish, wait_for, write_jobs
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray in this process (a driver under test) on loopback only
 pytest.importorskip("ray", reason="the --ray tests need Ray (requirements-test.txt)")
 
 STAND_IN = Path(__file__).resolve().parents[1] / "support" / "comfy_stand_in.py"
