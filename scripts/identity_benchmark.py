@@ -192,7 +192,7 @@ def read_prompts(path: Path | None) -> list[str]:
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     wrong = [prompt for prompt in prompts if prompt.count("<|image|>") != 2]
     if not prompts or wrong:
-        raise RunError(f"--prompts: every line needs two <|image|> markers, one per --face"
+        raise RunError("--prompts: every line needs two <|image|> markers, one per --face"
                               + (f"; this one has {wrong[0].count('<|image|>')}: '{wrong[0]}'" if wrong else f"; {path} has no prompt"))
     return prompts
 

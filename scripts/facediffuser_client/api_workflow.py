@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .http_api import RunError
+from .http_api import ComfyClient, RunError
 from .pack import PACK_ROOT
 
 
@@ -161,7 +161,7 @@ def combo_options(spec: list) -> list:
     return spec[1].get("options", []) if len(spec) > 1 and isinstance(spec[1], dict) else []
 
 
-def installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -> dict[str, dict]:
+def installed_checkpoints(workflow: dict, client: ComfyClient, report=print) -> dict[str, dict]:
     """A Face-diffuser loader naming a file the server lacks takes the same model in the other format, when the
     server has that: the shipped workflows name the converted .safetensors, the set-up leaves the .bin unless it
     converts, and either is the same model. Returns the changes ({node id: {"ckpt_name": file}}) for with_inputs."""
@@ -180,7 +180,7 @@ def installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -
     return changes
 
 
-def use_installed_checkpoints(workflow: dict, client: "ComfyClient", report=print) -> None:
+def use_installed_checkpoints(workflow: dict, client: ComfyClient, report=print) -> None:
     """installed_checkpoints, set on `workflow` itself."""
     for node_id, inputs in installed_checkpoints(workflow, client, report).items():
         workflow[node_id]["inputs"].update(inputs)

@@ -67,7 +67,6 @@ def test_a_hundred_thousand_jobs_on_a_failing_fleet_each_end_once_within_their_a
 def test_the_fleet_benchmark_reports_the_drivers_cost_the_resume_and_the_memory():
     import re
     import subprocess
-    import sys
 
     from dev import child_process
 

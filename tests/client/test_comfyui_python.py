@@ -8,7 +8,6 @@ without ComfyUI's requirements, as the system's python3 usually is."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

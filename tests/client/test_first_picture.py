@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 

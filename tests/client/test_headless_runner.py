@@ -505,7 +505,7 @@ def test_a_comfyui_that_needs_cpu_gets_a_hint_with_the_users_arguments_and_a_tai
 @pytest.mark.slow  # 2.0 s here
 def test_a_comfyui_that_exits_during_the_job_is_not_said_to_be_stopped(tmp_path, capsys, nothing_at_the_default_address):
     root = fake_comfyui(tmp_path, "pack")
-    with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root)])) as url:
+    with own_comfyui.server_for(runner.parse_args(["--comfyui", str(root)])):
         pid = started_pid(capsys.readouterr().out)
         os.killpg(pid, signal.SIGKILL)
         while Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":

@@ -4,10 +4,7 @@ after ComfyUI started costs the user its start and the models' load (40 s and mo
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import http.server
-import io
 import json
 import os
 import re
@@ -20,7 +17,7 @@ import time
 import pytest
 
 import pack_scripts
-from facediffuser_client import api_workflow, headless, http_api, own_comfyui
+from facediffuser_client import api_workflow, headless
 from runner_runs import CUSTOM_SAMPLING_WORKFLOW, fake_comfyui
 
 runner = pack_scripts.load("facediffuser_run")
